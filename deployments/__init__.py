@@ -1,0 +1,1 @@
+"""Thin Ray Serve deployments over the fleetserve core (`serve_app`)."""

@@ -1,0 +1,73 @@
+"""Ingress deployment: the FastAPI app and the handle API, over `serve_app.gateway.Gateway`.
+
+HTTP routes come from `serve_app.http.create_app`; Ray jobs call the methods below through
+`serve.get_app_handle("fleet")`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.replica_directory import read_replicas
+from serve_app.config import IngressConfig, StoreConfig
+from serve_app.gateway import Gateway
+from serve_app.http import create_app
+from serve_app.logs import configure_logging
+from serve_app.registry import Registry
+from serve_app.schemas import PredictCall, PredictResponse
+from serve_app.store import ModelStore
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """Front door of the `fleet` app: validate, resolve, route by model id to the host pool."""
+
+    def __init__(
+        self, host: DeploymentHandle, config: IngressConfig, store_config: StoreConfig
+    ) -> None:
+        configure_logging()
+        self._host = host
+        self._app_name = serve.get_replica_context().app_name
+        self.registry = Registry(ModelStore(store_config), config.registry_refresh_s)
+        self.registry.start()
+        self.gateway = Gateway(self.registry, self._dispatch, config)
+        self._max_body = config.max_body_bytes
+
+    async def _dispatch(self, call: PredictCall) -> PredictResponse:
+        handle = self._host.options(multiplexed_model_id=call.manifest.key)
+        return await handle.predict.remote(call)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        app = create_app(self.gateway, self._max_body)
+
+        @app.get("/v1/replicas")
+        async def replicas() -> list[dict[str, Any]]:
+            """What every live model-host replica holds: budget, resident bytes, models."""
+            return read_replicas(self._app_name)
+
+        return app
+
+    async def predict(
+        self, model_id: str, inputs: list[Any], version: str | None = None
+    ) -> dict[str, Any]:
+        """Handle API: predict `inputs` with `model_id`; returns the response as a dict."""
+        return (await self.gateway.predict(model_id, inputs, version)).model_dump()
+
+    async def predict_table(
+        self, model_id: str, table: pa.Table, version: str | None = None
+    ) -> pa.Table:
+        """Handle API: score every row of a pyarrow table; returns it with outputs added."""
+        return await self.gateway.predict_table(model_id, table, version)
+
+    def models(self) -> list[dict[str, Any]]:
+        """Handle API: the registry listing."""
+        return [m.model_dump() for m in self.registry.summaries()]
+
+    def __del__(self) -> None:
+        self.registry.stop()

@@ -1,0 +1,161 @@
+"""The `fleetserve` command line: local stack, publishing, and calls to a running fleet.
+
+    fleetserve up [--count N]            start SeaweedFS + Ray + the fleet app, demo fleet in S3
+    fleetserve down                      stop exactly what `up` started
+    fleetserve publish PATH --model-id ID [--version V] [--task T]
+    fleetserve demo-fleet --count N      publish the demo fleet
+    fleetserve models                    list published models (from the running app)
+    fleetserve predict MODEL_ID JSON     call a model, e.g. '["some text"]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from serve_app.config import load_config
+from serve_app.errors import FleetError
+from serve_app.store import ModelStore
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _store(args: argparse.Namespace) -> ModelStore:
+    if not os.environ.get("AWS_ENDPOINT_URL"):
+        from serve_app.stack import load_stack_env
+
+        # NOTE: default to the local stack's S3 when no endpoint is configured.
+        for key, value in load_stack_env(Path(args.state_dir)).items():
+            os.environ.setdefault(key, value)
+    config = load_config(args.config).store
+    if args.store_url:
+        config = config.model_copy(update={"url": args.store_url})
+    store = ModelStore(config)
+    store.ensure_bucket()
+    return store
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from serve_app import stack
+
+    stack.up(Path(args.config), Path(args.state_dir), args.count, args.prometheus)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from serve_app import stack
+
+    stack.down(Path(args.state_dir))
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from serve_app.publisher import print_progress, publish_path
+
+    manifest = publish_path(
+        _store(args),
+        Path(args.path),
+        args.model_id,
+        args.version,
+        args.task,
+        progress=print_progress(args.model_id),
+    )
+    print(json.dumps({"model_id": manifest.model_id, "version": manifest.version}))
+    return 0
+
+
+def cmd_demo_fleet(args: argparse.Namespace) -> int:
+    from serve_app.demo import publish_demo_fleet
+
+    published = publish_demo_fleet(_store(args), args.count, progress=True)
+    print(f"published {len(published)} model versions", file=sys.stderr)
+    return 0
+
+
+def _request(method: str, url: str, **kwargs: Any) -> Any:
+    response = httpx.request(method, url, timeout=300, **kwargs)
+    body = response.json()
+    if response.status_code >= 400:
+        print(f"error {response.status_code}: {body.get('error')} ({body.get('code')})", file=sys.stderr)
+        raise SystemExit(1)
+    return body
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    body = _request("GET", f"{args.url}/v1/models")
+    for model in body["models"]:
+        print(
+            f"{model['model_id']:<28} v{model['latest_version']:<4} {model['task']:<24} "
+            f"{model['size_bytes'] / 1e6:8.1f} MB"
+        )
+    print(f"{body['count']} models", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    inputs = json.loads(args.inputs)
+    payload: dict[str, Any] = {"inputs": inputs}
+    if args.version:
+        payload["version"] = args.version
+    print(json.dumps(_request("POST", f"{args.url}/v1/models/{args.model_id}/predict", json=payload)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `fleetserve`."""
+    parser = argparse.ArgumentParser(prog="fleetserve", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="config.yaml", help="Serve config (default: %(default)s)")
+    parser.add_argument("--state-dir", default=".state", help="local stack state (default: %(default)s)")
+    parser.add_argument("--store-url", default=None, help="override store.url, e.g. s3://b/prefix")
+    parser.add_argument("--url", default=DEFAULT_URL, help="fleet HTTP API (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the local stack and serve the demo fleet")
+    up.add_argument("--count", type=int, default=50, help="fraud models in the demo fleet")
+    up.add_argument("--prometheus", action="store_true", help="also start Prometheus")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop what `up` started").set_defaults(func=cmd_down)
+
+    pub = sub.add_parser("publish", help="publish a model folder as a new version")
+    pub.add_argument("path")
+    pub.add_argument("--model-id", required=True)
+    pub.add_argument("--version", default=None, help="default: next numeric version")
+    pub.add_argument(
+        "--task",
+        default=None,
+        choices=["tabular-classification", "text-classification", "text-embedding"],
+    )
+    pub.set_defaults(func=cmd_publish)
+
+    demo = sub.add_parser("demo-fleet", help="publish the demo fleet")
+    demo.add_argument("--count", type=int, default=50, help="fraud models to publish")
+    demo.set_defaults(func=cmd_demo_fleet)
+
+    sub.add_parser("models", help="list published models").set_defaults(func=cmd_models)
+
+    pred = sub.add_parser("predict", help="call a model over HTTP")
+    pred.add_argument("model_id")
+    pred.add_argument("inputs", help='JSON list, e.g. \'["hello"]\' or \'[[0.1, 0.2, ...]]\'')
+    pred.add_argument("--version", default=None)
+    pred.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fleetserve` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FleetError as exc:
+        print(f"error: {exc} ({exc.code})", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Configuration of a fleet application: one pydantic model, validated strictly.
+
+The same `AppConfig` is the `args:` block of `config.yaml` (validated by the Serve builder)
+and what tests, notebooks and the CLI load with `load_config()`. Unknown keys are rejected so
+that a typo fails the deploy instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: Any) -> int:
+    """Parse `1048576`, `"512MiB"`, `"2GB"` into a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string like '512MiB'")
+    if isinstance(value, int | float):
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match and match.group(2).lower() in _UNITS:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise ValueError(f"cannot read {value!r} as a size: use bytes or a string like '512MiB'")
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreConfig(_Strict):
+    """Where model artifacts and manifests live (S3 or any S3-compatible store)."""
+
+    url: str = Field("s3://fleet/models", description="Bucket and prefix, like s3://fleet/models.")
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint; default: AWS_ENDPOINT_URL, then AWS itself."
+    )
+    region: str | None = Field(None, description="Region; default: AWS_REGION or us-east-1.")
+    access_key_id: SecretStr | None = Field(None, description="Default: AWS_ACCESS_KEY_ID.")
+    secret_access_key: SecretStr | None = Field(None, description="Default: AWS_SECRET_ACCESS_KEY.")
+    max_concurrency: int = Field(4, ge=1, le=64, description="Parallel ranged GETs per file.")
+    chunk_bytes: ByteSize = Field(8 * 2**20, description="Size of one ranged GET.")
+    connect_timeout_s: float = Field(3.0, gt=0, description="Connect timeout per S3 call.")
+    read_timeout_s: float = Field(60.0, gt=0, description="Read timeout per S3 call.")
+    retries: int = Field(2, ge=0, le=10, description="Retries per S3 call on transient errors.")
+
+    @property
+    def bucket(self) -> str:
+        """The bucket part of `url`."""
+        return self.url.removeprefix("s3://").split("/", 1)[0]
+
+    @property
+    def root(self) -> str:
+        """`bucket/prefix` without scheme or trailing slash (the s3fs path of the store)."""
+        return self.url.removeprefix("s3://").rstrip("/")
+
+    def resolved_endpoint(self) -> str | None:
+        """The endpoint from config, else from the AWS_ENDPOINT_URL variables."""
+        return (
+            self.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+
+
+class HostConfig(_Strict):
+    """The model-host pool: replicas that hold models in a byte-budgeted cache."""
+
+    num_replicas: int = Field(2, ge=1, description="Replicas in the pool.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs each replica reserves.")
+    accelerator: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: a GPU per replica when the cluster has GPUs, else CPU."
+    )
+    memory_budget: ByteSize | None = Field(
+        None, description="Bytes of models a replica may hold; default 2GiB on CPU."
+    )
+    gpu_memory_fraction: float = Field(
+        0.8, gt=0, le=1, description="On GPU without memory_budget: this share of device memory."
+    )
+    max_concurrent_loads: int = Field(2, ge=1, description="Loads that run at once per replica.")
+    failure_ttl_s: float = Field(10.0, ge=0, description="How long a failed load is remembered.")
+    load_timeout_s: float = Field(300.0, gt=0, description="Max wait for a load or for room.")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica.")
+    max_ongoing_requests: int = Field(16, ge=1, description="Concurrent requests per replica.")
+    disk_cache_dir: str | None = Field(
+        None, description="Local disk tier for downloaded artifacts; default: a temp folder."
+    )
+    disk_cache_bytes: ByteSize = Field(
+        8 * 2**30, description="Bytes the local disk tier may hold before pruning."
+    )
+
+
+class IngressConfig(_Strict):
+    """The HTTP/handle front door: validation, registry, routing to the host pool."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs each ingress replica reserves.")
+    registry_refresh_s: float = Field(
+        2.0, gt=0, description="Seconds between background refreshes of the model registry."
+    )
+    max_body_bytes: ByteSize = Field(8 * 2**20, description="Largest request body accepted.")
+    max_batch_rows: int = Field(4096, ge=1, description="Most inputs in one predict call.")
+
+
+class AppConfig(_Strict):
+    """Arguments of the `fleet` application (the `args:` block in config.yaml)."""
+
+    store: StoreConfig = StoreConfig()
+    host: HostConfig = HostConfig()
+    ingress: IngressConfig = IngressConfig()
+
+
+def load_config(path: str | Path, app_name: str = "fleet") -> AppConfig:
+    """Read the `args:` of application `app_name` from a Serve config file and validate them."""
+    data = yaml.safe_load(Path(path).read_text())
+    for app in data.get("applications", []):
+        if app.get("name") == app_name:
+            return AppConfig.model_validate(app.get("args") or {})
+    raise ValueError(f"{path} has no application named {app_name!r}")

@@ -1,0 +1,186 @@
+"""Typed errors of fleetserve, each with its HTTP status and a stable snake_case code.
+
+Every error a user can see is a `FleetError` subclass. The status code and the error code
+live on the class; `error_response()` is the one place that turns an exception into the JSON
+body `{"error": "<message>", "code": "<code>"}`. Errors cross Ray actor boundaries, so each
+class keeps its constructor arguments in `self.args` and unpickles with `cls(*args)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+logger = logging.getLogger(__name__)
+
+
+class FleetError(Exception):
+    """Base of all user-visible errors: a message, an HTTP status and a stable code."""
+
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    # NOTE: failures a cache should remember briefly (see ModelCache.failure_ttl_s).
+    remember: ClassVar[bool] = True
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        # NOTE: args must be exactly the constructor's arguments so pickle (cls(*args)) works.
+        super().__init__(message, retry_after_s)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return self.message
+
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers for this error (Retry-After for transient ones)."""
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class BadRequest(FleetError):
+    """The request itself is malformed (400)."""
+
+    status_code = 400
+    code = "bad_request"
+
+
+class InvalidModelId(BadRequest):
+    """The model id is not `[A-Za-z0-9][A-Za-z0-9._-]{0,127}` (400)."""
+
+    code = "invalid_model_id"
+
+
+class InvalidVersion(BadRequest):
+    """The version string is not a valid version name (400)."""
+
+    code = "invalid_version"
+
+
+class MalformedBody(BadRequest):
+    """The body is not valid JSON or not the expected envelope (400)."""
+
+    code = "malformed_body"
+
+
+class EmptyInputs(BadRequest):
+    """`inputs` is present but empty (400)."""
+
+    code = "empty_inputs"
+
+
+class Unauthorized(FleetError):
+    """Missing or wrong credentials (401)."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class ModelNotFound(FleetError):
+    """No model with this id is published (404)."""
+
+    status_code = 404
+    code = "model_not_found"
+
+
+class VersionNotFound(FleetError):
+    """The model exists, but not in the requested version (404)."""
+
+    status_code = 404
+    code = "version_not_found"
+
+
+class VersionExists(FleetError):
+    """Publishing refused: versions are immutable and this one exists (409)."""
+
+    status_code = 409
+    code = "version_exists"
+
+
+class PayloadTooLarge(FleetError):
+    """The request body exceeds the configured limit (413)."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class InvalidInput(FleetError):
+    """The inputs are well-formed JSON but do not fit the model (422)."""
+
+    status_code = 422
+    code = "invalid_input"
+    remember = False
+
+
+class ArtifactCorrupt(FleetError):
+    """A model file does not match the sha256 in its manifest (502)."""
+
+    status_code = 502
+    code = "artifact_corrupt"
+
+
+class StorageUnavailable(FleetError):
+    """The model store cannot be reached; retry later (503)."""
+
+    status_code = 503
+    code = "storage_unavailable"
+
+
+class LoadTimeout(FleetError):
+    """Loading the model, or waiting for room in the cache, took too long (503)."""
+
+    status_code = 503
+    code = "load_timeout"
+
+
+class ModelTooLarge(FleetError):
+    """The model needs more bytes than the replica's whole memory budget (507)."""
+
+    status_code = 507
+    code = "model_too_large"
+
+
+class ModelLoadFailed(FleetError):
+    """The artifact could not be turned into a model: a server-side fault (500)."""
+
+    status_code = 500
+    code = "model_load_failed"
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """Return the user-level exception behind a Ray wrapper, if any.
+
+    Serve handles raise `RayTaskError` around the replica's exception; its `cause` is the
+    original typed error. Unwrapping is done here, once, by type, never by message.
+    """
+    try:
+        from ray.exceptions import RayTaskError
+    except ImportError:  # pragma: no cover - ray is a hard dependency, kept optional here
+        return exc
+    while isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        exc = cause
+    return exc
+
+
+def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Map any exception to (status, JSON body, headers): the single error mapping point."""
+    exc = unwrap(exc)
+    if isinstance(exc, FleetError):
+        return exc.status_code, {"error": exc.message, "code": exc.code}, exc.headers()
+    # NOTE: anything else is a bug in fleetserve; the body never carries a traceback.
+    logger.error("unhandled error", exc_info=exc)
+    return 500, {"error": "internal server error", "code": "internal_error"}, {}
+
+
+def all_error_classes() -> list[type[FleetError]]:
+    """Every FleetError subclass (for tests and docs)."""
+    seen: list[type[FleetError]] = [FleetError]
+    stack = list(FleetError.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        seen.append(cls)
+        stack.extend(cls.__subclasses__())
+    return seen

@@ -1,0 +1,116 @@
+"""The gateway: the ingress's logic, free of HTTP and of Ray.
+
+A request names a model: the gateway validates the id, resolves the version from the
+in-memory registry, checks the inputs against the model's task, and dispatches a
+`PredictCall` to the host pool (in Serve: a handle call with `multiplexed_model_id` set to
+`model_id@version`, so the router prefers a replica that holds that version).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pyarrow as pa
+
+from serve_app.config import IngressConfig
+from serve_app.errors import InvalidInput
+from serve_app.manifest import validate_model_id
+from serve_app.predictor import validate_inputs
+from serve_app.registry import Registry
+from serve_app.schemas import ModelDetail, ModelList, PredictCall, PredictResponse
+
+Dispatch = Callable[[PredictCall], Awaitable[PredictResponse]]
+
+
+class Gateway:
+    """Validates, resolves and dispatches predictions; lists the registry."""
+
+    def __init__(self, registry: Registry, dispatch: Dispatch, config: IngressConfig) -> None:
+        self.registry = registry
+        self.dispatch = dispatch
+        self.config = config
+
+    async def predict(
+        self,
+        model_id: str,
+        inputs: Any,
+        version: str | None = None,
+        request_id: str | None = None,
+    ) -> PredictResponse:
+        """Predict `inputs` with `model_id` (latest version unless `version` is given).
+
+        Raises:
+            FleetError: typed errors for bad ids, unknown models, bad inputs, load failures.
+        """
+        manifest = self.registry.resolve(model_id, version)
+        rows = validate_inputs(manifest, inputs, self.config.max_batch_rows)
+        call = PredictCall(manifest=manifest, inputs=rows, request_id=request_id or new_id())
+        return await self.dispatch(call)
+
+    async def predict_table(
+        self, model_id: str, table: pa.Table, version: str | None = None
+    ) -> pa.Table:
+        """Score every row of a pyarrow table; return it with the output column(s) added.
+
+        Tabular models read all numeric columns in order; text models read the `text`
+        column. Rows are sent in chunks of `ingress.max_batch_rows`.
+        """
+        manifest = self.registry.resolve(model_id, version)
+        inputs = table_inputs(manifest.task, table)
+        outputs: list[Any] = []
+        step = self.config.max_batch_rows
+        for start in range(0, max(len(inputs), 1), step):
+            result = await self.predict(model_id, inputs[start : start + step], manifest.version)
+            outputs.extend(result.outputs)
+        return with_outputs(manifest.task, table, outputs)
+
+    def list_models(self) -> ModelList:
+        """Every published model (latest version), from the in-memory registry."""
+        models = self.registry.summaries()
+        age = self.registry.age_s
+        return ModelList(
+            models=models, count=len(models), registry_age_s=None if age is None else round(age, 3)
+        )
+
+    def describe(self, model_id: str, version: str | None = None) -> ModelDetail:
+        """The manifest of a model version."""
+        manifest = self.registry.resolve(validate_model_id(model_id), version)
+        return ModelDetail(
+            model_id=model_id, versions=self.registry.versions(model_id), manifest=manifest
+        )
+
+
+def new_id() -> str:
+    """A fresh request id."""
+    return uuid.uuid4().hex[:16]
+
+
+def table_inputs(task: str, table: pa.Table) -> list[Any]:
+    """Rows of a pyarrow table as model inputs for `task`."""
+    if task == "tabular-classification":
+        columns = [
+            c for c, t in zip(table.column_names, table.schema.types, strict=True) if _numeric(t)
+        ]
+        if not columns:
+            raise InvalidInput("the table has no numeric columns to use as features")
+        matrix = [table.column(c).to_pylist() for c in columns]
+        return [list(row) for row in zip(*matrix, strict=True)]
+    if "text" not in table.column_names:
+        raise InvalidInput(f"a {task} model reads the table's 'text' column; there is none")
+    return table.column("text").to_pylist()
+
+
+def with_outputs(task: str, table: pa.Table, outputs: list[Any]) -> pa.Table:
+    """`table` with the prediction column(s) for `task` appended."""
+    if task == "tabular-classification":
+        return table.append_column("score", pa.array(outputs, pa.float64()))
+    if task == "text-classification":
+        table = table.append_column("label", pa.array([o["label"] for o in outputs]))
+        return table.append_column("score", pa.array([o["score"] for o in outputs], pa.float64()))
+    return table.append_column("embedding", pa.array(outputs, pa.list_(pa.float32())))
+
+
+def _numeric(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype) or pa.types.is_floating(dtype)

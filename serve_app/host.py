@@ -1,0 +1,117 @@
+"""The model host: one replica's cache + loader, answering `PredictCall`s.
+
+`ModelHost` is what a model-host Serve replica delegates to. It owns the replica's
+`ModelCache` (byte budget, LRU, leases), runs loads and inference in worker threads so the
+event loop keeps serving, and reports the set of resident (and loading) models through the
+`on_routing_change` callback so the router's view matches what the replica really holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from serve_app.cache import CacheEvent, ModelCache
+from serve_app.config import HostConfig
+from serve_app.loader import ModelLoader, memory_budget, resolve_device
+from serve_app.predictor import Predictor
+from serve_app.schemas import PredictCall, PredictResponse
+from serve_app.store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+
+class ModelHost:
+    """Serves predictions from a byte-budgeted cache of models loaded from the store."""
+
+    def __init__(
+        self,
+        config: HostConfig,
+        store: ModelStore,
+        *,
+        replica: str = "local",
+        on_routing_change: Callable[[list[str]], None] | None = None,
+        on_event: Callable[[CacheEvent], None] | None = None,
+    ) -> None:
+        torch.set_num_threads(config.torch_threads)
+        self.config = config
+        self.replica = replica
+        self.device = resolve_device(config.accelerator)
+        self.loader = ModelLoader.from_config(store, config, self.device)
+        self._on_routing_change = on_routing_change
+        self.cache: ModelCache[Predictor] = ModelCache(
+            memory_budget(config, self.device),
+            max_concurrent_loads=config.max_concurrent_loads,
+            failure_ttl_s=config.failure_ttl_s,
+            load_timeout_s=config.load_timeout_s,
+            on_change=self._routing_changed,
+            on_event=on_event,
+        )
+        logger.info(
+            "model host ready",
+            extra={
+                "replica": replica,
+                "device": str(self.device),
+                "budget_bytes": self.cache.budget_bytes,
+            },
+        )
+
+    def _routing_changed(self) -> None:
+        if self._on_routing_change is not None:
+            self._on_routing_change(self.cache.routing_keys())
+
+    async def predict(self, call: PredictCall) -> PredictResponse:
+        """Predict with `call.manifest`'s model, loading it first if it is not resident."""
+        manifest = call.manifest
+
+        async def load() -> Predictor:
+            return await asyncio.to_thread(self.loader.load, manifest)
+
+        async with self.cache.lease(manifest.key, load, size_hint=manifest.weight_bytes) as lease:
+            outputs = await asyncio.to_thread(lease.model.predict, call.inputs)
+        return PredictResponse(
+            model_id=manifest.model_id,
+            version=manifest.version,
+            task=manifest.task,
+            outputs=outputs,
+            resident=lease.hit,
+            load_wait_ms=round(lease.wait_seconds * 1000, 3),
+            replica=self.replica,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """What this replica holds: budget, resident bytes, models and counters."""
+        stats = self.cache.stats
+        return {
+            "replica": self.replica,
+            "device": str(self.device),
+            "budget_bytes": self.cache.budget_bytes,
+            "resident_bytes": self.cache.resident_bytes,
+            "reserved_bytes": self.cache.reserved_bytes,
+            "peak_resident_bytes": stats.peak_resident_bytes,
+            "models": [
+                {
+                    "key": e.key,
+                    "bytes": e.nbytes,
+                    "leases": e.leases,
+                    "hits": e.hits,
+                    "load_s": round(e.load_seconds, 4),
+                }
+                for e in self.cache.entries()
+            ],
+            "loading": self.cache.loading_keys(),
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "loads": stats.loads,
+            "load_failures": stats.load_failures,
+            "evictions": stats.evictions,
+            "evicted": list(stats.evicted_keys[-100:]),
+        }
+
+    async def close(self) -> None:
+        """Free every model (replica shutdown)."""
+        await self.cache.close()

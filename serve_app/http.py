@@ -1,0 +1,187 @@
+"""The HTTP API (FastAPI) over a `Gateway`; every error leaves as `{"error", "code"}` JSON.
+
+Routes:
+    POST /v1/models/{model_id}/predict                  predict with the latest version
+    POST /v1/models/{model_id}/versions/{version}/predict
+    POST /v1/predict                                     model id in the
+                                                         `serve_multiplexed_model_id` header
+    GET  /v1/models                                      registry listing
+    GET  /v1/models/{model_id}                           manifest (latest or ?version=)
+    GET  /healthz                                        liveness + registry state
+OpenAPI docs are served at /docs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app import __version__
+from serve_app.errors import (
+    BadRequest,
+    FleetError,
+    MalformedBody,
+    PayloadTooLarge,
+    error_response,
+)
+from serve_app.gateway import Gateway, new_id
+from serve_app.schemas import (
+    ErrorBody,
+    ModelDetail,
+    ModelList,
+    PredictRequest,
+    PredictResponse,
+)
+
+logger = logging.getLogger(__name__)
+
+# NOTE: the same header Ray Serve's proxy reads for model multiplexing
+# (ray.serve._private.constants.SERVE_MULTIPLEXED_MODEL_ID); a test pins the equality.
+MODEL_ID_HEADER = "serve_multiplexed_model_id"
+CACHE_HEADER = "X-Fleet-Cache"
+VERSION_HEADER = "X-Fleet-Model-Version"
+REQUEST_ID_HEADER = "X-Request-Id"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 404, 413, 422, 500, 502, 503, 507)
+}
+
+
+def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
+    """Build the FastAPI app for `gateway`, with the single error mapping installed."""
+    app = FastAPI(
+        title="fleetserve",
+        version=__version__,
+        description="Thousands of models from S3 behind one Ray Serve endpoint.",
+    )
+
+    @app.exception_handler(Exception)
+    async def _any_error(request: Request, exc: Exception) -> JSONResponse:
+        status, body, headers = error_response(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(FleetError)
+    async def _fleet_error(request: Request, exc: FleetError) -> JSONResponse:
+        return await _any_error(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await _any_error(request, BadRequest(_describe_validation(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": str(exc.detail), "code": code}, status_code=exc.status_code)
+
+    async def read_body(request: Request) -> PredictRequest:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise PayloadTooLarge(f"request body over the {max_body_bytes}-byte limit")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw.extend(chunk)
+            if len(raw) > max_body_bytes:
+                raise PayloadTooLarge(f"request body over the {max_body_bytes}-byte limit")
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MalformedBody(
+                f"body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}"
+            ) from exc
+        try:
+            return PredictRequest.model_validate(data)
+        except ValidationError as exc:
+            raise MalformedBody(_describe_validation(exc.errors(include_input=False))) from exc
+
+    async def run_predict(request: Request, model_id: str, version: str | None) -> JSONResponse:
+        body = await read_body(request)
+        request_id = request.headers.get(REQUEST_ID_HEADER) or new_id()
+        result = await gateway.predict(model_id, body.inputs, version or body.version, request_id)
+        return JSONResponse(
+            result.model_dump(),
+            headers={
+                CACHE_HEADER: "hit" if result.resident else "miss",
+                VERSION_HEADER: result.version,
+                REQUEST_ID_HEADER: request_id,
+            },
+        )
+
+    @app.post(
+        "/v1/models/{model_id}/predict",
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra=_PREDICT_BODY,
+    )
+    async def predict(model_id: str, request: Request) -> JSONResponse:
+        """Predict with the latest (or body `version`) version of `model_id`."""
+        return await run_predict(request, model_id, None)
+
+    @app.post(
+        "/v1/models/{model_id}/versions/{version}/predict",
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra=_PREDICT_BODY,
+    )
+    async def predict_version(model_id: str, version: str, request: Request) -> JSONResponse:
+        """Predict with a pinned version of `model_id`."""
+        return await run_predict(request, model_id, version)
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra=_PREDICT_BODY,
+    )
+    async def predict_by_header(request: Request) -> JSONResponse:
+        """Predict with the model named in the `serve_multiplexed_model_id` header."""
+        model_id = request.headers.get(MODEL_ID_HEADER)
+        if not model_id:
+            raise BadRequest(f"missing the {MODEL_ID_HEADER} header naming the model")
+        return await run_predict(request, model_id, None)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        """Every published model with its versions (from the in-memory registry)."""
+        return gateway.list_models()
+
+    @app.get("/v1/models/{model_id}", response_model=ModelDetail, responses=_ERRORS)
+    async def describe(model_id: str, version: str | None = None) -> ModelDetail:
+        """The manifest of `model_id` (latest version unless `?version=` is given)."""
+        return gateway.describe(model_id, version)
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        """200 once the registry has been read; 503 before."""
+        age = gateway.registry.age_s
+        body = {
+            "status": "ok" if age is not None else "starting",
+            "models": len(gateway.registry.summaries()) if age is not None else 0,
+            "registry_age_s": None if age is None else round(age, 3),
+            "registry_error": gateway.registry.last_error,
+        }
+        return JSONResponse(body, status_code=200 if age is not None else 503)
+
+    return app
+
+
+_PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+    }
+}
+
+
+def _describe_validation(errors: Any) -> str:
+    parts = []
+    for err in list(errors)[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)

@@ -1,0 +1,139 @@
+"""The loader: a manifest -> verified files on local disk -> a Predictor on the device.
+
+Artifacts are safetensors only. Hugging Face directories load with
+`from_pretrained(local_files_only=True, trust_remote_code=False, use_safetensors=True)`;
+torch modules are built from the manifest's architecture on the meta device and adopt the
+weights with `load_state_dict(assign=True)`, so no random init runs and nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from serve_app.architectures import build_module
+from serve_app.config import HostConfig
+from serve_app.errors import ModelLoadFailed
+from serve_app.manifest import Manifest
+from serve_app.predictor import PREDICTORS, Predictor
+from serve_app.store import DiskTier, ModelStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_BUDGET = 2 * 2**30
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    """`cuda` when asked for (or `auto` and a GPU is visible), else `cpu`."""
+    if accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("accelerator: cuda, but torch sees no CUDA device")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def memory_budget(config: HostConfig, device: torch.device) -> int:
+    """The replica's byte budget: configured bytes, else a share of GPU memory, else 2 GiB."""
+    if config.memory_budget is not None:
+        return config.memory_budget
+    if device.type == "cuda":
+        _, total = torch.cuda.mem_get_info(device)
+        return int(total * config.gpu_memory_fraction)
+    return DEFAULT_CPU_BUDGET
+
+
+class ModelLoader:
+    """Loads model versions from the store onto one device (blocking; call from a thread)."""
+
+    def __init__(self, store: ModelStore, disk: DiskTier, device: torch.device) -> None:
+        self.store = store
+        self.disk = disk
+        self.device = device
+
+    @classmethod
+    def from_config(
+        cls, store: ModelStore, config: HostConfig, device: torch.device
+    ) -> ModelLoader:
+        """A loader with the disk tier the host config names (or a private temp folder)."""
+        root = Path(config.disk_cache_dir or tempfile.mkdtemp(prefix="fleetserve-disk-"))
+        return cls(store, DiskTier(root, config.disk_cache_bytes), device)
+
+    def load(self, manifest: Manifest) -> Predictor:
+        """Fetch, verify and build `manifest`'s model on the device.
+
+        Raises:
+            ArtifactCorrupt: a file failed its sha256 check.
+            StorageUnavailable: the store could not be read.
+            ModelLoadFailed: the artifact is not a loadable model.
+        """
+        started = time.perf_counter()
+        folder = self.store.download(manifest, self.disk.path_for(manifest))
+        fetched = time.perf_counter()
+        self.disk.touch(manifest)
+        predictor_cls = PREDICTORS.get(manifest.task)
+        if predictor_cls is None:
+            raise ModelLoadFailed(f"{manifest.key}: unsupported task {manifest.task!r}")
+        if manifest.format == "torch-module":
+            predictor = predictor_cls(manifest, self._torch_module(manifest, folder), self.device)
+        else:
+            module, tokenizer = self._hf_model(manifest, folder)
+            predictor = predictor_cls(manifest, module, self.device, tokenizer)  # type: ignore[call-arg]
+        self.disk.prune(keep={folder})
+        logger.info(
+            "model built",
+            extra={
+                "key": manifest.key,
+                "fetch_s": round(fetched - started, 3),
+                "build_s": round(time.perf_counter() - fetched, 3),
+                "bytes": predictor.nbytes,
+                "device": str(self.device),
+            },
+        )
+        return predictor
+
+    def _torch_module(self, manifest: Manifest, folder: Path) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        if not manifest.architecture:
+            raise ModelLoadFailed(f"{manifest.key}: torch-module manifest has no architecture")
+        weights = [f.path for f in manifest.files if f.path.endswith(".safetensors")]
+        if len(weights) != 1:
+            raise ModelLoadFailed(f"{manifest.key}: expected one .safetensors file")
+        with torch.device("meta"):
+            module = build_module(manifest.architecture)
+        state = load_file(str(folder / weights[0]), device=str(self.device))
+        try:
+            module.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise ModelLoadFailed(f"{manifest.key}: weights do not match the architecture") from exc
+        return module
+
+    def _hf_model(self, manifest: Manifest, folder: Path) -> tuple[torch.nn.Module, object]:
+        import transformers
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+        transformers.utils.logging.disable_progress_bar()
+        model_cls = (
+            AutoModelForSequenceClassification
+            if manifest.task == "text-classification"
+            else AutoModel
+        )
+        try:
+            module = model_cls.from_pretrained(
+                str(folder),
+                local_files_only=True,
+                trust_remote_code=False,
+                use_safetensors=True,
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadFailed(
+                f"{manifest.key}: not a loadable transformers model ({type(exc).__name__})"
+            ) from exc
+        return module.to(self.device), tokenizer

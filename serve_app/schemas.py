@@ -1,0 +1,82 @@
+"""Request and response bodies of the native API, and the messages between ingress and hosts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.manifest import Manifest
+
+
+class PredictRequest(BaseModel):
+    """Body of `POST /v1/models/{model_id}/predict` and `POST /v1/predict`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[Any] = Field(
+        description="Rows of numbers (tabular models) or strings (text models)."
+    )
+    version: str | None = Field(None, description="Pinned version; default: the latest.")
+
+
+class PredictResponse(BaseModel):
+    """A prediction, naming the exact model version that produced it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    version: str
+    task: str
+    outputs: list[Any]
+    resident: bool = Field(description="True if the model was already loaded (a cache hit).")
+    load_wait_ms: float = Field(description="Time this request waited for a load.")
+    replica: str = Field(description="The model-host replica that served it.")
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a message and a stable snake_case code."""
+
+    error: str
+    code: str
+
+
+class ModelSummary(BaseModel):
+    """One model in `GET /v1/models`."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    latest_version: str
+    versions: list[str]
+    task: str
+    format: str
+    size_bytes: int
+
+
+class ModelList(BaseModel):
+    """`GET /v1/models`."""
+
+    models: list[ModelSummary]
+    count: int
+    registry_age_s: float | None
+
+
+class ModelDetail(BaseModel):
+    """`GET /v1/models/{model_id}`: the manifest of the latest (or requested) version."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    versions: list[str]
+    manifest: Manifest
+
+
+class PredictCall(BaseModel):
+    """What the ingress sends a model host: the resolved manifest and validated inputs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    manifest: Manifest
+    inputs: list[Any]
+    request_id: str

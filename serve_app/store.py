@@ -1,0 +1,297 @@
+"""The model store: immutable model versions in S3 (s3fs), published and fetched by manifest.
+
+Layout under the store root (`s3://bucket/prefix`):
+
+    <model_id>/<version>/manifest.json     written last: its presence publishes the version
+    <model_id>/<version>/<file>            the files the manifest lists (size + sha256)
+
+Reads of large files use parallel ranged GETs written straight into place on local disk,
+and every file is checked against its sha256 before anything uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from botocore.exceptions import BotoCoreError, ClientError
+
+from serve_app.config import StoreConfig
+from serve_app.errors import ArtifactCorrupt, StorageUnavailable, VersionExists
+from serve_app.manifest import MANIFEST_NAME, Manifest, sha256_file
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+
+_STORAGE_ERRORS = (OSError, BotoCoreError, ClientError, TimeoutError)
+
+
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn transport and permission failures of the store into StorageUnavailable (503).
+
+    FileNotFoundError passes through untouched: callers decide what a missing key means.
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except _STORAGE_ERRORS as exc:
+        # NOTE: the message names the operation and the error type, never credentials.
+        raise StorageUnavailable(
+            f"model store unavailable while {what}: {type(exc).__name__}", retry_after_s=5.0
+        ) from exc
+
+
+def make_filesystem(config: StoreConfig) -> fsspec.AbstractFileSystem:
+    """An s3fs filesystem for `config`, with credentials from config or the AWS variables."""
+    import s3fs
+
+    key = config.access_key_id.get_secret_value() if config.access_key_id else None
+    secret = config.secret_access_key.get_secret_value() if config.secret_access_key else None
+    region = config.region or os.environ.get("AWS_REGION") or "us-east-1"
+    fs = s3fs.S3FileSystem(
+        key=key,
+        secret=secret,
+        endpoint_url=config.resolved_endpoint(),
+        client_kwargs={"region_name": region},
+        config_kwargs={
+            "connect_timeout": config.connect_timeout_s,
+            "read_timeout": config.read_timeout_s,
+            "retries": {"max_attempts": config.retries + 1, "mode": "standard"},
+            "max_pool_connections": max(10, config.max_concurrency * 2),
+        },
+        skip_instance_cache=True,
+        use_listings_cache=False,
+    )
+    fs.retries = config.retries + 1
+    return fs
+
+
+class ModelStore:
+    """Publishes and fetches model versions under one S3 prefix."""
+
+    def __init__(self, config: StoreConfig, fs: fsspec.AbstractFileSystem | None = None) -> None:
+        self.config = config
+        self.fs = fs if fs is not None else make_filesystem(config)
+        self.root = config.root
+
+    # ----------------------------------------------------------------- paths
+    def version_dir(self, model_id: str, version: str) -> str:
+        """The store path of one version's folder."""
+        return f"{self.root}/{model_id}/{version}"
+
+    def manifest_path(self, model_id: str, version: str) -> str:
+        """The store path of one version's manifest."""
+        return f"{self.version_dir(model_id, version)}/{MANIFEST_NAME}"
+
+    # ----------------------------------------------------------------- reads
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (local stacks and tests)."""
+        with storage_errors("creating the bucket"):
+            if not self.fs.exists(self.config.bucket):
+                self.fs.mkdir(self.config.bucket)
+
+    def list_manifest_paths(self) -> list[str]:
+        """Every published manifest under the root, from one recursive listing."""
+        with storage_errors("listing models"):
+            try:
+                paths = self.fs.find(self.root)
+            except FileNotFoundError:
+                return []
+        depth = self.root.count("/") + 3
+        return sorted(p for p in paths if p.endswith("/" + MANIFEST_NAME) and p.count("/") == depth)
+
+    def read_manifest_path(self, path: str) -> Manifest:
+        """Read and validate one manifest by its store path."""
+        with storage_errors("reading a manifest"):
+            raw = self.fs.cat_file(path)
+        return Manifest.model_validate_json(raw)
+
+    def read_manifests(self, paths: list[str]) -> dict[str, Manifest]:
+        """Read many manifests concurrently; unreadable or vanished ones are left out."""
+        if not paths:
+            return {}
+        with storage_errors("reading manifests"):
+            raw = self.fs.cat(paths, on_error="return")
+        out: dict[str, Manifest] = {}
+        for path, data in raw.items():
+            if isinstance(data, FileNotFoundError):
+                continue
+            if isinstance(data, BaseException):
+                with storage_errors("reading manifests"):
+                    raise data
+            try:
+                out[path] = Manifest.model_validate_json(data)
+            except ValueError:
+                logger.warning("skipping invalid manifest", extra={"path": path})
+        return out
+
+    def read_manifest(self, model_id: str, version: str) -> Manifest:
+        """Read one manifest by id and version (raises FileNotFoundError if absent)."""
+        return self.read_manifest_path(self.manifest_path(model_id, version))
+
+    def exists(self, model_id: str, version: str) -> bool:
+        """Whether this version is published."""
+        with storage_errors("checking a version"):
+            return bool(self.fs.exists(self.manifest_path(model_id, version)))
+
+    # ----------------------------------------------------------------- publish
+    def publish(
+        self, src_dir: Path, manifest: Manifest, progress: ProgressFn | None = None
+    ) -> Manifest:
+        """Upload the files of `manifest` from `src_dir`, then the manifest itself.
+
+        Raises:
+            VersionExists: the version is already published (versions are immutable).
+        """
+        if self.exists(manifest.model_id, manifest.version):
+            raise VersionExists(
+                f"{manifest.model_id} version {manifest.version} is already published; "
+                "versions are immutable, publish a new version instead"
+            )
+        self.ensure_bucket()
+        base = self.version_dir(manifest.model_id, manifest.version)
+        total, done = manifest.total_bytes, 0
+        with storage_errors("uploading model files"):
+            for entry in manifest.files:
+                self.fs.put_file(str(src_dir / entry.path), f"{base}/{entry.path}")
+                done += entry.size
+                if progress:
+                    progress(done, total)
+            # NOTE: the manifest goes last; readers never see a half-published version.
+            self.fs.pipe_file(
+                self.manifest_path(manifest.model_id, manifest.version),
+                manifest.model_dump_json(indent=2).encode(),
+            )
+        logger.info(
+            "published model",
+            extra={"model_id": manifest.model_id, "version": manifest.version, "bytes": total},
+        )
+        return manifest
+
+    # ----------------------------------------------------------------- fetch
+    def download(self, manifest: Manifest, dest: Path) -> Path:
+        """Fetch every file of `manifest` into `dest`, verified by sha256; return `dest`.
+
+        Files already in `dest` with the right size are re-verified instead of fetched
+        (the local disk tier). A file that fails its digest is deleted and raises
+        ArtifactCorrupt; nothing unverified is left behind.
+        """
+        dest.mkdir(parents=True, exist_ok=True)
+        base = self.version_dir(manifest.model_id, manifest.version)
+        for entry in manifest.files:
+            target = dest / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not (target.exists() and target.stat().st_size == entry.size):
+                part = target.with_name(
+                    target.name + f".part-{os.getpid()}-{threading.get_ident()}"
+                )
+                try:
+                    self._fetch_file(f"{base}/{entry.path}", part, entry.size)
+                    os.replace(part, target)
+                finally:
+                    part.unlink(missing_ok=True)
+            digest = sha256_file(target)
+            if digest != entry.sha256:
+                target.unlink(missing_ok=True)
+                raise ArtifactCorrupt(
+                    f"{manifest.model_id} version {manifest.version}: file {entry.path} has "
+                    f"sha256 {digest[:12]}…, manifest says {entry.sha256[:12]}…; not loaded"
+                )
+        return dest
+
+    def _fetch_file(self, path: str, target: Path, size: int) -> None:
+        """Parallel ranged GETs of `path` written at their offsets into `target`."""
+        chunk = self.config.chunk_bytes
+        ranges = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
+        with target.open("wb") as fh:
+            fh.truncate(size)
+            fd = fh.fileno()
+
+            def fetch(rng: tuple[int, int]) -> int:
+                data = self.fs.cat_file(path, start=rng[0], end=rng[1])
+                if len(data) != rng[1] - rng[0]:
+                    raise ArtifactCorrupt(f"short read of {path.rsplit('/', 3)[-3:]}")
+                return os.pwrite(fd, data, rng[0])
+
+            with storage_errors("downloading model files"):
+                if len(ranges) <= 1:
+                    for rng in ranges:
+                        fetch(rng)
+                else:
+                    workers = min(self.config.max_concurrency, len(ranges))
+                    with ThreadPoolExecutor(workers, thread_name_prefix="s3-range") as pool:
+                        for _ in pool.map(fetch, ranges):
+                            pass
+
+
+class DiskTier:
+    """Local disk copies of downloaded versions, pruned oldest-used first past a byte budget."""
+
+    def __init__(self, root: Path, budget_bytes: int) -> None:
+        self.root = root
+        self.budget_bytes = budget_bytes
+        self._lock = threading.Lock()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, manifest: Manifest) -> Path:
+        """The folder that holds this version's files."""
+        return self.root / manifest.model_id / manifest.version
+
+    def touch(self, manifest: Manifest) -> None:
+        """Mark a version as just used (its folder's mtime orders pruning)."""
+        path = self.path_for(manifest)
+        if path.exists():
+            os.utime(path)
+
+    def prune(self, keep: set[Path] | None = None) -> int:
+        """Delete least-recently-used version folders until under budget; return bytes freed."""
+        keep = keep or set()
+        with self._lock:
+            folders: list[tuple[float, int, Path]] = []
+            for model_dir in self.root.iterdir():
+                if not model_dir.is_dir():
+                    continue
+                for version_dir in model_dir.iterdir():
+                    size = sum(f.stat().st_size for f in version_dir.rglob("*") if f.is_file())
+                    folders.append((version_dir.stat().st_mtime, size, version_dir))
+            used = sum(size for _, size, _ in folders)
+            freed = 0
+            for _, size, folder in sorted(folders):
+                if used - freed <= self.budget_bytes:
+                    break
+                if folder in keep:
+                    continue
+                shutil.rmtree(folder, ignore_errors=True)
+                freed += size
+            return freed
+
+
+def describe_store(config: StoreConfig) -> dict[str, Any]:
+    """A loggable description of the store: endpoint and url, never credentials."""
+    return {"url": config.url, "endpoint": config.resolved_endpoint() or "aws"}
+
+
+def wait_for_store(store: ModelStore, timeout_s: float = 30.0) -> None:
+    """Poll until the store answers a listing (used right after starting a local S3)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            store.ensure_bucket()
+            store.list_manifest_paths()
+            return
+        except StorageUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
