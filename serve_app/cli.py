@@ -1,11 +1,11 @@
 """The `fleetserve` command line: local stack, publishing, and calls to a running fleet.
 
-    fleetserve up [--count N]            start SeaweedFS + Ray + the fleet app, demo fleet in S3
-    fleetserve down                      stop exactly what `up` started
-    fleetserve publish PATH --model-id ID [--version V] [--task T]
-    fleetserve demo-fleet --count N      publish the demo fleet
-    fleetserve models                    list published models (from the running app)
-    fleetserve predict MODEL_ID JSON     call a model, e.g. '["some text"]'
+fleetserve up [--count N]            start SeaweedFS + Ray + the fleet app, demo fleet in S3
+fleetserve down                      stop exactly what `up` started
+fleetserve publish PATH --model-id ID [--version V] [--task T]
+fleetserve demo-fleet --count N      publish the demo fleet
+fleetserve models                    list published models (from the running app)
+fleetserve predict MODEL_ID JSON     call a model, e.g. '["some text"]'
 """
 
 from __future__ import annotations
@@ -82,7 +82,10 @@ def _request(method: str, url: str, **kwargs: Any) -> Any:
     response = httpx.request(method, url, timeout=300, **kwargs)
     body = response.json()
     if response.status_code >= 400:
-        print(f"error {response.status_code}: {body.get('error')} ({body.get('code')})", file=sys.stderr)
+        print(
+            f"error {response.status_code}: {body.get('error')} ({body.get('code')})",
+            file=sys.stderr,
+        )
         raise SystemExit(1)
     return body
 
@@ -103,15 +106,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"inputs": inputs}
     if args.version:
         payload["version"] = args.version
-    print(json.dumps(_request("POST", f"{args.url}/v1/models/{args.model_id}/predict", json=payload)))
+    print(
+        json.dumps(_request("POST", f"{args.url}/v1/models/{args.model_id}/predict", json=payload))
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `fleetserve`."""
     parser = argparse.ArgumentParser(prog="fleetserve", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="config.yaml", help="Serve config (default: %(default)s)")
-    parser.add_argument("--state-dir", default=".state", help="local stack state (default: %(default)s)")
+    parser.add_argument(
+        "--config", default="config.yaml", help="Serve config (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--state-dir", default=".state", help="local stack state (default: %(default)s)"
+    )
     parser.add_argument("--store-url", default=None, help="override store.url, e.g. s3://b/prefix")
     parser.add_argument("--url", default=DEFAULT_URL, help="fleet HTTP API (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="call a model over HTTP")
     pred.add_argument("model_id")
-    pred.add_argument("inputs", help='JSON list, e.g. \'["hello"]\' or \'[[0.1, 0.2, ...]]\'')
+    pred.add_argument("inputs", help="JSON list, e.g. '[\"hello\"]' or '[[0.1, 0.2, ...]]'")
     pred.add_argument("--version", default=None)
     pred.set_defaults(func=cmd_predict)
     return parser

@@ -109,14 +109,13 @@ class ModelStore:
                 paths = self.fs.find(self.root)
             except FileNotFoundError:
                 return []
-        depth = self.root.count("/") + 3
-        return sorted(p for p in paths if p.endswith("/" + MANIFEST_NAME) and p.count("/") == depth)
-
-    def read_manifest_path(self, path: str) -> Manifest:
-        """Read and validate one manifest by its store path."""
-        with storage_errors("reading a manifest"):
-            raw = self.fs.cat_file(path)
-        return Manifest.model_validate_json(raw)
+        out = []
+        for path in paths:
+            # NOTE: <root>/<model_id>/<version>/manifest.json, nothing deeper or shallower.
+            rel = path.lstrip("/").removeprefix(self.root + "/").split("/")
+            if len(rel) == 3 and rel[2] == MANIFEST_NAME:
+                out.append(path)
+        return sorted(out)
 
     def read_manifests(self, paths: list[str]) -> dict[str, Manifest]:
         """Read many manifests concurrently; unreadable or vanished ones are left out."""

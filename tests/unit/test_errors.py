@@ -1,0 +1,57 @@
+"""Errors: picklable across Ray, one JSON shape, right status, no tracebacks in bodies."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from serve_app.errors import (
+    FleetError,
+    ModelNotFound,
+    StorageUnavailable,
+    all_error_classes,
+    error_response,
+)
+
+
+@pytest.mark.parametrize("cls", all_error_classes(), ids=lambda c: c.__name__)
+def test_every_error_survives_pickling(cls: type[FleetError]) -> None:
+    error = cls("something went wrong", 3.0)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is cls
+    assert str(copy) == str(error)
+    assert copy.retry_after_s == 3.0
+
+
+@pytest.mark.parametrize("cls", all_error_classes(), ids=lambda c: c.__name__)
+def test_every_error_maps_to_its_status_and_code(cls: type[FleetError]) -> None:
+    status, body, _ = error_response(cls("msg"))
+    assert status == cls.status_code
+    assert body == {"error": "msg", "code": cls.code}
+
+
+def test_codes_are_unique_snake_case() -> None:
+    codes = [cls.code for cls in all_error_classes()]
+    assert len(codes) == len(set(codes))
+    assert all(code.replace("_", "").isalpha() and code.islower() for code in codes)
+
+
+def test_retry_after_header_on_transient_errors() -> None:
+    _, _, headers = error_response(StorageUnavailable("down", 4.2))
+    assert headers == {"Retry-After": "4"}
+    assert error_response(ModelNotFound("x"))[2] == {}
+
+
+def test_unknown_exception_is_sanitised_500() -> None:
+    status, body, _ = error_response(KeyError("secret internals"))
+    assert status == 500
+    assert body == {"error": "internal server error", "code": "internal_error"}
+
+
+def test_ray_task_error_is_unwrapped_by_type() -> None:
+    from ray.exceptions import RayTaskError
+
+    wrapped = RayTaskError("predict", "traceback text", ModelNotFound("no such model"))
+    status, body, _ = error_response(wrapped)
+    assert (status, body["code"]) == (404, "model_not_found")
