@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ray
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.ingress import Ingress
 from deployments.model_host import ModelHostDeployment
+from deployments.router import ModelAffinityRouter
 from serve_app.config import AppConfig
 
 
@@ -26,6 +28,7 @@ def build_app(args: AppConfig) -> Application:
         num_replicas=config.host.num_replicas,
         max_ongoing_requests=config.host.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.host.num_cpus, "num_gpus": _host_gpus(config)},
+        request_router_config=RequestRouterConfig(request_router_class=ModelAffinityRouter),
     ).bind(config.host, config.store)
     return Ingress.options(
         num_replicas=config.ingress.num_replicas,

@@ -1,0 +1,176 @@
+"""Integration fixtures: one real SeaweedFS, one Ray instance, one `fleet` app per session.
+
+The fleet published for the session is at least 3x one replica's memory budget, so the
+churn test forces evictions. Everything started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serve_app.config import AppConfig, StoreConfig
+from serve_app.demo import TEXT_CLASSIFIERS, fraud_model_ids, publish_demo_fleet
+from serve_app.manifest import Manifest
+from serve_app.seaweed import SeaweedServer, find_free_port
+from serve_app.store import ModelStore, wait_for_store
+
+BUDGET = 95 * 10**6  # per host replica: minilm-embed (~91 MB) fits, little else beside it
+FRAUD_COUNT = 40
+CLASSIFIERS = tuple(s for s in TEXT_CLASSIFIERS if s.model_id != "text-clf-toxicity")
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1) -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(every_s)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A real SeaweedFS S3 server on 127.0.0.1 with keys; AWS_* env points at it."""
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    server.wait_ready(timeout_s=60)
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def store_config(s3: SeaweedServer) -> StoreConfig:
+    return StoreConfig(url=f"s3://fleet/it-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="session")
+def store(store_config: StoreConfig) -> ModelStore:
+    store = ModelStore(store_config)
+    wait_for_store(store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def fleet(store: ModelStore) -> dict[str, Manifest]:
+    """The session's fleet by `model_id@version`: minilm-embed v1 and v2, 3 text
+    classifiers, 40 fraud models."""
+    manifests = publish_demo_fleet(store, FRAUD_COUNT, progress=False, classifiers=CLASSIFIERS)
+    by_key = {m.key: m for m in manifests}
+    # a second version of the embedder: same weights, its own cache key and ~91 MB
+    from serve_app.demo import minilm_dir
+    from serve_app.publisher import publish_path
+
+    v2 = publish_path(store, minilm_dir(), "minilm-embed", "2", description="same weights, v2")
+    by_key[v2.key] = v2
+    total = sum(m.weight_bytes for m in by_key.values())
+    assert total >= 3 * BUDGET, f"fleet {total / 1e6:.0f} MB is not 3x the budget"
+    return by_key
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3: SeaweedServer) -> Iterator[dict[str, Any]]:
+    """One local Ray instance for the session (replicas inherit the AWS_* env)."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="fleet-ray-")
+    context = ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        num_cpus=8,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield dict(context.address_info)
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@dataclass
+class FleetApp:
+    """The running `fleet` app: its HTTP base URL and config."""
+
+    url: str
+    config: AppConfig
+
+    def predict(self, model_id: str, inputs: list[Any], **kwargs: Any) -> httpx.Response:
+        return httpx.post(
+            f"{self.url}/v1/models/{model_id}/predict",
+            json={"inputs": inputs, **kwargs},
+            timeout=120,
+        )
+
+    def replicas(self) -> list[dict[str, Any]]:
+        return httpx.get(f"{self.url}/v1/replicas", timeout=30).json()
+
+
+@pytest.fixture(scope="session")
+def app(
+    ray_cluster: dict[str, Any], store_config: StoreConfig, fleet: dict[str, Manifest]
+) -> FleetApp:
+    """The `fleet` app on real Ray Serve: 2 host replicas of BUDGET bytes each."""
+    from ray import serve
+
+    from deployments.builder import build_app
+
+    port = find_free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = AppConfig.model_validate(
+        {
+            "store": store_config.model_dump(),
+            "host": {
+                "num_replicas": 2,
+                "num_cpus": 0.5,
+                "accelerator": "cpu",
+                "memory_budget": BUDGET,
+                "failure_ttl_s": 3,
+                "load_timeout_s": 60,
+                "disk_cache_bytes": "600MB",
+            },
+            "ingress": {"num_cpus": 0.25, "registry_refresh_s": 1.0, "max_body_bytes": "256KiB"},
+        }
+    )
+    serve.run(build_app(config), name="fleet", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, 180, "the fleet app to become healthy", every_s=0.5)
+    wait_for(lambda: len(FleetApp(url, config).replicas()) == 2, 60, "2 host replicas")
+    return FleetApp(url, config)
+
+
+@pytest.fixture(scope="session")
+def local_dirs() -> Path:
+    """Where the tests rebuild models locally to compute reference answers."""
+    return Path(tempfile.mkdtemp(prefix="fleet-ref-"))
+
+
+def fraud_ids() -> list[str]:
+    return fraud_model_ids(FRAUD_COUNT)
