@@ -27,6 +27,7 @@ from serve_app import __version__
 from serve_app.errors import (
     BadRequest,
     FleetError,
+    InvalidModelId,
     MalformedBody,
     PayloadTooLarge,
     error_response,
@@ -155,6 +156,14 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
     async def describe(model_id: str, version: str | None = None) -> ModelDetail:
         """The manifest of `model_id` (latest version unless `?version=` is given)."""
         return gateway.describe(model_id, version)
+
+    @app.post("/v1/models/{rest:path}", include_in_schema=False, responses=_ERRORS)
+    async def invalid_model_path(rest: str) -> JSONResponse:
+        """Any other POST under /v1/models/ names no valid model (e.g. `../x/predict`)."""
+        raise InvalidModelId(
+            f"invalid model path {rest[:80]!r}: use /v1/models/<model_id>/predict with an id "
+            "of 1-128 characters from [A-Za-z0-9._-]"
+        )
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
