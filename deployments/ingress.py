@@ -13,13 +13,15 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.replica_directory import read_replicas
+from deployments.replica_directory import ReplicaPublisher, read_replicas
 from serve_app.config import IngressConfig, StoreConfig
 from serve_app.gateway import Gateway
 from serve_app.http import create_app
 from serve_app.logs import configure_logging
+from serve_app.metrics import IngressMetrics, ModelLabels
 from serve_app.registry import Registry
 from serve_app.schemas import PredictCall, PredictResponse
+from serve_app.stats import StatsRecorder
 from serve_app.store import ModelStore
 
 
@@ -32,24 +34,43 @@ class Ingress:
         self, host: DeploymentHandle, config: IngressConfig, store_config: StoreConfig
     ) -> None:
         configure_logging()
+        context = serve.get_replica_context()
         self._host = host
-        self._app_name = serve.get_replica_context().app_name
+        self._app = context.app_name
+        self._replica = context.replica_id.unique_id
+        self._config = config
         self.registry = Registry(ModelStore(store_config), config.registry_refresh_s)
         self.registry.start()
-        self.gateway = Gateway(self.registry, self._dispatch, config)
-        self._max_body = config.max_body_bytes
+        self.recorder = StatsRecorder()
+        # NOTE: with one ingress replica there is nobody to share stats with; publishing
+        # would only cost GIL time on the request path.
+        self._stats_publisher = (
+            ReplicaPublisher(
+                self._app, "ingress", self._replica, source=self.recorder.snapshot, interval_s=2.0
+            )
+            if config.num_replicas > 1
+            else None
+        )
+        self.gateway = Gateway(
+            self.registry,
+            self._dispatch,
+            config,
+            recorder=self.recorder,
+            metrics=IngressMetrics(ModelLabels(config.max_model_labels)),
+            peer_stats=lambda: read_replicas(self._app, "ingress", exclude=self._replica),
+        )
 
     async def _dispatch(self, call: PredictCall) -> PredictResponse:
         handle = self._host.options(multiplexed_model_id=call.manifest.key)
         return await handle.predict.remote(call)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = create_app(self.gateway, self._max_body)
+        app = create_app(self.gateway, self._config.max_body_bytes, self._config.stats_window_s)
 
         @app.get("/v1/replicas")
         async def replicas() -> list[dict[str, Any]]:
             """What every live model-host replica holds: budget, resident bytes, models."""
-            return read_replicas(self._app_name)
+            return read_replicas(self._app, "hosts")
 
         return app
 
@@ -69,5 +90,11 @@ class Ingress:
         """Handle API: the registry listing."""
         return [m.model_dump() for m in self.registry.summaries()]
 
+    def stats(self, window_s: float | None = None) -> dict[str, Any]:
+        """Handle API: per-model stats across ingress replicas (see GET /v1/stats)."""
+        return self.gateway.stats(window_s or self._config.stats_window_s).model_dump()
+
     def __del__(self) -> None:
         self.registry.stop()
+        if self._stats_publisher is not None:
+            self._stats_publisher.close()

@@ -13,6 +13,7 @@ from deployments.replica_directory import ReplicaPublisher
 from serve_app.config import HostConfig, StoreConfig
 from serve_app.host import ModelHost
 from serve_app.logs import configure_logging
+from serve_app.metrics import HostMetrics, ModelLabels
 from serve_app.schemas import PredictCall, PredictResponse
 from serve_app.store import ModelStore
 
@@ -27,13 +28,15 @@ class ModelHostDeployment:
         configure_logging()
         context = serve.get_replica_context()
         self._replica_id = context.replica_id
+        replica = self._replica_id.unique_id
         self.host = ModelHost(
             config,
             ModelStore(store_config),
-            replica=self._replica_id.unique_id,
+            replica=replica,
             on_routing_change=self._advertise,
+            metrics=HostMetrics(ModelLabels(config.max_model_labels), replica),
         )
-        self._directory = ReplicaPublisher(context.app_name, self._replica_id.unique_id)
+        self._directory = ReplicaPublisher(context.app_name, "hosts", replica)
         self._directory.publish(self.host.status())
 
     def _advertise(self, keys: list[str]) -> None:

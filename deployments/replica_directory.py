@@ -1,9 +1,10 @@
-"""Where each model-host replica publishes what it holds, for `GET /v1/replicas` and tests.
+"""Where replicas publish their state for the others: Ray's GCS key-value store.
 
-Every replica writes a small JSON status (budget, resident bytes, models) under
-`fleetserve/<app>/replicas/<replica_id>` in Ray's GCS key-value store on each cache change
-and on a heartbeat; readers drop entries whose heartbeat is older than `STALE_S`, so a dead
-replica disappears on its own.
+Model-host replicas publish what they hold (budget, resident bytes, models) under
+`<app>/hosts/<replica_id>` for `GET /v1/replicas`; ingress replicas publish their stats
+snapshots under `<app>/ingress/<replica_id>` so `GET /v1/stats` can merge all of them.
+Entries are written on change and on a heartbeat; readers drop entries whose heartbeat is
+older than `STALE_S`, so a dead replica disappears on its own.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ray.experimental.internal_kv import (
@@ -25,15 +27,26 @@ STALE_S = 10.0
 _NAMESPACE = "fleetserve"
 
 
-def _prefix(app: str) -> str:
-    return f"{app}/replicas/"
+def _prefix(app: str, kind: str) -> str:
+    return f"{app}/{kind}/"
 
 
 class ReplicaPublisher:
-    """Publishes one replica's status now (on change) and every HEARTBEAT_S seconds."""
+    """Publishes one replica's state on change and on a heartbeat, from its own thread."""
 
-    def __init__(self, app: str, replica_id: str) -> None:
-        self._key = _prefix(app) + replica_id
+    def __init__(
+        self,
+        app: str,
+        kind: str,
+        replica_id: str,
+        source: Callable[[], dict[str, Any]] | None = None,
+        interval_s: float = HEARTBEAT_S,
+    ) -> None:
+        """`source`, if given, is polled from the publishing thread every `interval_s`
+        (it must be thread-safe); otherwise the owner calls `publish()` on changes."""
+        self._key = _prefix(app, kind) + replica_id
+        self._source = source
+        self._interval_s = interval_s
         self._status: dict[str, Any] = {"replica": replica_id}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -49,8 +62,10 @@ class ReplicaPublisher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._dirty.wait(HEARTBEAT_S)
+            self._dirty.wait(self._interval_s)
             self._dirty.clear()
+            if self._source is not None:
+                self.publish(self._source())
             with self._lock:
                 body = dict(self._status, heartbeat=time.time())
             _internal_kv_put(self._key, json.dumps(body), overwrite=True, namespace=_NAMESPACE)
@@ -63,11 +78,13 @@ class ReplicaPublisher:
         _internal_kv_del(self._key, namespace=_NAMESPACE)
 
 
-def read_replicas(app: str) -> list[dict[str, Any]]:
-    """Live replicas' statuses (entries with a recent heartbeat), sorted by replica id."""
+def read_replicas(app: str, kind: str, exclude: str | None = None) -> list[dict[str, Any]]:
+    """Live replicas' published states (recent heartbeat), sorted by replica id."""
     now = time.time()
     out = []
-    for key in _internal_kv_list(_prefix(app), namespace=_NAMESPACE):
+    for key in _internal_kv_list(_prefix(app, kind), namespace=_NAMESPACE):
+        if exclude is not None and key.decode().endswith("/" + exclude):
+            continue
         raw = _internal_kv_get(key, namespace=_NAMESPACE)
         if raw is None:
             continue

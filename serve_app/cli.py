@@ -14,16 +14,13 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
 
-import httpx
-
+from serve_app.client import DEFAULT_URL, FleetClient, format_stats
 from serve_app.config import load_config
 from serve_app.errors import FleetError
 from serve_app.store import ModelStore
-
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _store(args: argparse.Namespace) -> ModelStore:
@@ -78,37 +75,40 @@ def cmd_demo_fleet(args: argparse.Namespace) -> int:
     return 0
 
 
-def _request(method: str, url: str, **kwargs: Any) -> Any:
-    response = httpx.request(method, url, timeout=300, **kwargs)
-    body = response.json()
-    if response.status_code >= 400:
-        print(
-            f"error {response.status_code}: {body.get('error')} ({body.get('code')})",
-            file=sys.stderr,
-        )
-        raise SystemExit(1)
-    return body
-
-
 def cmd_models(args: argparse.Namespace) -> int:
-    body = _request("GET", f"{args.url}/v1/models")
-    for model in body["models"]:
+    models = FleetClient(args.url).models()
+    for model in models:
         print(
             f"{model['model_id']:<28} v{model['latest_version']:<4} {model['task']:<24} "
             f"{model['size_bytes'] / 1e6:8.1f} MB"
         )
-    print(f"{body['count']} models", file=sys.stderr)
+    print(f"{len(models)} models", file=sys.stderr)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    inputs = json.loads(args.inputs)
-    payload: dict[str, Any] = {"inputs": inputs}
-    if args.version:
-        payload["version"] = args.version
-    print(
-        json.dumps(_request("POST", f"{args.url}/v1/models/{args.model_id}/predict", json=payload))
-    )
+    result = FleetClient(args.url).predict(args.model_id, json.loads(args.inputs), args.version)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    report = FleetClient(args.url).stats(args.window)
+    print(json.dumps(report, indent=2) if args.json else format_stats(report))
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    client = FleetClient(args.url)
+    shown = 0
+    while args.iterations is None or shown < args.iterations:
+        report = client.stats(args.window)
+        # NOTE: ANSI clear-screen + home, like top(1).
+        print(f"\033[2J\033[Hfleetserve top  {args.url}  every {args.interval}s  (Ctrl-C quits)")
+        print(format_stats(report, limit=args.limit), flush=True)
+        shown += 1
+        if args.iterations is None or shown < args.iterations:
+            time.sleep(args.interval)
     return 0
 
 
@@ -147,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo_fleet)
 
     sub.add_parser("models", help="list published models").set_defaults(func=cmd_models)
+
+    stats = sub.add_parser("stats", help="per-model latency, hit rate, cold starts")
+    stats.add_argument("--window", type=float, default=None, help="seconds (default: server's)")
+    stats.add_argument("--json", action="store_true", help="print the raw JSON report")
+    stats.set_defaults(func=cmd_stats)
+
+    top = sub.add_parser("top", help="live per-model stats in the terminal")
+    top.add_argument("--window", type=float, default=60.0, help="seconds of history")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--limit", type=int, default=30, help="rows shown")
+    top.add_argument("--iterations", type=int, default=None, help="stop after N refreshes")
+    top.set_defaults(func=cmd_top)
 
     pred = sub.add_parser("predict", help="call a model over HTTP")
     pred.add_argument("model_id")

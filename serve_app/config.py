@@ -110,6 +110,9 @@ class HostConfig(_Strict):
     disk_cache_bytes: ByteSize = Field(
         8 * 2**30, description="Bytes the local disk tier may hold before pruning."
     )
+    max_model_labels: int = Field(
+        200, ge=1, description="Distinct model label values in metrics; the rest: __other__."
+    )
 
 
 class IngressConfig(_Strict):
@@ -122,6 +125,12 @@ class IngressConfig(_Strict):
     )
     max_body_bytes: ByteSize = Field(8 * 2**20, description="Largest request body accepted.")
     max_batch_rows: int = Field(4096, ge=1, description="Most inputs in one predict call.")
+    max_model_labels: int = Field(
+        200, ge=1, description="Distinct model label values in metrics; the rest: __other__."
+    )
+    stats_window_s: float = Field(
+        300.0, gt=0, description="Default window of GET /v1/stats (override with ?window_s=)."
+    )
 
 
 class AppConfig(_Strict):

@@ -165,6 +165,12 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def status_of(exc: BaseException) -> int:
+    """The HTTP status an exception maps to (without logging it)."""
+    exc = unwrap(exc)
+    return exc.status_code if isinstance(exc, FleetError) else 500
+
+
 def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """Map any exception to (status, JSON body, headers): the single error mapping point."""
     exc = unwrap(exc)

@@ -8,6 +8,9 @@ in-memory registry, checks the inputs against the model's task, and dispatches a
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,22 +18,37 @@ from typing import Any
 import pyarrow as pa
 
 from serve_app.config import IngressConfig
-from serve_app.errors import InvalidInput
-from serve_app.manifest import validate_model_id
+from serve_app.errors import InvalidInput, status_of
+from serve_app.manifest import Manifest, validate_model_id
+from serve_app.metrics import OTHER, IngressMetrics
 from serve_app.predictor import validate_inputs
 from serve_app.registry import Registry
 from serve_app.schemas import ModelDetail, ModelList, PredictCall, PredictResponse
+from serve_app.stats import StatsRecorder, StatsReport, summarise
 
 Dispatch = Callable[[PredictCall], Awaitable[PredictResponse]]
+access_log = logging.getLogger("serve_app.access")
 
 
 class Gateway:
-    """Validates, resolves and dispatches predictions; lists the registry."""
+    """Validates, resolves and dispatches predictions; records stats, metrics, access logs."""
 
-    def __init__(self, registry: Registry, dispatch: Dispatch, config: IngressConfig) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        dispatch: Dispatch,
+        config: IngressConfig,
+        *,
+        recorder: StatsRecorder | None = None,
+        metrics: IngressMetrics | None = None,
+        peer_stats: Callable[[], list[dict[str, Any]]] | None = None,
+    ) -> None:
         self.registry = registry
         self.dispatch = dispatch
         self.config = config
+        self.recorder = recorder or StatsRecorder()
+        self.metrics = metrics
+        self._peer_stats = peer_stats
 
     async def predict(
         self,
@@ -38,16 +56,76 @@ class Gateway:
         inputs: Any,
         version: str | None = None,
         request_id: str | None = None,
+        started: float | None = None,
     ) -> PredictResponse:
         """Predict `inputs` with `model_id` (latest version unless `version` is given).
 
         Raises:
             FleetError: typed errors for bad ids, unknown models, bad inputs, load failures.
+
+        `started` is the `time.perf_counter()` at which the caller received the request
+        (default: now); the recorded latency runs from there.
         """
-        manifest = self.registry.resolve(model_id, version)
-        rows = validate_inputs(manifest, inputs, self.config.max_batch_rows)
-        call = PredictCall(manifest=manifest, inputs=rows, request_id=request_id or new_id())
-        return await self.dispatch(call)
+        request_id = request_id or new_id()
+        started = time.perf_counter() if started is None else started
+        manifest: Manifest | None = None
+        result: PredictResponse | None = None
+        status = 500
+        try:
+            manifest = self.registry.resolve(model_id, version)
+            rows = validate_inputs(manifest, inputs, self.config.max_batch_rows)
+            call = PredictCall(manifest=manifest, inputs=rows, request_id=request_id)
+            result = await self.dispatch(call)
+            status = 200
+            return result
+        except asyncio.CancelledError:
+            status = 499  # the caller went away
+            raise
+        except Exception as exc:
+            status = status_of(exc)
+            raise
+        finally:
+            self._observe(request_id, manifest, status, started, result)
+
+    def _observe(
+        self,
+        request_id: str,
+        manifest: Manifest | None,
+        status: int,
+        started: float,
+        result: PredictResponse | None,
+    ) -> None:
+        """Stats, metrics and one access-log line per request (ids only, never bodies)."""
+        latency_ms = (time.perf_counter() - started) * 1000
+        cold = None if result is None else not result.resident
+        wait_ms = 0.0 if result is None else result.load_wait_ms
+        if manifest is not None:
+            self.recorder.record(
+                manifest.key, latency_ms, result is not None, result and result.resident, wait_ms
+            )
+        if self.metrics is not None:
+            model, version = (manifest.model_id, manifest.version) if manifest else (OTHER, OTHER)
+            self.metrics.observe(model, version, status, latency_ms, cold)
+        access_log.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "model_id": manifest.model_id if manifest else None,
+                "version": manifest.version if manifest else None,
+                "status": status,
+                "replica": result.replica if result else None,
+                "cold": cold,
+                "load_wait_ms": round(wait_ms, 3),
+                "latency_ms": round(latency_ms, 3),
+            },
+        )
+
+    def stats(self, window_s: float) -> StatsReport:
+        """Per-model stats over the last `window_s` seconds, across all ingress replicas."""
+        snapshots = [self.recorder.snapshot()]
+        if self._peer_stats is not None:
+            snapshots.extend(self._peer_stats())
+        return summarise(snapshots, window_s)
 
     async def predict_table(
         self, model_id: str, table: pa.Table, version: str | None = None

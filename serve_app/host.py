@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from serve_app.cache import CacheEvent, ModelCache
 from serve_app.config import HostConfig
 from serve_app.loader import ModelLoader, memory_budget, resolve_device
+from serve_app.metrics import HostMetrics
 from serve_app.predictor import Predictor
 from serve_app.schemas import PredictCall, PredictResponse
 from serve_app.store import ModelStore
@@ -35,7 +37,7 @@ class ModelHost:
         *,
         replica: str = "local",
         on_routing_change: Callable[[list[str]], None] | None = None,
-        on_event: Callable[[CacheEvent], None] | None = None,
+        metrics: HostMetrics | None = None,
     ) -> None:
         torch.set_num_threads(config.torch_threads)
         self.config = config
@@ -43,13 +45,14 @@ class ModelHost:
         self.device = resolve_device(config.accelerator)
         self.loader = ModelLoader.from_config(store, config, self.device)
         self._on_routing_change = on_routing_change
+        self.metrics = metrics
         self.cache: ModelCache[Predictor] = ModelCache(
             memory_budget(config, self.device),
             max_concurrent_loads=config.max_concurrent_loads,
             failure_ttl_s=config.failure_ttl_s,
             load_timeout_s=config.load_timeout_s,
             on_change=self._routing_changed,
-            on_event=on_event,
+            on_event=self._cache_event,
         )
         logger.info(
             "model host ready",
@@ -61,8 +64,16 @@ class ModelHost:
         )
 
     def _routing_changed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_residency(
+                self.cache.resident_bytes, self.cache.budget_bytes, len(self.cache.entries())
+            )
         if self._on_routing_change is not None:
             self._on_routing_change(self.cache.routing_keys())
+
+    def _cache_event(self, event: CacheEvent) -> None:
+        if self.metrics is not None:
+            self.metrics.on_event(event, time.monotonic())
 
     async def predict(self, call: PredictCall) -> PredictResponse:
         """Predict with `call.manifest`'s model, loading it first if it is not resident."""
@@ -73,6 +84,10 @@ class ModelHost:
 
         async with self.cache.lease(manifest.key, load, size_hint=manifest.weight_bytes) as lease:
             outputs = await asyncio.to_thread(lease.model.predict, call.inputs)
+        if not lease.hit and self.metrics is not None:
+            self.metrics.observe_wait(
+                manifest.model_id, manifest.version, lease.wait_seconds * 1000
+            )
         return PredictResponse(
             model_id=manifest.model_id,
             version=manifest.version,

@@ -7,14 +7,17 @@ Routes:
                                                          `serve_multiplexed_model_id` header
     GET  /v1/models                                      registry listing
     GET  /v1/models/{model_id}                           manifest (latest or ?version=)
+    GET  /v1/stats                                       per-model stats (?window_s=)
     GET  /healthz                                        liveness + registry state
 OpenAPI docs are served at /docs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,6 +43,7 @@ from serve_app.schemas import (
     PredictRequest,
     PredictResponse,
 )
+from serve_app.stats import StatsReport
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
+def create_app(gateway: Gateway, max_body_bytes: int, stats_window_s: float = 300.0) -> FastAPI:
     """Build the FastAPI app for `gateway`, with the single error mapping installed."""
     app = FastAPI(
         title="fleetserve",
@@ -102,17 +106,24 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
             raise MalformedBody(_describe_validation(exc.errors(include_input=False))) from exc
 
     async def run_predict(request: Request, model_id: str, version: str | None) -> JSONResponse:
+        # NOTE: latency is measured from here (body read and parse included) so /v1/stats is
+        # as close as the server can get to what the client sees.
+        started = time.perf_counter()
         body = await read_body(request)
-        request_id = request.headers.get(REQUEST_ID_HEADER) or new_id()
-        result = await gateway.predict(model_id, body.inputs, version or body.version, request_id)
-        return JSONResponse(
-            result.model_dump(),
-            headers={
-                CACHE_HEADER: "hit" if result.resident else "miss",
-                VERSION_HEADER: result.version,
-                REQUEST_ID_HEADER: request_id,
-            },
+        given_id = request.headers.get(REQUEST_ID_HEADER)
+        request_id = given_id or new_id()
+        result = await gateway.predict(
+            model_id, body.inputs, version or body.version, request_id, started=started
         )
+        headers = {
+            CACHE_HEADER: "hit" if result.resident else "miss",
+            VERSION_HEADER: result.version,
+        }
+        if given_id is None:
+            # NOTE: Ray Serve's proxy sets and echoes X-Request-Id itself; add it only when
+            # no proxy did, so the response never carries it twice.
+            headers[REQUEST_ID_HEADER] = request_id
+        return JSONResponse(result.model_dump(), headers=headers)
 
     @app.post(
         "/v1/models/{model_id}/predict",
@@ -164,6 +175,14 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
             f"invalid model path {rest[:80]!r}: use /v1/models/<model_id>/predict with an id "
             "of 1-128 characters from [A-Za-z0-9._-]"
         )
+
+    @app.get("/v1/stats", response_model=StatsReport)
+    async def stats(window_s: float | None = None) -> StatsReport:
+        """Per model: requests, errors, hit rate, cold starts, p50/p95/p99 (all and warm)
+        and load-wait p50, over the last `window_s` seconds, across ingress replicas."""
+        if window_s is not None and not 0 < window_s <= 86400:
+            raise BadRequest("window_s must be between 0 and 86400 seconds")
+        return await asyncio.to_thread(gateway.stats, window_s or stats_window_s)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

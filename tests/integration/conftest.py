@@ -29,7 +29,9 @@ FRAUD_COUNT = 40
 CLASSIFIERS = tuple(s for s in TEXT_CLASSIFIERS if s.model_id != "text-clf-toxicity")
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1) -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1
+) -> Any:
     """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -79,9 +79,7 @@ def expected(model_id: str, inputs: list[Any]) -> list[Any]:
         enc = tokenizer(inputs, padding=True, truncation=True, return_tensors="pt")
         probs = torch.softmax(model(**enc).logits, dim=-1)
         labels = model.config.id2label
-        return [
-            {"label": labels[int(p.argmax())], "score": float(p.max())} for p in probs
-        ]
+        return [{"label": labels[int(p.argmax())], "score": float(p.max())} for p in probs]
 
 
 def assert_same(model_id: str, got: list[Any], want: list[Any]) -> None:

@@ -32,7 +32,9 @@ def check_budget(app: FleetApp) -> list[dict]:
     return replicas
 
 
-def test_churn_every_answer_matches_direct_loading(app: FleetApp, fleet: dict[str, Manifest]) -> None:
+def test_churn_every_answer_matches_direct_loading(
+    app: FleetApp, fleet: dict[str, Manifest]
+) -> None:
     """Skewed traffic over a fleet 3x+ the budget: correct answers, budget kept, evictions."""
     keys = sorted(fleet)
     rng = random.Random(7)

@@ -85,7 +85,7 @@ async def test_different_models_load_concurrently() -> None:
 
 
 async def test_load_concurrency_is_bounded() -> None:
-    loader = FakeLoader({k: MB for k in "abc"})
+    loader = FakeLoader(dict.fromkeys("abc", MB))
     gates = [loader.gate(k) for k in "abc"]
     cache: ModelCache = ModelCache(10 * MB, max_concurrent_loads=2)
     tasks = [asyncio.create_task(get(cache, loader, k)) for k in "abc"]
