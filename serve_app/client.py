@@ -46,6 +46,10 @@ class FleetClient:
         """GET /v1/models."""
         return self._call("GET", "/v1/models")["models"]
 
+    def describe(self, model_id: str) -> dict[str, Any]:
+        """GET /v1/models/{model_id}: the manifest of the latest version."""
+        return self._call("GET", f"/v1/models/{model_id}")
+
     def stats(self, window_s: float | None = None) -> dict[str, Any]:
         """GET /v1/stats."""
         params = {"window_s": window_s} if window_s else None

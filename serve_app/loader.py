@@ -53,6 +53,11 @@ class ModelLoader:
         self.store = store
         self.disk = disk
         self.device = device
+        # NOTE: importing transformers takes seconds; pay it at replica start, not in the
+        # first cold request.
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
 
     @classmethod
     def from_config(
@@ -113,10 +118,8 @@ class ModelLoader:
         return module
 
     def _hf_model(self, manifest: Manifest, folder: Path) -> tuple[torch.nn.Module, object]:
-        import transformers
         from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-        transformers.utils.logging.disable_progress_bar()
         model_cls = (
             AutoModelForSequenceClassification
             if manifest.task == "text-classification"

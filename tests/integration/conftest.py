@@ -91,19 +91,25 @@ def fleet(store: ModelStore) -> dict[str, Manifest]:
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3: SeaweedServer) -> Iterator[dict[str, Any]]:
-    """One local Ray instance for the session (replicas inherit the AWS_* env)."""
+    """One local Ray instance for the session (replicas inherit the AWS_* env), with its
+    dashboard and metrics endpoint on free loopback ports (`dashboard_url`,
+    `metrics_export_port` in the returned address info)."""
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="fleet-ray-")
+    dashboard_port, metrics_port = find_free_port(), find_free_port()
     context = ray.init(
         address="local",
         _node_ip_address="127.0.0.1",
         num_cpus=8,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        _metrics_export_port=metrics_port,
         _temp_dir=temp_dir,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
     )
-    yield dict(context.address_info)
+    yield dict(context.address_info, dashboard_url=f"http://127.0.0.1:{dashboard_port}")
     from ray import serve
 
     serve.shutdown()
