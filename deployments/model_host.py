@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from ray import serve
@@ -38,6 +39,7 @@ class ModelHostDeployment:
         )
         self._directory = ReplicaPublisher(context.app_name, "hosts", replica)
         self._directory.publish(self.host.status())
+        self._published_at = time.monotonic()
 
     def _advertise(self, keys: list[str]) -> None:
         # NOTE: the same controller call Ray's @serve.multiplexed wrapper makes; we push on
@@ -54,7 +56,11 @@ class ModelHostDeployment:
         try:
             return await self.host.predict(call)
         finally:
-            self._directory.publish(self.host.status())
+            # NOTE: residency changes publish at once (_advertise); counters at most 1/s.
+            now = time.monotonic()
+            if now - self._published_at >= 1.0:
+                self._published_at = now
+                self._directory.publish(self.host.status())
 
     def status(self) -> dict[str, Any]:
         """Budget, resident bytes and models of this replica."""

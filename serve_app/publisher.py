@@ -29,7 +29,6 @@ from serve_app.manifest import (
     sha256_file,
     validate_model_id,
     validate_version,
-    version_sort_key,
 )
 from serve_app.store import ModelStore, ProgressFn, storage_errors
 
@@ -169,11 +168,6 @@ def publish_path(
     version = version or next_version(store, validate_model_id(model_id))
     manifest = build_manifest(src, model_id, version, task, description)
     return store.publish(src, manifest, progress)
-
-
-def latest_version(versions: list[str]) -> str | None:
-    """The newest of `versions` in serving order."""
-    return max(versions, key=version_sort_key) if versions else None
 
 
 def print_progress(label: str) -> Callable[[int, int], None]:

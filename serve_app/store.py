@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import fsspec
 from botocore.exceptions import BotoCoreError, ClientError
@@ -138,7 +137,9 @@ class ModelStore:
 
     def read_manifest(self, model_id: str, version: str) -> Manifest:
         """Read one manifest by id and version (raises FileNotFoundError if absent)."""
-        return self.read_manifest_path(self.manifest_path(model_id, version))
+        with storage_errors("reading a manifest"):
+            raw = self.fs.cat_file(self.manifest_path(model_id, version))
+        return Manifest.model_validate_json(raw)
 
     def exists(self, model_id: str, version: str) -> bool:
         """Whether this version is published."""
@@ -275,11 +276,6 @@ class DiskTier:
                 shutil.rmtree(folder, ignore_errors=True)
                 freed += size
             return freed
-
-
-def describe_store(config: StoreConfig) -> dict[str, Any]:
-    """A loggable description of the store: endpoint and url, never credentials."""
-    return {"url": config.url, "endpoint": config.resolved_endpoint() or "aws"}
 
 
 def wait_for_store(store: ModelStore, timeout_s: float = 30.0) -> None:
