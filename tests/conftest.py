@@ -9,3 +9,15 @@ import os
 # anything imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config: object, items: list) -> None:
+    """Mark tests by tier from their folder, so `-m unit` / `-m integration` select them."""
+    import pytest
+
+    for item in items:
+        path = str(item.fspath)
+        if "/tests/unit/" in path:
+            item.add_marker(pytest.mark.unit)
+        elif "/tests/integration/" in path and "unit" not in item.keywords:
+            item.add_marker(pytest.mark.integration)
