@@ -6,6 +6,11 @@ until the `fleet` app answers, and prints where everything is. `down` stops exac
 started, by the process ids it recorded in `<state_dir>/stack.json` (mode 0600: it holds the
 local S3 keys, which are generated once and reused on every later `up`).
 
+`up --prometheus` also runs Prometheus (`serve_app.prometheus`, Debian's binary) on
+127.0.0.1:9090, scraping the Ray head's metrics endpoint (`--metrics-export-port`,
+127.0.0.1:8080) every 2 s with the rules in `ops/prometheus/fleet-rules.yml`; its TSDB lives
+in `<state_dir>/prometheus` and survives `down`.
+
 Ray token authentication (Ray 2.60):
 
 - The token is read from `RAY_AUTH_TOKEN`, else from the file `RAY_AUTH_TOKEN_PATH`, else
@@ -43,6 +48,12 @@ import httpx
 import yaml
 
 from serve_app.errors import FleetError
+from serve_app.prometheus import (
+    PrometheusError,
+    PrometheusServer,
+    default_rule_files,
+    prometheus_binary,
+)
 from serve_app.seaweed import (
     HOST,
     SeaweedError,
@@ -63,6 +74,9 @@ S3_PORT = 8333
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
 DASHBOARD_URL = f"http://{HOST}:{DASHBOARD_PORT}"
+# Ray's per-node metrics endpoint (`ray start --metrics-export-port`), scraped by Prometheus.
+METRICS_EXPORT_PORT = 8080
+PROMETHEUS_PORT = 9090
 DEFAULT_SERVE_URL = f"http://{HOST}:8000"
 SAMPLE_MODEL = "minilm-embed"
 SAMPLE_INPUTS: list[str] = ["hello world"]
@@ -71,6 +85,7 @@ S3_READY_TIMEOUT_S = 60.0
 RAY_READY_TIMEOUT_S = 120.0
 APP_READY_TIMEOUT_S = 300.0
 DEPLOY_TIMEOUT_S = 180.0
+PROMETHEUS_READY_TIMEOUT_S = 60.0
 RAY_STOP_TIMEOUT_S = 60.0
 _POLL_S = 0.5
 
@@ -212,6 +227,7 @@ class RayHead:
         env: The environment of the head; workers (Serve replicas) inherit it.
         gcs_port: The GCS port (`ray start --port`).
         dashboard_port: The dashboard port.
+        metrics_export_port: The port of the node's Prometheus metrics endpoint.
     """
 
     def __init__(
@@ -220,11 +236,13 @@ class RayHead:
         env: Mapping[str, str] | None = None,
         gcs_port: int = GCS_PORT,
         dashboard_port: int = DASHBOARD_PORT,
+        metrics_export_port: int = METRICS_EXPORT_PORT,
     ) -> None:
         self.log_path = Path(log_path)
         self.env = dict(env) if env is not None else dict(os.environ)
         self.gcs_port = gcs_port
         self.dashboard_port = dashboard_port
+        self.metrics_export_port = metrics_export_port
         self.pid: int | None = None
         self.fingerprint: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -251,12 +269,13 @@ class RayHead:
             f"--dashboard-host={HOST}",
             f"--dashboard-port={self.dashboard_port}",
             "--include-dashboard=true",
+            f"--metrics-export-port={self.metrics_export_port}",
             "--disable-usage-stats",
         ]
 
     def start(self) -> None:
         """Launch the head in its own session (returns at once; see `wait_ready`)."""
-        for port in (self.gcs_port, self.dashboard_port):
+        for port in (self.gcs_port, self.dashboard_port, self.metrics_export_port):
             if port_is_open(port):
                 raise StackError(
                     f"port {port} on {HOST} is in use: a Ray cluster fleetserve did not start "
@@ -344,6 +363,7 @@ class RayHead:
             "fingerprint": self.fingerprint,
             "gcs_port": self.gcs_port,
             "dashboard_port": self.dashboard_port,
+            "metrics_export_port": self.metrics_export_port,
             "log_path": str(self.log_path),
         }
 
@@ -354,6 +374,7 @@ class RayHead:
             Path(state["log_path"]),
             gcs_port=int(state.get("gcs_port", GCS_PORT)),
             dashboard_port=int(state.get("dashboard_port", DASHBOARD_PORT)),
+            metrics_export_port=int(state.get("metrics_export_port", METRICS_EXPORT_PORT)),
         )
         head.pid = int(state["pid"]) if state.get("pid") else None
         head.fingerprint = state.get("fingerprint")
@@ -560,6 +581,62 @@ def _ensure_ray(state_dir: Path, state: dict[str, Any], aws_env: Mapping[str, st
     return head
 
 
+def _ensure_prometheus(state_dir: Path, state: dict[str, Any], head: RayHead) -> PrometheusServer:
+    """Find our recorded Prometheus running, or start one on 127.0.0.1:9090 that scrapes the
+    Ray head's metrics endpoint every 2 s and evaluates `ops/prometheus/fleet-rules.yml`."""
+    recorded = state.get("prometheus") or {}
+    if recorded.get("pid"):
+        server = PrometheusServer.from_state(recorded)
+        if server.is_running():
+            try:
+                server.wait_ready(timeout_s=PROMETHEUS_READY_TIMEOUT_S)
+            except PrometheusError as exc:
+                raise StackError(
+                    f"the recorded Prometheus (pid {server.pid}) runs but does not answer: "
+                    f"{exc}; run `fleetserve down` and `fleetserve up --prometheus` again"
+                ) from exc
+            _say(f"Prometheus already running at {server.endpoint_url}")
+            return server
+    if port_is_open(PROMETHEUS_PORT):
+        raise StackError(
+            f"port {PROMETHEUS_PORT} on {HOST} is in use by a program fleetserve did not start "
+            "(a system Prometheus service?); stop it and run `fleetserve up --prometheus` again"
+        )
+    target = f"{HOST}:{head.metrics_export_port}"
+    server = PrometheusServer(
+        state_dir / "prometheus",
+        port=PROMETHEUS_PORT,
+        scrape_targets=[target],
+        rule_files=default_rule_files(),
+        log_path=state_dir / "logs" / "prometheus.log",
+    )
+    _say(f"starting Prometheus at {server.endpoint_url} (scraping Ray metrics at {target})")
+    try:
+        server.start()
+    except PrometheusError as exc:
+        raise StackError(str(exc)) from exc
+    state["prometheus"] = {**server.state(), "started_by_us": True}
+    save_state(state_dir, state)
+    try:
+        waited = server.wait_ready(timeout_s=PROMETHEUS_READY_TIMEOUT_S)
+    except PrometheusError as exc:
+        server.stop()
+        state.pop("prometheus", None)
+        save_state(state_dir, state)
+        raise StackError(str(exc)) from exc
+    _say(f"Prometheus ready in {waited:.1f}s")
+    return server
+
+
+def _running_prometheus(state: Mapping[str, Any]) -> PrometheusServer | None:
+    """The Prometheus an earlier `up --prometheus` started, while it still runs."""
+    recorded = state.get("prometheus") or {}
+    if not recorded.get("pid"):
+        return None
+    server = PrometheusServer.from_state(recorded)
+    return server if server.is_running() else None
+
+
 def _publish_demo(config_path: Path, demo_count: int) -> None:
     """Publish the demo fleet into the configured store (existing versions are skipped)."""
     if demo_count <= 0:
@@ -605,7 +682,13 @@ def _sample_request(serve_url: str) -> str:
     return f"HTTP {resp.status_code} {json.dumps(body)}"
 
 
-def _print_summary(serve_url: str, s3: SeaweedServer, state_dir: Path, sample: str) -> None:
+def _print_summary(
+    serve_url: str,
+    s3: SeaweedServer,
+    state_dir: Path,
+    sample: str,
+    prometheus_url: str | None = None,
+) -> None:
     body = json.dumps({"inputs": SAMPLE_INPUTS})
     lines = [
         "",
@@ -614,6 +697,10 @@ def _print_summary(serve_url: str, s3: SeaweedServer, state_dir: Path, sample: s
         f"  OpenAPI docs   {serve_url}/docs",
         f"  Ray dashboard  {DASHBOARD_URL}   (token: `ray get-auth-token`)",
         f"  S3 endpoint    {s3.endpoint_url}   (keys in {state_path(state_dir)})",
+    ]
+    if prometheus_url:
+        lines.append(f"  Prometheus     {prometheus_url}   (queries: ops/prometheus/queries.md)")
+    lines += [
         "",
         "Try it:",
         f"  curl -s -X POST {serve_url}/v1/models/{SAMPLE_MODEL}/predict \\",
@@ -632,7 +719,8 @@ def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) ->
         config_path: The Serve config to deploy (`serve deploy`).
         state_dir: Where data, logs and `stack.json` live.
         demo_count: How many demo models to make sure are published (0: none).
-        prometheus: Accepted for the CLI; Prometheus is not started by this command yet.
+        prometheus: Also start (or find running) Prometheus on 127.0.0.1:9090, scraping the
+            Ray head's metrics endpoint (127.0.0.1:8080) with the fleet alert rules.
 
     Raises:
         StackError: a step failed; the message says which and what to do.
@@ -643,7 +731,10 @@ def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) ->
         raise StackError(f"Serve config {config_path} not found")
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if prometheus:
-        _say("Prometheus is not part of `fleetserve up` yet; continuing without it")
+        try:
+            prometheus_binary()  # fail before starting anything when it is not installed
+        except PrometheusError as exc:
+            raise StackError(str(exc)) from exc
     state = load_state(state_dir)
 
     s3 = _ensure_s3(state_dir, state)
@@ -654,7 +745,15 @@ def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) ->
     os.environ.update(aws_env)
 
     ensure_ray_auth_token()
-    _ensure_ray(state_dir, state, aws_env)
+    head = _ensure_ray(state_dir, state, aws_env)
+    if "metrics_export_port" not in (state.get("ray") or {}):
+        _say(
+            "warning: the running Ray head predates its fixed metrics port; Prometheus may "
+            "not find its metrics until `fleetserve down` and `fleetserve up`"
+        )
+    prom = _ensure_prometheus(state_dir, state, head) if prometheus else None
+    if prom is None and (prom := _running_prometheus(state)) is not None:
+        _say(f"Prometheus (started by an earlier `up --prometheus`) runs at {prom.endpoint_url}")
 
     _publish_demo(config_path, demo_count)
 
@@ -666,11 +765,17 @@ def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) ->
     waited = wait_app_running(serve_url)
     _say(f"app {APP_NAME!r} serving after {waited:.1f}s")
 
-    _print_summary(serve_url, s3, state_dir, _sample_request(serve_url))
+    _print_summary(
+        serve_url,
+        s3,
+        state_dir,
+        _sample_request(serve_url),
+        prom.endpoint_url if prom is not None else None,
+    )
 
 
 def down(state_dir: Path) -> None:
-    """Stop what `up` started (Serve app, Ray head, S3), by recorded process id only.
+    """Stop what `up` started (Prometheus, Serve app, Ray head, S3), by recorded process id.
 
     Data, logs and the S3 keys stay in `state_dir`, so a later `up` finds the same models.
     """
@@ -679,6 +784,19 @@ def down(state_dir: Path) -> None:
     if not state:
         _say(f"no stack recorded in {state_dir}; nothing to stop")
         return
+
+    prom_state = state.get("prometheus") or {}
+    if prom_state.get("pid") and prom_state.get("started_by_us"):
+        server = PrometheusServer.from_state(prom_state)
+        if server.is_running():
+            _say(f"stopping Prometheus (pid {server.pid})")
+            server.stop()
+            _say("Prometheus stopped")
+        else:
+            _say("Prometheus: not running")
+        # Its data folder (the TSDB) stays: the next `up --prometheus` keeps the history.
+        state.pop("prometheus", None)
+        save_state(state_dir, state)
 
     ray_state = state.get("ray") or {}
     if ray_state.get("pid") and ray_state.get("started_by_us"):
