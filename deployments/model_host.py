@@ -37,7 +37,9 @@ class ModelHostDeployment:
             on_routing_change=self._advertise,
             metrics=HostMetrics(ModelLabels(config.max_model_labels), replica),
         )
-        self._directory = ReplicaPublisher(context.app_name, "hosts", replica)
+        self._directory = ReplicaPublisher(
+            context.app_name, "hosts", replica, on_heartbeat=self.host.refresh_gauges
+        )
         self._directory.publish(self.host.status())
         self._published_at = time.monotonic()
 

@@ -41,11 +41,14 @@ class ReplicaPublisher:
         replica_id: str,
         source: Callable[[], dict[str, Any]] | None = None,
         interval_s: float = HEARTBEAT_S,
+        on_heartbeat: Callable[[], None] | None = None,
     ) -> None:
         """`source`, if given, is polled from the publishing thread every `interval_s`
-        (it must be thread-safe); otherwise the owner calls `publish()` on changes."""
+        (it must be thread-safe); otherwise the owner calls `publish()` on changes.
+        `on_heartbeat` (thread-safe) runs on the same beat."""
         self._key = _prefix(app, kind) + replica_id
         self._source = source
+        self._on_heartbeat = on_heartbeat
         self._interval_s = interval_s
         self._status: dict[str, Any] = {"replica": replica_id}
         self._lock = threading.Lock()
@@ -64,6 +67,8 @@ class ReplicaPublisher:
         while not self._stop.is_set():
             self._dirty.wait(self._interval_s)
             self._dirty.clear()
+            if self._on_heartbeat is not None:
+                self._on_heartbeat()
             if self._source is not None:
                 self.publish(self._source())
             with self._lock:

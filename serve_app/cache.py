@@ -133,6 +133,7 @@ class ModelCache(Generic[M]):
         self._waiters: dict[str, int] = {}
         self._failures: dict[str, _Failure] = {}
         self._reserved = 0
+        self._resident = 0  # NOTE: kept as a running sum: cheap, and safe to read from threads
         self._load_slots = asyncio.Semaphore(max_concurrent_loads)
         # NOTE: replaced on every signal; waiters hold the one that was current when they
         # found no room, so a signal between their check and their wait is never lost.
@@ -145,7 +146,12 @@ class ModelCache(Generic[M]):
     @property
     def resident_bytes(self) -> int:
         """Measured bytes of all resident models."""
-        return sum(e.nbytes for e in self._entries.values())
+        return self._resident
+
+    @property
+    def resident_count(self) -> int:
+        """Number of resident models."""
+        return len(self._entries)
 
     @property
     def reserved_bytes(self) -> int:
@@ -269,6 +275,7 @@ class ModelCache(Generic[M]):
             entry = CacheEntry(key, model, nbytes, load_seconds, now, now)
             entry.leases = self._waiters.pop(key, 0)
             self._entries[key] = entry
+            self._resident += nbytes
             self.stats.loads += 1
             self.stats.peak_resident_bytes = max(
                 self.stats.peak_resident_bytes, self.resident_bytes
@@ -323,6 +330,7 @@ class ModelCache(Generic[M]):
 
     def _evict(self, entry: CacheEntry[M], reason: str) -> None:
         del self._entries[entry.key]
+        self._resident -= entry.nbytes
         self.stats.evictions += 1
         self.stats.evicted_keys.append(entry.key)
         _close_quietly(entry.key, entry.model)

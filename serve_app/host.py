@@ -63,11 +63,16 @@ class ModelHost:
             },
         )
 
-    def _routing_changed(self) -> None:
+    def refresh_gauges(self) -> None:
+        """Set the per-replica gauges (thread-safe; Ray drops gauges not set for ~20 s,
+        so the deployment calls this on a heartbeat as well as on every change)."""
         if self.metrics is not None:
             self.metrics.set_residency(
-                self.cache.resident_bytes, self.cache.budget_bytes, len(self.cache.entries())
+                self.cache.resident_bytes, self.cache.budget_bytes, self.cache.resident_count
             )
+
+    def _routing_changed(self) -> None:
+        self.refresh_gauges()
         if self._on_routing_change is not None:
             self._on_routing_change(self.cache.routing_keys())
 

@@ -42,7 +42,8 @@ async def test_evicts_as_many_small_models_as_a_big_one_needs() -> None:
     await get(cache, loader, "big")
     # 75 MB needs 65 MB freed from 90: the 7 least recently used go, the 2 newest stay
     assert cache.resident_keys() == ["s7", "s8", "big"]
-    assert cache.resident_bytes == 95 * MB
+    assert cache.resident_bytes == 95 * MB == sum(e.nbytes for e in cache.entries())
+    assert cache.resident_count == 3
 
 
 async def test_hit_reports_resident_and_no_second_load() -> None:
