@@ -7,12 +7,12 @@ churn test forces evictions. Everything started here is stopped here.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -114,6 +114,7 @@ def ray_cluster(s3: SeaweedServer) -> Iterator[dict[str, Any]]:
 
     serve.shutdown()
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @dataclass
@@ -172,12 +173,6 @@ def app(
     wait_for(healthy, 180, "the fleet app to become healthy", every_s=0.5)
     wait_for(lambda: len(FleetApp(url, config).replicas()) == 2, 60, "2 host replicas")
     return FleetApp(url, config)
-
-
-@pytest.fixture(scope="session")
-def local_dirs() -> Path:
-    """Where the tests rebuild models locally to compute reference answers."""
-    return Path(tempfile.mkdtemp(prefix="fleet-ref-"))
 
 
 def fraud_ids() -> list[str]:

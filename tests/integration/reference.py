@@ -7,8 +7,10 @@ through sentence-transformers.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from serve_app.demo import (
 
 TEXTS = ["the delivery was fast and friendly", "my refund is three weeks late!"]
 _ROOT = Path(tempfile.mkdtemp(prefix="fleet-reference-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
 def rows_for(model_id: str, n: int = 3) -> list[list[float]]:
