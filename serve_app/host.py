@@ -133,5 +133,6 @@ class ModelHost:
         }
 
     async def close(self) -> None:
-        """Free every model (replica shutdown)."""
+        """Free every model and the private disk tier (replica shutdown)."""
         await self.cache.close()
+        self.loader.close()

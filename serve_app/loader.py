@@ -9,6 +9,7 @@ weights with `load_state_dict(assign=True)`, so no random init runs and nothing 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -49,10 +50,13 @@ def memory_budget(config: HostConfig, device: torch.device) -> int:
 class ModelLoader:
     """Loads model versions from the store onto one device (blocking; call from a thread)."""
 
-    def __init__(self, store: ModelStore, disk: DiskTier, device: torch.device) -> None:
+    def __init__(
+        self, store: ModelStore, disk: DiskTier, device: torch.device, owns_disk: bool = False
+    ) -> None:
         self.store = store
         self.disk = disk
         self.device = device
+        self.owns_disk = owns_disk
         # NOTE: importing transformers takes seconds; pay it at replica start, not in the
         # first cold request.
         import transformers
@@ -64,8 +68,17 @@ class ModelLoader:
         cls, store: ModelStore, config: HostConfig, device: torch.device
     ) -> ModelLoader:
         """A loader with the disk tier the host config names (or a private temp folder)."""
-        root = Path(config.disk_cache_dir or tempfile.mkdtemp(prefix="fleetserve-disk-"))
-        return cls(store, DiskTier(root, config.disk_cache_bytes), device)
+        if config.disk_cache_dir:
+            return cls(
+                store, DiskTier(Path(config.disk_cache_dir), config.disk_cache_bytes), device
+            )
+        root = Path(tempfile.mkdtemp(prefix="fleetserve-disk-"))
+        return cls(store, DiskTier(root, config.disk_cache_bytes), device, owns_disk=True)
+
+    def close(self) -> None:
+        """Remove the disk tier if it is this loader's private temp folder."""
+        if self.owns_disk:
+            shutil.rmtree(self.disk.root, ignore_errors=True)
 
     def load(self, manifest: Manifest) -> Predictor:
         """Fetch, verify and build `manifest`'s model on the device.
