@@ -4,7 +4,7 @@
 endpoints, where every fleetserve metric is exported with a `ray_` prefix (see
 `serve_app.metrics`), and to evaluate the alert and recording rules in
 `ops/prometheus/fleet-rules.yml`. It listens on 127.0.0.1 only, keeps its TSDB under its data
-folder and is stopped by its own process group, like `SeaweedServer`.
+folder and is stopped by its own process group (`serve_app.process.ManagedProcess`).
 
 Finding Ray's metrics endpoints: every Ray 2.60 head with a dashboard writes a Prometheus
 file-based service-discovery file, `<session_dir>/prom_metrics_service_discovery.json`
@@ -24,26 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import yaml
 
 from serve_app.errors import FleetError
-from serve_app.seaweed import (
+from serve_app.process import (
     HOST,
+    ManagedProcess,
     find_free_port,
     port_is_open,
-    process_fingerprint,
-    process_matches,
-    terminate_process_group,
     write_private_file,
 )
 
@@ -196,7 +192,7 @@ def prometheus_config(
 
 
 # --------------------------------------------------------------------------- server
-class PrometheusServer:
+class PrometheusServer(ManagedProcess):
     """One Prometheus process on 127.0.0.1, started and stopped by this object.
 
     Args:
@@ -210,6 +206,8 @@ class PrometheusServer:
         retention: TSDB retention (`--storage.tsdb.retention.time`).
         log_path: Where Prometheus's output goes (appended); default `data_dir/prometheus.log`.
     """
+
+    error = PrometheusError
 
     def __init__(
         self,
@@ -232,10 +230,7 @@ class PrometheusServer:
         ]
         self.scrape_interval_s = scrape_interval_s
         self.retention = retention
-        self.log_path = Path(log_path) if log_path is not None else self.data_dir / LOG_NAME
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._pid: int | None = None
-        self._fingerprint: str | None = None
+        super().__init__(Path(log_path) if log_path is not None else self.data_dir / LOG_NAME)
 
     def __repr__(self) -> str:
         return (
@@ -248,11 +243,6 @@ class PrometheusServer:
     def endpoint_url(self) -> str:
         """`http://127.0.0.1:<port>`: the web UI and HTTP API."""
         return f"http://{HOST}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id while it is started (or adopted), else None."""
-        return self._pid
 
     @property
     def config_path(self) -> Path:
@@ -285,12 +275,6 @@ class PrometheusServer:
         return self.config_path
 
     # ------------------------------------------------------------------ lifecycle
-    def is_running(self) -> bool:
-        """Whether the process (started or adopted here) is alive."""
-        if self._proc is not None:
-            return self._proc.poll() is None
-        return self._pid is not None and process_matches(self._pid, self._fingerprint)
-
     def start(self) -> None:
         """Write the config and launch Prometheus in its own session (see `wait_ready`).
 
@@ -307,21 +291,7 @@ class PrometheusServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.tsdb_path.mkdir(parents=True, exist_ok=True)
         self.write_config()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                start_new_session=True,
-            )
-        finally:
-            os.close(log_fd)
-        self._pid = self._proc.pid
-        self._fingerprint = process_fingerprint(self._pid)
+        self._spawn(cmd, cwd=self.data_dir)
         logger.info(
             "prometheus started",
             extra={
@@ -367,59 +337,27 @@ class PrometheusServer:
         )
         return waited
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 30.0) -> bool:
         """SIGTERM our process group (Prometheus flushes and exits), SIGKILL it on timeout.
 
         Only the recorded process is signalled, and only while its pid still belongs to the
         process that was started (same start time).
+
+        Returns:
+            True when a running server was stopped.
         """
-        if self._pid is None:
-            return
         pid = self._pid
-        stopped = terminate_process_group(
-            pid, fingerprint=self._fingerprint, timeout_s=timeout_s, popen=self._proc
-        )
-        self._proc, self._pid, self._fingerprint = None, None, None
-        if not stopped:
-            return
-        deadline = time.monotonic() + 5.0
-        while port_is_open(self.port) and time.monotonic() < deadline:
-            time.sleep(_POLL_S)
+        if not super().stop(timeout_s):
+            return False
+        self._wait_port_closed(self.port, poll_s=_POLL_S)
         logger.info("prometheus stopped", extra={"pid": pid, "endpoint_url": self.endpoint_url})
-
-    def __enter__(self) -> Self:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def log_tail(self, max_bytes: int = 4000) -> str:
-        """The end of the server log (for error messages)."""
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - max_bytes))
-                return fh.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return True
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         """What another process needs to adopt (and stop) this server."""
         return {
-            "pid": self._pid,
-            "fingerprint": self._fingerprint,
+            **self._process_state(),
             "port": self.port,
             "endpoint_url": self.endpoint_url,
             "data_dir": str(self.data_dir),
@@ -440,9 +378,7 @@ class PrometheusServer:
             file_sd_files=[Path(f) for f in state.get("file_sd_files") or []],
             log_path=Path(state["log_path"]) if state.get("log_path") else None,
         )
-        if state.get("pid"):
-            server._pid = int(state["pid"])
-            server._fingerprint = state.get("fingerprint")
+        server._adopt(state)
         return server
 
     # ------------------------------------------------------------------ HTTP API

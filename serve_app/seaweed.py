@@ -24,22 +24,40 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import stat
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from serve_app.errors import FleetError
+from serve_app.process import (
+    HOST,
+    ManagedProcess,
+    find_free_port,
+    find_free_ports,
+    port_is_open,
+    write_private_file,
+)
 
 logger = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
+# find_free_port and port_is_open are re-exported: tests and other modules import them here.
+__all__ = [
+    "DEFAULT_REGION",
+    "HOST",
+    "S3_ACTIONS",
+    "SeaweedError",
+    "SeaweedPorts",
+    "SeaweedServer",
+    "find_free_port",
+    "port_is_open",
+    "s3_identities_config",
+    "weed_binary",
+    "weed_command",
+]
+
 DEFAULT_REGION = "us-east-1"
 S3_ACTIONS = ("Admin", "Read", "Write", "List", "Tagging")
 S3_CONFIG_NAME = "s3-identities.json"
@@ -160,7 +178,7 @@ def weed_command(
 
 
 # --------------------------------------------------------------------------- server
-class SeaweedServer:
+class SeaweedServer(ManagedProcess):
     """One `weed mini` process serving S3 on 127.0.0.1, started and stopped by this object.
 
     Args:
@@ -171,6 +189,8 @@ class SeaweedServer:
         secret_key: S3 secret key; default: random. Never logged.
         log_path: Where the server's output goes (appended); default `data_dir/weed.log`.
     """
+
+    error = SeaweedError
 
     def __init__(
         self,
@@ -188,11 +208,8 @@ class SeaweedServer:
         self.ports = ports if ports is not None else SeaweedPorts.allocate(s3_port)
         self.access_key = access_key or "fleet" + secrets.token_hex(8)
         self._secret_key = secret_key or secrets.token_hex(24)
-        self.log_path = Path(log_path) if log_path is not None else self.data_dir / LOG_NAME
+        super().__init__(Path(log_path) if log_path is not None else self.data_dir / LOG_NAME)
         self.region = DEFAULT_REGION
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._pid: int | None = None
-        self._fingerprint: str | None = None
         self._client: Any = None
 
     def __repr__(self) -> str:  # the secret key stays out of reprs and logs
@@ -211,11 +228,6 @@ class SeaweedServer:
     def secret_key(self) -> str:
         """The S3 secret key (a secret: never log it)."""
         return self._secret_key
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id while it is started (or adopted), else None."""
-        return self._pid
 
     @property
     def s3_config_path(self) -> Path:
@@ -241,12 +253,6 @@ class SeaweedServer:
         }
 
     # ------------------------------------------------------------------ lifecycle
-    def is_running(self) -> bool:
-        """Whether the server process (started or adopted here) is alive."""
-        if self._proc is not None:
-            return self._proc.poll() is None
-        return self._pid is not None and process_matches(self._pid, self._fingerprint)
-
     def start(self) -> None:
         """Launch `weed mini` in its own session; returns at once (see `wait_ready`).
 
@@ -266,22 +272,7 @@ class SeaweedServer:
         )
         cmd = weed_command(weed_binary(), self.data_dir, self.ports, self.s3_config_path)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_WEED_ENV_PREFIXES)}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                env=env,
-                start_new_session=True,
-            )
-        finally:
-            os.close(log_fd)
-        self._pid = self._proc.pid
-        self._fingerprint = process_fingerprint(self._pid)
+        self._spawn(cmd, env=env, cwd=self.data_dir)
         logger.info(
             "seaweedfs started",
             extra={
@@ -336,31 +327,27 @@ class SeaweedServer:
         """One signed S3 call (list buckets) against the endpoint; True when it succeeds."""
         return self._probe()[0]
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 20.0) -> bool:
         """Stop the server this object started or adopted: SIGTERM, wait, then SIGKILL.
 
         Only the recorded process group is signalled, and only while its leader is still the
         process that was started (checked by start time), so a reused pid is never touched.
+
+        Returns:
+            True when a running server was stopped.
         """
-        if self._pid is None:
-            return
         pid = self._pid
-        ours = self._proc is not None or process_matches(pid, self._fingerprint)
-        terminate_process_group(
-            pid, fingerprint=self._fingerprint, timeout_s=timeout_s, popen=self._proc
-        )
-        self._proc = None
-        self._pid = None
-        self._fingerprint = None
+        if pid is None:
+            return False
+        ours = self._is_ours()
+        stopped = super().stop(timeout_s)
         self._client = None
-        if not ours:
-            return
-        # A Go process's leader can be reaped a moment before its listeners close.
-        deadline = time.monotonic() + 5.0
-        while port_is_open(self.ports.s3) and time.monotonic() < deadline:
-            time.sleep(_POLL_S)
-        self._remove_stale_sockets()
-        logger.info("seaweedfs stopped", extra={"pid": pid, "endpoint_url": self.endpoint_url})
+        if ours:
+            # A Go process's leader can be reaped a moment before its listeners close.
+            self._wait_port_closed(self.ports.s3)
+            self._remove_stale_sockets()
+            logger.info("seaweedfs stopped", extra={"pid": pid, "endpoint_url": self.endpoint_url})
+        return stopped
 
     def _remove_stale_sockets(self) -> None:
         """Remove the unix sockets `weed` leaves in /tmp, named after our ports."""
@@ -380,51 +367,11 @@ class SeaweedServer:
                 if stat.S_ISSOCK(path.lstat().st_mode):
                     path.unlink()
 
-    def kill(self) -> None:
-        """Crash the server on purpose (SIGKILL to its group, no clean shutdown), for tests.
-
-        `start()` on the same object brings it back on the same ports and data folder.
-        """
-        if self._pid is None:
-            return
-        if self.is_running():  # never signal a pid that was already reaped
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._pid, signal.SIGKILL)
-        self.stop(timeout_s=10.0)
-
-    def __enter__(self) -> Self:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def log_tail(self, max_bytes: int = 4000) -> str:
-        """The end of the server log (for error messages)."""
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - max_bytes))
-                return fh.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         """What another process needs to adopt this server (includes the secret key)."""
         return {
-            "pid": self._pid,
-            "fingerprint": self._fingerprint,
+            **self._process_state(),
             "data_dir": str(self.data_dir),
             "log_path": str(self.log_path),
             "endpoint_url": self.endpoint_url,
@@ -455,9 +402,7 @@ class SeaweedServer:
             ports=SeaweedPorts.from_dict(state["ports"]),
         )
         server.region = state.get("region") or DEFAULT_REGION
-        if state.get("pid"):
-            server._pid = int(state["pid"])
-            server._fingerprint = state.get("fingerprint")
+        server._adopt(state)
         return server
 
     # ------------------------------------------------------------------ probes

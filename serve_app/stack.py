@@ -48,22 +48,14 @@ import httpx
 import yaml
 
 from serve_app.errors import FleetError
+from serve_app.process import HOST, ManagedProcess, port_is_open, write_private_file
 from serve_app.prometheus import (
     PrometheusError,
     PrometheusServer,
     default_rule_files,
     prometheus_binary,
 )
-from serve_app.seaweed import (
-    HOST,
-    SeaweedError,
-    SeaweedServer,
-    port_is_open,
-    process_fingerprint,
-    process_matches,
-    terminate_process_group,
-    write_private_file,
-)
+from serve_app.seaweed import SeaweedError, SeaweedServer
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +211,7 @@ def _with_aws_env(base: Mapping[str, str], aws_env: Mapping[str, str]) -> dict[s
 
 
 # --------------------------------------------------------------------------- ray head
-class RayHead:
+class RayHead(ManagedProcess):
     """A Ray head node on 127.0.0.1 with the dashboard, run as `ray start --head --block`.
 
     Args:
@@ -230,6 +222,11 @@ class RayHead:
         metrics_export_port: The port of the node's Prometheus metrics endpoint.
     """
 
+    error = StackError
+    # SIGTERM to `ray start --block` alone: it drains the node and stops its Ray processes.
+    signal_group_first = False
+    leftover_grace_s = 15.0  # workers exit by themselves once the raylet is gone
+
     def __init__(
         self,
         log_path: Path,
@@ -238,14 +235,11 @@ class RayHead:
         dashboard_port: int = DASHBOARD_PORT,
         metrics_export_port: int = METRICS_EXPORT_PORT,
     ) -> None:
-        self.log_path = Path(log_path)
+        super().__init__(log_path)
         self.env = dict(env) if env is not None else dict(os.environ)
         self.gcs_port = gcs_port
         self.dashboard_port = dashboard_port
         self.metrics_export_port = metrics_export_port
-        self.pid: int | None = None
-        self.fingerprint: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def dashboard_url(self) -> str:
@@ -281,29 +275,8 @@ class RayHead:
                     f"port {port} on {HOST} is in use: a Ray cluster fleetserve did not start "
                     "(or another program) is running; stop it (e.g. `ray stop`) and retry"
                 )
-        env = {**self.env, **RAY_AUTH_ENV, **RAY_LOOPBACK_ENV}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            self._proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        finally:
-            os.close(log_fd)
-        self.pid = self._proc.pid
-        self.fingerprint = process_fingerprint(self.pid)
+        self._spawn(self.command(), env={**self.env, **RAY_AUTH_ENV, **RAY_LOOPBACK_ENV})
         logger.info("ray head started", extra={"pid": self.pid, "log_path": str(self.log_path)})
-
-    def is_running(self) -> bool:
-        """Whether the `ray start --block` process is alive (and is the one recorded)."""
-        if self._proc is not None:
-            return self._proc.poll() is None
-        return self.pid is not None and process_matches(self.pid, self.fingerprint)
 
     def node_alive(self) -> bool:
         """Whether the dashboard answers (authenticated) and reports an alive node."""
@@ -330,7 +303,7 @@ class RayHead:
         deadline = started + timeout_s
         while not self.node_alive():
             if not self.is_running():
-                raise StackError(f"`ray start` exited; see {self.log_path}\n{self._log_tail()}")
+                raise StackError(f"`ray start` exited; see {self.log_path}\n{self.log_tail(3000)}")
             if time.monotonic() >= deadline:
                 raise StackError(f"Ray head not ready after {timeout_s:.0f}s; see {self.log_path}")
             time.sleep(_POLL_S)
@@ -343,24 +316,12 @@ class RayHead:
         Returns:
             True when a running head was stopped.
         """
-        if self.pid is None:
-            return False
-        stopped = terminate_process_group(
-            self.pid,
-            fingerprint=self.fingerprint,
-            timeout_s=timeout_s,
-            signal_group_first=False,
-            popen=self._proc,
-            leftover_grace_s=15.0,  # workers exit by themselves once the raylet is gone
-        )
-        self.pid, self.fingerprint, self._proc = None, None, None
-        return stopped
+        return super().stop(timeout_s)
 
     def state(self) -> dict[str, Any]:
         """What `down` needs to find and stop this head."""
         return {
-            "pid": self.pid,
-            "fingerprint": self.fingerprint,
+            **self._process_state(),
             "gcs_port": self.gcs_port,
             "dashboard_port": self.dashboard_port,
             "metrics_export_port": self.metrics_export_port,
@@ -376,16 +337,8 @@ class RayHead:
             dashboard_port=int(state.get("dashboard_port", DASHBOARD_PORT)),
             metrics_export_port=int(state.get("metrics_export_port", METRICS_EXPORT_PORT)),
         )
-        head.pid = int(state["pid"]) if state.get("pid") else None
-        head.fingerprint = state.get("fingerprint")
+        head._adopt(state)
         return head
-
-    def _log_tail(self, max_bytes: int = 3000) -> str:
-        try:
-            data = self.log_path.read_bytes()
-        except OSError:
-            return ""
-        return data[-max_bytes:].decode("utf-8", "replace")
 
 
 # --------------------------------------------------------------------------- serve

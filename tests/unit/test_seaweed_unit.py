@@ -1,14 +1,10 @@
-"""Unit tests of the SeaweedFS manager and the local-stack helpers that need no server."""
+"""Unit tests of the SeaweedFS manager and the local-stack helpers that need no server
+(the shared process helpers are tested in test_process.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,14 +14,8 @@ from serve_app.seaweed import (
     S3_ACTIONS,
     SeaweedPorts,
     SeaweedServer,
-    find_free_port,
-    find_free_ports,
-    process_fingerprint,
-    process_matches,
     s3_identities_config,
-    terminate_process_group,
     weed_command,
-    write_private_file,
 )
 
 pytestmark = pytest.mark.unit
@@ -42,13 +32,6 @@ def test_identities_config_grants_one_key_every_action() -> None:
     assert set(identity["actions"]) == {"Admin", "Read", "Write", "List", "Tagging"}
     assert tuple(identity["actions"]) == S3_ACTIONS
     json.dumps(doc)  # what start() writes must be plain JSON
-
-
-def test_free_ports_are_distinct_loopback_ports() -> None:
-    ports = find_free_ports(12)
-    assert len(set(ports)) == 12
-    assert all(0 < p < 65536 for p in ports)
-    assert 0 < find_free_port() < 65536
 
 
 def test_ports_allocate_fixes_s3_and_keeps_all_distinct() -> None:
@@ -104,80 +87,6 @@ def test_random_keys_differ_between_servers(tmp_path: Path) -> None:
     assert a.access_key != b.access_key
     assert a.secret_key != b.secret_key
     assert len(a.secret_key) >= 32
-
-
-def test_write_private_file_is_0600_and_replaces(tmp_path: Path) -> None:
-    path = tmp_path / "sub" / "secret.json"
-    write_private_file(path, "one")
-    write_private_file(path, "two")
-    assert path.read_text() == "two"
-    assert _mode(path) == 0o600
-    assert [p.name for p in path.parent.iterdir()] == ["secret.json"]
-
-
-def test_fingerprint_identifies_this_process() -> None:
-    me = os.getpid()
-    fingerprint = process_fingerprint(me)
-    assert fingerprint is not None
-    assert process_matches(me, fingerprint)
-    assert not process_matches(me, "proc:0")
-    assert not process_matches(2**22 + 12345, None)
-
-
-def test_terminate_refuses_a_pid_that_is_not_the_recorded_process() -> None:
-    # A reused pid (fingerprint mismatch) is never signalled: this very process survives.
-    assert terminate_process_group(os.getpid(), fingerprint="proc:0") is False
-
-
-def test_terminate_stops_a_child_in_its_own_session() -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import time\nwhile True: time.sleep(1)"],
-        start_new_session=True,
-    )
-    try:
-        assert terminate_process_group(child.pid, popen=child, timeout_s=10) is True
-        assert child.returncode is not None
-        assert terminate_process_group(child.pid, popen=child) is False
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-
-
-_GRANDCHILD = """
-import os, signal, subprocess, sys, time
-code = (
-    "import os, signal, time\\n"
-    "os.setpgid(0, 0)\\n"  # leaves the group, like Ray workers do; stays in the session
-    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
-    "print(os.getpid(), flush=True)\\n"
-    "time.sleep(600)\\n"
-)
-subprocess.Popen([sys.executable, "-c", code])
-time.sleep(600)
-"""
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="session sweep needs /proc")
-def test_terminate_also_stops_leftovers_in_other_process_groups() -> None:
-    leader = subprocess.Popen(
-        [sys.executable, "-c", _GRANDCHILD], stdout=subprocess.PIPE, start_new_session=True
-    )
-    assert leader.stdout is not None
-    grandchild = int(leader.stdout.readline())
-    try:
-        assert sorted(seaweed.session_members(leader.pid)) == sorted([leader.pid, grandchild])
-        assert os.getpgid(grandchild) == grandchild
-        assert terminate_process_group(leader.pid, popen=leader, timeout_s=10, leftover_grace_s=0.2)
-        assert not seaweed.pid_alive(grandchild)
-        assert seaweed.session_members(leader.pid) == []
-    finally:
-        leader.stdout.close()
-        if leader.poll() is None:
-            leader.kill()
-            leader.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(grandchild, signal.SIGKILL)
 
 
 def test_weed_binary_is_found() -> None:
