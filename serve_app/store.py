@@ -26,7 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from serve_app.config import StoreConfig
 from serve_app.errors import ArtifactCorrupt, StorageUnavailable, VersionExists
-from serve_app.manifest import MANIFEST_NAME, Manifest, sha256_file
+from serve_app.manifest import MANIFEST_NAME, FileEntry, Manifest, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class ModelStore:
         self.config = config
         self.fs = fs if fs is not None else make_filesystem(config)
         self.root = config.root
+        # NOTE: one pool per store bounds the GETs in flight across concurrent loads.
+        self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="s3-fetch")
 
     # ----------------------------------------------------------------- paths
     def version_dir(self, model_id: str, version: str) -> str:
@@ -184,56 +186,67 @@ class ModelStore:
     def download(self, manifest: Manifest, dest: Path) -> Path:
         """Fetch every file of `manifest` into `dest`, verified by sha256; return `dest`.
 
-        Files already in `dest` with the right size are re-verified instead of fetched
-        (the local disk tier). A file that fails its digest is deleted and raises
+        The ranged GETs of all missing files run on one pool (`store.max_concurrency`
+        at once), each written at its offset; then every file is hashed, in parallel.
+        Files already in `dest` with the right size (the local disk tier) are re-verified
+        instead of fetched. A file that fails its digest is deleted and raises
         ArtifactCorrupt; nothing unverified is left behind.
         """
         dest.mkdir(parents=True, exist_ok=True)
         base = self.version_dir(manifest.model_id, manifest.version)
-        for entry in manifest.files:
-            target = dest / entry.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not (target.exists() and target.stat().st_size == entry.size):
-                part = target.with_name(
-                    target.name + f".part-{os.getpid()}-{threading.get_ident()}"
-                )
-                try:
-                    self._fetch_file(f"{base}/{entry.path}", part, entry.size)
-                    os.replace(part, target)
-                finally:
-                    part.unlink(missing_ok=True)
-            digest = sha256_file(target)
+        missing = [
+            e
+            for e in manifest.files
+            if not ((dest / e.path).exists() and (dest / e.path).stat().st_size == e.size)
+        ]
+        suffix = f".part-{os.getpid()}-{threading.get_ident()}"
+        parts = {e.path: (dest / e.path).with_name((dest / e.path).name + suffix) for e in missing}
+        try:
+            self._fetch_files(base, missing, parts)
+            for entry in missing:
+                os.replace(parts[entry.path], dest / entry.path)
+        finally:
+            for part in parts.values():
+                part.unlink(missing_ok=True)
+        digests = list(self._pool.map(sha256_file, [dest / e.path for e in manifest.files]))
+        for entry, digest in zip(manifest.files, digests, strict=True):
             if digest != entry.sha256:
-                target.unlink(missing_ok=True)
+                (dest / entry.path).unlink(missing_ok=True)
                 raise ArtifactCorrupt(
                     f"{manifest.model_id} version {manifest.version}: file {entry.path} has "
                     f"sha256 {digest[:12]}…, manifest says {entry.sha256[:12]}…; not loaded"
                 )
         return dest
 
-    def _fetch_file(self, path: str, target: Path, size: int) -> None:
-        """Parallel ranged GETs of `path` written at their offsets into `target`."""
+    def _fetch_files(self, base: str, entries: list[FileEntry], parts: dict[str, Path]) -> None:
+        """Ranged GETs of every entry, all on one pool, written at their offsets."""
         chunk = self.config.chunk_bytes
-        ranges = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
-        with target.open("wb") as fh:
-            fh.truncate(size)
-            fd = fh.fileno()
+        fds: dict[str, int] = {}
+        try:
+            jobs = []
+            for entry in entries:
+                part = parts[entry.path]
+                part.parent.mkdir(parents=True, exist_ok=True)
+                fds[entry.path] = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.ftruncate(fds[entry.path], entry.size)
+                jobs += [
+                    (f"{base}/{entry.path}", fds[entry.path], start, min(start + chunk, entry.size))
+                    for start in range(0, entry.size, chunk)
+                ]
 
-            def fetch(rng: tuple[int, int]) -> int:
-                data = self.fs.cat_file(path, start=rng[0], end=rng[1])
-                if len(data) != rng[1] - rng[0]:
+            def fetch(job: tuple[str, int, int, int]) -> int:
+                path, fd, start, end = job
+                data = self.fs.cat_file(path, start=start, end=end)
+                if len(data) != end - start:
                     raise ArtifactCorrupt(f"short read of {path.rsplit('/', 3)[-3:]}")
-                return os.pwrite(fd, data, rng[0])
+                return os.pwrite(fd, data, start)
 
             with storage_errors("downloading model files"):
-                if len(ranges) <= 1:
-                    for rng in ranges:
-                        fetch(rng)
-                else:
-                    workers = min(self.config.max_concurrency, len(ranges))
-                    with ThreadPoolExecutor(workers, thread_name_prefix="s3-range") as pool:
-                        for _ in pool.map(fetch, ranges):
-                            pass
+                for _ in self._pool.map(fetch, jobs):
+                    pass
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
 
 class DiskTier:
