@@ -11,7 +11,6 @@ and reports p50/p99 of each and their ratio. Run against the local stack:
 `make up`, then `.venv/bin/python -m bench.warm_overhead`.
 """
 
-
 # NOTE: no `from __future__ import annotations` here: FastAPI must see the real `Request`
 # annotation of the route defined inside build_plain_app.
 import argparse
