@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -173,6 +174,25 @@ def app(
     wait_for(healthy, 180, "the fleet app to become healthy", every_s=0.5)
     wait_for(lambda: len(FleetApp(url, config).replicas()) == 2, 60, "2 host replicas")
     return FleetApp(url, config)
+
+
+def publish_fresh_models(
+    app: FleetApp, store: ModelStore, root: Path, ids: list[str], first_index: int
+) -> None:
+    """Publish small fraud-style models under new ids (no other test's traffic), version 1,
+    and wait until the app's registry lists them all."""
+    from serve_app.demo import write_fraud_model
+    from serve_app.publisher import publish_path
+
+    for i, model_id in enumerate(ids):
+        publish_path(store, write_fraud_model(root / model_id, first_index + i), model_id, "1")
+    wait_for(
+        lambda: all(
+            httpx.get(f"{app.url}/v1/models/{m}", timeout=10).status_code == 200 for m in ids
+        ),
+        30,
+        "the new models in the registry",
+    )
 
 
 def fraud_ids() -> list[str]:

@@ -14,7 +14,7 @@ import pytest
 
 from serve_app.seaweed import SeaweedServer
 from serve_app.store import ModelStore
-from tests.integration.conftest import FleetApp, wait_for
+from tests.integration.conftest import FleetApp, publish_fresh_models, wait_for
 from tests.integration.reference import rows_for
 
 WARM = 30
@@ -29,20 +29,8 @@ def nearest_rank(values: list[float], q: float) -> float:
 @pytest.fixture(scope="module")
 def measured(app: FleetApp, store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Fresh models (no other test's traffic), each called cold once then WARM times."""
-    from serve_app.demo import write_fraud_model
-    from serve_app.publisher import publish_path
-
-    root = tmp_path_factory.mktemp("obs")
     ids = ["obs-a", "obs-b", "obs-c"]
-    for i, model_id in enumerate(ids):
-        publish_path(store, write_fraud_model(root / model_id, 20 + i), model_id, "1")
-    wait_for(
-        lambda: all(
-            httpx.get(f"{app.url}/v1/models/{m}", timeout=10).status_code == 200 for m in ids
-        ),
-        30,
-        "the new models in the registry",
-    )
+    publish_fresh_models(app, store, tmp_path_factory.mktemp("obs"), ids, first_index=20)
     client_ms: dict[str, list[float]] = {m: [] for m in ids}
     request_ids: list[str] = []
     transport_ms: list[float] = []

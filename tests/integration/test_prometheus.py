@@ -22,7 +22,7 @@ from serve_app.prometheus import (
     ray_service_discovery_file,
 )
 from serve_app.store import ModelStore
-from tests.integration.conftest import FleetApp, wait_for
+from tests.integration.conftest import FleetApp, publish_fresh_models, wait_for
 from tests.integration.reference import rows_for
 
 pytestmark = pytest.mark.integration
@@ -82,19 +82,7 @@ def traffic(
 ) -> dict[str, Any]:
     """Fresh models (no other test's traffic, so the counters since replica start are
     exactly this traffic), each called once cold then WARM times warm."""
-    from serve_app.demo import write_fraud_model
-    from serve_app.publisher import publish_path
-
-    root = tmp_path_factory.mktemp("prom-models")
-    for i, model_id in enumerate(MODELS):
-        publish_path(store, write_fraud_model(root / model_id, 30 + i), model_id, "1")
-    wait_for(
-        lambda: all(
-            httpx.get(f"{app.url}/v1/models/{m}", timeout=10).status_code == 200 for m in MODELS
-        ),
-        30,
-        "the new models in the registry",
-    )
+    publish_fresh_models(app, store, tmp_path_factory.mktemp("prom-models"), MODELS, 30)
     with httpx.Client(base_url=app.url, timeout=120) as http:
         for model_id in MODELS:
             rows = rows_for(model_id)
