@@ -14,6 +14,7 @@ import pyarrow as pa
 import ray
 from ray import serve
 
+from serve_app.errors import ModelNotFound
 from tests.integration.reference import inputs_for, rows_for
 
 
@@ -28,6 +29,12 @@ def main() -> None:
     rows = rows_for(model_ids[0], n=500)
     table = pa.table({f"f{i:02d}": [row[i] for row in rows] for i in range(32)})
     scored = handle.predict_table.remote(model_ids[0], table).result(timeout_s=120)
+    # typed errors cross the Ray boundary intact: catch them by class, not by message
+    try:
+        handle.predict.remote("no-such-model", [[0.0] * 32]).result(timeout_s=60)
+        error = None
+    except ModelNotFound as exc:
+        error = {"code": exc.code, "status": exc.status_code}
     print(
         json.dumps(
             {
@@ -36,6 +43,7 @@ def main() -> None:
                 "table_rows": scored.num_rows,
                 "scores": scored.column("score").to_pylist(),
                 "rows": rows,
+                "error": error,
             }
         )
     )

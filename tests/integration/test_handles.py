@@ -44,3 +44,4 @@ def test_ray_job_gets_predictions_through_handles(
     assert result["table_rows"] == 500
     assert result["table_columns"][-1] == "score"
     assert_same(model_ids[0], result["scores"], expected(model_ids[0], result["rows"]))
+    assert result["error"] == {"code": "model_not_found", "status": 404}
