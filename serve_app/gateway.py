@@ -60,11 +60,11 @@ class Gateway:
     ) -> PredictResponse:
         """Predict `inputs` with `model_id` (latest version unless `version` is given).
 
-        Raises:
-            FleetError: typed errors for bad ids, unknown models, bad inputs, load failures.
-
         `started` is the `time.perf_counter()` at which the caller received the request
         (default: now); the recorded latency runs from there.
+
+        Raises:
+            FleetError: typed errors for bad ids, unknown models, bad inputs, load failures.
         """
         request_id = request_id or new_id()
         started = time.perf_counter() if started is None else started
@@ -85,9 +85,9 @@ class Gateway:
             status = status_of(exc)
             raise
         finally:
-            self._observe(request_id, manifest, status, started, result)
+            self.observe(request_id, manifest, status, started, result)
 
-    def _observe(
+    def observe(
         self,
         request_id: str,
         manifest: Manifest | None,
@@ -95,7 +95,11 @@ class Gateway:
         started: float,
         result: PredictResponse | None,
     ) -> None:
-        """Stats, metrics and one access-log line per request (ids only, never bodies)."""
+        """Stats, metrics and one access-log line per request (ids only, never bodies).
+
+        `predict()` calls this for every call; the HTTP layer calls it for requests it
+        rejects before they reach `predict()` (unreadable or oversized bodies).
+        """
         latency_ms = (time.perf_counter() - started) * 1000
         cold = None if result is None else not result.resident
         wait_ms = 0.0 if result is None else result.load_wait_ms

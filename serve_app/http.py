@@ -109,9 +109,13 @@ def create_app(gateway: Gateway, max_body_bytes: int, stats_window_s: float = 30
         # NOTE: latency is measured from here (body read and parse included) so /v1/stats is
         # as close as the server can get to what the client sees.
         started = time.perf_counter()
-        body = await read_body(request)
         given_id = request.headers.get(REQUEST_ID_HEADER)
         request_id = given_id or new_id()
+        try:
+            body = await read_body(request)
+        except FleetError as exc:
+            gateway.observe(request_id, None, exc.status_code, started, None)
+            raise
         result = await gateway.predict(
             model_id, body.inputs, version or body.version, request_id, started=started
         )
