@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import yaml
@@ -451,21 +451,41 @@ def serve_http_url(config_path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- up / down
+_Server = TypeVar("_Server", SeaweedServer, PrometheusServer)
+
+
+def _adopt_running(
+    cls: type[_Server], recorded: dict[str, Any], timeout_s: float, name: str, retry: str
+) -> _Server | None:
+    """The server `up` recorded earlier, if it still runs and answers; None if it is gone.
+
+    Raises:
+        StackError: it runs but does not answer.
+    """
+    if not recorded.get("pid"):
+        return None
+    server = cls.from_state(recorded)
+    if not server.is_running():
+        return None
+    try:
+        server.wait_ready(timeout_s=timeout_s)
+    except FleetError as exc:
+        raise StackError(
+            f"the recorded {name} (pid {server.pid}) runs but does not answer: {exc}; "
+            f"run `fleetserve down` and `{retry}` again"
+        ) from exc
+    _say(f"{name} already running at {server.endpoint_url}")
+    return server
+
+
 def _ensure_s3(state_dir: Path, state: dict[str, Any]) -> SeaweedServer:
     """Find the recorded S3 server running, or start one with the saved (or new) keys."""
     recorded = state.get("s3") or {}
-    if recorded.get("pid"):
-        server = SeaweedServer.from_state(recorded)
-        if server.is_running():
-            try:
-                server.wait_ready(timeout_s=S3_READY_TIMEOUT_S)
-            except SeaweedError as exc:
-                raise StackError(
-                    f"the recorded SeaweedFS (pid {server.pid}) runs but does not answer: {exc}; "
-                    "run `fleetserve down` and `fleetserve up` again"
-                ) from exc
-            _say(f"S3 (SeaweedFS) already running at {server.endpoint_url}")
-            return server
+    running = _adopt_running(
+        SeaweedServer, recorded, S3_READY_TIMEOUT_S, "S3 (SeaweedFS)", "fleetserve up"
+    )
+    if running is not None:
+        return running
     if port_is_open(S3_PORT):
         raise StackError(
             f"port {S3_PORT} on {HOST} is in use by a program fleetserve did not start; "
@@ -538,18 +558,15 @@ def _ensure_prometheus(state_dir: Path, state: dict[str, Any], head: RayHead) ->
     """Find our recorded Prometheus running, or start one on 127.0.0.1:9090 that scrapes the
     Ray head's metrics endpoint every 2 s and evaluates `ops/prometheus/fleet-rules.yml`."""
     recorded = state.get("prometheus") or {}
-    if recorded.get("pid"):
-        server = PrometheusServer.from_state(recorded)
-        if server.is_running():
-            try:
-                server.wait_ready(timeout_s=PROMETHEUS_READY_TIMEOUT_S)
-            except PrometheusError as exc:
-                raise StackError(
-                    f"the recorded Prometheus (pid {server.pid}) runs but does not answer: "
-                    f"{exc}; run `fleetserve down` and `fleetserve up --prometheus` again"
-                ) from exc
-            _say(f"Prometheus already running at {server.endpoint_url}")
-            return server
+    running = _adopt_running(
+        PrometheusServer,
+        recorded,
+        PROMETHEUS_READY_TIMEOUT_S,
+        "Prometheus",
+        "fleetserve up --prometheus",
+    )
+    if running is not None:
+        return running
     if port_is_open(PROMETHEUS_PORT):
         raise StackError(
             f"port {PROMETHEUS_PORT} on {HOST} is in use by a program fleetserve did not start "
