@@ -3,14 +3,19 @@
 Ray's router learns which replica holds which model only from the controller's broadcast of
 each replica's report, so a request sent right after a load can land on another replica and
 load the model a second time. `ModelAffinityRouter` also records, the moment a request for
-model K is accepted by replica R, that R holds (or is loading) K. The next broadcast, built
-from what replicas really hold, replaces these marks, so an eviction still stops traffic.
+model K is accepted by replica R, that R holds (or is loading) K. The mark survives
+broadcasts until R's own report includes K (confirmed) or `PENDING_S` passes; after that
+the replicas' reports alone decide, so an eviction still stops traffic.
 """
 
 from __future__ import annotations
 
+import time
+
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
-from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult
+from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RunningReplica
+
+PENDING_S = 2.0  # longer than a controller round trip, short against any eviction cycle
 
 
 class ModelAffinityRouter(PowerOfTwoChoicesRequestRouter):
@@ -22,5 +27,25 @@ class ModelAffinityRouter(PowerOfTwoChoicesRequestRouter):
         super().on_request_routed(pending_request, replica_id, result)
         model_key = pending_request.metadata.multiplexed_model_id
         if model_key:
+            self._marks()[(model_key, replica_id)] = time.monotonic()
             self._multiplexed_model_id_to_replica_ids[model_key].add(replica_id)
             self._multiplexed_model_id_fallback_match.discard(model_key)
+
+    def _update_multiplexed_model_ids_with_replicas(self, replicas: list[RunningReplica]) -> None:
+        super()._update_multiplexed_model_ids_with_replicas(replicas)
+        reported = {r.replica_id: r.multiplexed_model_ids for r in replicas}
+        now = time.monotonic()
+        marks = self._marks()
+        for (model_key, replica_id), marked_at in list(marks.items()):
+            held = reported.get(replica_id)
+            if held is None or model_key in held or now - marked_at > PENDING_S:
+                del marks[(model_key, replica_id)]  # gone, confirmed, or expired
+            else:
+                # NOTE: a broadcast built before the replica reported this model.
+                self._multiplexed_model_id_to_replica_ids[model_key].add(replica_id)
+
+    def _marks(self) -> dict[tuple[str, ReplicaID], float]:
+        # NOTE: created lazily: Ray builds routers through its own initialisation hooks.
+        if not hasattr(self, "_affinity_marks"):
+            self._affinity_marks: dict[tuple[str, ReplicaID], float] = {}
+        return self._affinity_marks

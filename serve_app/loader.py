@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from serve_app.errors import ModelLoadFailed
 from serve_app.manifest import Manifest
 from serve_app.predictor import PREDICTORS, Predictor
 from serve_app.store import DiskTier, ModelStore
+from serve_app.tensorfile import tensors_from_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -83,28 +85,47 @@ class ModelLoader:
     def load(self, manifest: Manifest) -> Predictor:
         """Fetch, verify and build `manifest`'s model on the device.
 
+        From the disk tier when it has the version (files re-verified); otherwise straight
+        from S3 into memory, verified there, with the weights written to the disk tier in
+        the background, off the request's path. Weights become tensors as zero-copy views
+        of the fetched bytes.
+
         Raises:
             ArtifactCorrupt: a file failed its sha256 check.
             StorageUnavailable: the store could not be read.
             ModelLoadFailed: the artifact is not a loadable model.
         """
-        started = time.perf_counter()
-        folder = self.store.download(manifest, self.disk.path_for(manifest))
-        fetched = time.perf_counter()
-        self.disk.touch(manifest)
         predictor_cls = PREDICTORS.get(manifest.task)
         if predictor_cls is None:
             raise ModelLoadFailed(f"{manifest.key}: unsupported task {manifest.task!r}")
-        if manifest.format == "torch-module":
-            predictor = predictor_cls(manifest, self._torch_module(manifest, folder), self.device)
+        started = time.perf_counter()
+        weights = [f.path for f in manifest.files if f.path.endswith(".safetensors")]
+        if self.disk.has(manifest):
+            folder = self.store.download(manifest, self.disk.path_for(manifest))
+            buffers = {w: bytearray((folder / w).read_bytes()) for w in weights}
+            source = "disk"
         else:
-            module, tokenizer = self._hf_model(manifest, folder)
+            buffers = self.store.fetch(manifest)
+            others = [f.path for f in manifest.files if f.path not in weights]
+            folder = self.disk.write(manifest, buffers, others)
+            self._write_behind(manifest, {w: buffers[w] for w in weights})
+            source = "s3"
+        fetched = time.perf_counter()
+        self.disk.touch(manifest)
+        state: dict[str, torch.Tensor] = {}
+        for path in weights:
+            state.update(tensors_from_buffer(buffers[path], f"{manifest.key}/{path}"))
+        if manifest.format == "torch-module":
+            module = self._torch_module(manifest, state)
+            predictor = predictor_cls(manifest, module, self.device)
+        else:
+            module, tokenizer = self._hf_model(manifest, folder, state)
             predictor = predictor_cls(manifest, module, self.device, tokenizer)  # type: ignore[call-arg]
-        self.disk.prune(keep={folder})
         logger.info(
             "model built",
             extra={
                 "key": manifest.key,
+                "source": source,
                 "fetch_s": round(fetched - started, 3),
                 "build_s": round(time.perf_counter() - fetched, 3),
                 "bytes": predictor.nbytes,
@@ -113,38 +134,53 @@ class ModelLoader:
         )
         return predictor
 
-    def _torch_module(self, manifest: Manifest, folder: Path) -> torch.nn.Module:
-        from safetensors.torch import load_file
+    def _write_behind(self, manifest: Manifest, weights: dict[str, bytearray]) -> None:
+        """Copy verified weights into the disk tier from a background thread, then prune."""
 
+        def write() -> None:
+            try:
+                folder = self.disk.write(manifest, weights, list(weights))
+                self.disk.prune(keep={folder})
+            except OSError:
+                # NOTE: the disk tier is an optimisation; a full disk only costs a refetch.
+                logger.warning("disk tier write failed", extra={"key": manifest.key})
+
+        threading.Thread(target=write, name=f"disk-tier:{manifest.key}", daemon=True).start()
+
+    def _torch_module(self, manifest: Manifest, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         if not manifest.architecture:
             raise ModelLoadFailed(f"{manifest.key}: torch-module manifest has no architecture")
-        weights = [f.path for f in manifest.files if f.path.endswith(".safetensors")]
-        if len(weights) != 1:
-            raise ModelLoadFailed(f"{manifest.key}: expected one .safetensors file")
         with torch.device("meta"):
             module = build_module(manifest.architecture)
-        state = load_file(str(folder / weights[0]), device=str(self.device))
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
             raise ModelLoadFailed(f"{manifest.key}: weights do not match the architecture") from exc
-        return module
+        return module.to(self.device)
 
-    def _hf_model(self, manifest: Manifest, folder: Path) -> tuple[torch.nn.Module, object]:
-        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    def _hf_model(
+        self, manifest: Manifest, folder: Path, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.nn.Module, object]:
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
-        model_cls = (
+        auto_cls = (
             AutoModelForSequenceClassification
             if manifest.task == "text-classification"
             else AutoModel
         )
         try:
-            module = model_cls.from_pretrained(
-                str(folder),
-                local_files_only=True,
-                trust_remote_code=False,
-                use_safetensors=True,
+            config = AutoConfig.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
             )
+            # NOTE: the concrete class for this config (never remote code); it adopts the
+            # state dict, whose tensors are views of the fetched bytes.
+            model_cls = auto_cls._model_mapping[type(config)]
+            module = model_cls.from_pretrained(None, config=config, state_dict=state)
             tokenizer = AutoTokenizer.from_pretrained(
                 str(folder), local_files_only=True, trust_remote_code=False
             )
@@ -152,4 +188,4 @@ class ModelLoader:
             raise ModelLoadFailed(
                 f"{manifest.key}: not a loadable transformers model ({type(exc).__name__})"
             ) from exc
-        return module.to(self.device), tokenizer
+        return module.eval().to(self.device), tokenizer

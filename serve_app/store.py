@@ -12,6 +12,7 @@ and every file is checked against its sha256 before anything uses it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -218,6 +219,46 @@ class ModelStore:
                 )
         return dest
 
+    def fetch(self, manifest: Manifest) -> dict[str, bytearray]:
+        """Every file of `manifest` in memory (path -> bytes), verified by sha256.
+
+        Ranged GETs of all files run on the shared pool, each copied into its file's
+        preallocated buffer; the buffers are hashed in parallel.
+
+        Raises:
+            ArtifactCorrupt: a file does not match its manifest sha256.
+            StorageUnavailable: the store could not be read.
+        """
+        base = self.version_dir(manifest.model_id, manifest.version)
+        chunk = self.config.chunk_bytes
+        buffers = {e.path: bytearray(e.size) for e in manifest.files}
+        jobs = [
+            (e.path, start, min(start + chunk, e.size))
+            for e in manifest.files
+            for start in range(0, e.size, chunk)
+        ]
+
+        def fetch(job: tuple[str, int, int]) -> None:
+            path, start, end = job
+            data = self.fs.cat_file(f"{base}/{path}", start=start, end=end)
+            if len(data) != end - start:
+                raise ArtifactCorrupt(f"short read of {manifest.key}/{path}")
+            memoryview(buffers[path])[start:end] = data
+
+        with storage_errors("downloading model files"):
+            for _ in self._pool.map(fetch, jobs):
+                pass
+        digests = self._pool.map(
+            lambda e: hashlib.sha256(buffers[e.path]).hexdigest(), manifest.files
+        )
+        for entry, digest in zip(manifest.files, digests, strict=True):
+            if digest != entry.sha256:
+                raise ArtifactCorrupt(
+                    f"{manifest.model_id} version {manifest.version}: file {entry.path} has "
+                    f"sha256 {digest[:12]}…, manifest says {entry.sha256[:12]}…; not loaded"
+                )
+        return buffers
+
     def _fetch_files(self, base: str, entries: list[FileEntry], parts: dict[str, Path]) -> None:
         """Ranged GETs of every entry, all on one pool, written at their offsets."""
         chunk = self.config.chunk_bytes
@@ -261,6 +302,29 @@ class DiskTier:
     def path_for(self, manifest: Manifest) -> Path:
         """The folder that holds this version's files."""
         return self.root / manifest.model_id / manifest.version
+
+    def has(self, manifest: Manifest) -> bool:
+        """Whether every file of this version is on disk with its manifest size."""
+        folder = self.path_for(manifest)
+        return all(
+            (folder / e.path).is_file() and (folder / e.path).stat().st_size == e.size
+            for e in manifest.files
+        )
+
+    def write(self, manifest: Manifest, buffers: dict[str, bytearray], paths: list[str]) -> Path:
+        """Write verified `buffers[path]` for `paths` into this version's folder (each
+        through a temp file and a rename, so a half-written file is never taken as whole)."""
+        folder = self.path_for(manifest)
+        for path in paths:
+            target = folder / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(f"{target.name}.part-{os.getpid()}-{threading.get_ident()}")
+            try:
+                part.write_bytes(buffers[path])
+                os.replace(part, target)
+            finally:
+                part.unlink(missing_ok=True)
+        return folder
 
     def touch(self, manifest: Manifest) -> None:
         """Mark a version as just used (its folder's mtime orders pruning)."""
