@@ -100,18 +100,17 @@ class ModelLoader:
             raise ModelLoadFailed(f"{manifest.key}: unsupported task {manifest.task!r}")
         started = time.perf_counter()
         weights = [f.path for f in manifest.files if f.path.endswith(".safetensors")]
-        if self.disk.has(manifest):
-            folder = self.store.download(manifest, self.disk.path_for(manifest))
-            buffers = {w: bytearray((folder / w).read_bytes()) for w in weights}
-            source = "disk"
-        else:
+        self.disk.touch(manifest)  # newest first: pruning by other loads takes it last
+        buffers = self._from_disk(manifest, weights) if self.disk.has(manifest) else None
+        folder = self.disk.path_for(manifest)
+        source = "disk"
+        if buffers is None:
             buffers = self.store.fetch(manifest)
             others = [f.path for f in manifest.files if f.path not in weights]
             folder = self.disk.write(manifest, buffers, others)
             self._write_behind(manifest, {w: buffers[w] for w in weights})
             source = "s3"
         fetched = time.perf_counter()
-        self.disk.touch(manifest)
         state: dict[str, torch.Tensor] = {}
         for path in weights:
             state.update(tensors_from_buffer(buffers[path], f"{manifest.key}/{path}"))
@@ -133,6 +132,15 @@ class ModelLoader:
             },
         )
         return predictor
+
+    def _from_disk(self, manifest: Manifest, weights: list[str]) -> dict[str, bytearray] | None:
+        """The weights from the disk tier, every file re-verified; None if another load's
+        pruning removed the folder meanwhile (then the caller fetches from S3)."""
+        try:
+            folder = self.store.download(manifest, self.disk.path_for(manifest))
+            return {w: bytearray((folder / w).read_bytes()) for w in weights}
+        except FileNotFoundError:
+            return None
 
     def _write_behind(self, manifest: Manifest, weights: dict[str, bytearray]) -> None:
         """Copy verified weights into the disk tier from a background thread, then prune."""
