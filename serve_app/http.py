@@ -194,7 +194,7 @@ def create_app(gateway: Gateway, max_body_bytes: int, stats_window_s: float = 30
         age = gateway.registry.age_s
         body = {
             "status": "ok" if age is not None else "starting",
-            "models": len(gateway.registry.summaries()) if age is not None else 0,
+            "models": gateway.registry.model_count,
             "registry_age_s": None if age is None else round(age, 3),
             "registry_error": gateway.registry.last_error,
         }

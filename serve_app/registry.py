@@ -82,6 +82,11 @@ class Registry:
         while not self._stop.wait(self.refresh_s):
             self.refresh_quietly()
 
+    @property
+    def model_count(self) -> int:
+        """Number of published models (any version)."""
+        return len(self._by_model)
+
     def versions(self, model_id: str) -> list[str]:
         """Published versions of a model, oldest first."""
         return sorted(self._by_model.get(model_id, {}), key=version_sort_key)
