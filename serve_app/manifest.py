@@ -85,6 +85,9 @@ class Manifest(BaseModel):
     task_options: dict[str, Any] = Field(default_factory=dict)
     labels: list[str] | None = None
     description: str = ""
+    tags: list[str] = Field(
+        default_factory=list, description="Free-form tags; pool rules can match them."
+    )
 
     @property
     def key(self) -> str:
