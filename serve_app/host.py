@@ -87,8 +87,8 @@ class ModelHost:
         async def load() -> Predictor:
             return await asyncio.to_thread(self.loader.load, manifest)
 
-        async with self.cache.lease(manifest.key, load, size_hint=manifest.weight_bytes) as lease:
-            outputs = await asyncio.to_thread(lease.model.predict, call.inputs)
+        lease = await self.cache.acquire(manifest.key, load, size_hint=manifest.weight_bytes)
+        outputs = await self.cache.call_in_thread(lease, lambda model: model.predict(call.inputs))
         if not lease.hit and self.metrics is not None:
             self.metrics.observe_wait(
                 manifest.model_id, manifest.version, lease.wait_seconds * 1000
