@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 _UNITS = {
     "": 1,
@@ -266,6 +274,16 @@ class AppConfig(_Strict):
         if self.pools is not None:
             return list(self.pools)
         return [PoolConfig(name=DEFAULT_POOL, **self.host.model_dump())]
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """A pydantic validation error as one line per problem: `where: what to fix`."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
 
 
 def load_config(path: str | Path, app_name: str = "fleet") -> AppConfig:
