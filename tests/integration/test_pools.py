@@ -186,7 +186,9 @@ def test_versions_aliases_and_pools_route_by_config(pools: Pools) -> None:
     assert by_at.json()["replica"] == pools.hosts()["tabular"]["replica"]
 
 
-def test_split_is_sticky_names_its_arm_and_shadows(pools: Pools) -> None:
+def test_split_is_sticky_names_its_arm_and_shadows(
+    pools: Pools, ray_cluster: dict[str, Any]
+) -> None:
     rows = inputs_for("fraud-x")
     seen: dict[str, str] = {}
     for i in range(120):
@@ -218,6 +220,24 @@ def test_split_is_sticky_names_its_arm_and_shadows(pools: Pools) -> None:
     assert shadow["p50_ms"] is not None
     # the shadow never answers the caller, and the candidate was really served
     assert SHADOW in pools.resident("tabular") or pools.hosts()["tabular"]["evictions"] > 0
+    # per-arm Prometheus series, on the node's Ray metrics endpoint
+    metrics_url = f"http://127.0.0.1:{ray_cluster['metrics_export_port']}/metrics"
+
+    def arm_series() -> list[str]:
+        text = httpx.get(metrics_url, timeout=10).text
+        return [
+            line
+            for line in text.splitlines()
+            if line.startswith("ray_fleet_arm_requests_total{") and 'alias="fraud-ab"' in line
+        ]
+
+    series = wait_for(
+        lambda: (lines := arm_series()) and any('role="shadow"' in x for x in lines) and lines,
+        60,
+        "per-arm metrics",
+        every_s=1.0,
+    )
+    assert any(f'arm="{ARM_A}"' in x and 'role="serve"' in x for x in series), series
 
 
 STORM = """
@@ -245,11 +265,13 @@ def test_storm_in_one_pool_leaves_the_other_alone(pools: Pools, tmp_path: Path) 
     warm = "text-clf-sentiment"
     inputs = inputs_for(warm)
 
+    client = httpx.Client(timeout=60)
+
     def warm_latencies(n: int) -> list[float]:
         out = []
         for _ in range(n):
             t0 = time.perf_counter()
-            response = pools.predict(warm, inputs)
+            response = client.post(f"{pools.url}/v1/models/{warm}/predict", json={"inputs": inputs})
             out.append((time.perf_counter() - t0) * 1000)
             assert response.status_code == 200
             assert response.json()["resident"] is True
@@ -277,6 +299,7 @@ def test_storm_in_one_pool_leaves_the_other_alone(pools: Pools, tmp_path: Path) 
     finally:
         stop_file.touch()
         out, _ = storm.communicate(timeout=120)
+    client.close()
     storm_codes = Counter({int(k): v for k, v in json.loads(out).items()})
     text_after = pools.hosts()["text"]
     tabular_after = pools.hosts()["tabular"]
