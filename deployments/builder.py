@@ -71,9 +71,7 @@ def build_app(args: AppConfig | dict) -> Application:
             "request_router_config": RequestRouterConfig(request_router_class=ModelAffinityRouter),
         }
         if pool.autoscaling is not None:
-            options["autoscaling_config"] = {"initial_replicas": pool.num_replicas} | dict(
-                pool.autoscaling
-            )
+            options["autoscaling_config"] = dict(pool.autoscaling)  # Serve validates it
         else:
             options["num_replicas"] = pool.num_replicas
         pools[pool.name] = ModelHostDeployment.options(**options).bind(pool, config.store)

@@ -151,7 +151,7 @@ class PoolConfig(HostConfig):
     autoscaling: dict[str, Any] | None = Field(
         None,
         description="Serve autoscaling_config (min_replicas, max_replicas, "
-        "target_ongoing_requests, ...); when set, num_replicas is the initial count.",
+        "target_ongoing_requests, ...); when set, it replaces num_replicas.",
     )
 
     @property
