@@ -201,8 +201,9 @@ class Ingress:
 
     def __del__(self) -> None:
         if self._pin_task is not None:
-            with contextlib.suppress(RuntimeError):
-                self._pin_task.cancel()
+            # NOTE: __del__ may run off the event loop's thread; cancel from the loop.
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._pin_task.get_loop().call_soon_threadsafe(self._pin_task.cancel)
         self.registry.stop()
         if self._stats_publisher is not None:
             self._stats_publisher.close()
