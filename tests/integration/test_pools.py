@@ -200,6 +200,10 @@ def test_split_is_sticky_names_its_arm_and_shadows(
         assert seen.setdefault(f"user-{i % 60}", arm) == arm  # sticky
         assert_same(arm, body["outputs"], expected(body["model_id"], rows))
     assert set(seen.values()) == {ARM_A, ARM_B}
+    report = pools.routing()
+    rows_by_role = {(a["arm"], a["role"]): a for a in report["arms"]}
+    served = rows_by_role[(ARM_A, "serve")]["requests"] + rows_by_role[(ARM_B, "serve")]["requests"]
+    assert served == 120
     # the handle API (Ray jobs) takes the sticky key as an argument
     from ray import serve
 
@@ -207,10 +211,6 @@ def test_split_is_sticky_names_its_arm_and_shadows(
     for user in ("user-1", "user-2", "user-3"):
         result = handle.predict.remote("fraud-ab", rows, sticky_key=user).result(timeout_s=60)
         assert result["arm"] == seen[user]
-    report = pools.routing()
-    rows_by_role = {(a["arm"], a["role"]): a for a in report["arms"]}
-    served = rows_by_role[(ARM_A, "serve")]["requests"] + rows_by_role[(ARM_B, "serve")]["requests"]
-    assert served == 120
     shadow = wait_for(
         lambda: (
             (s := pools.routing()["arms"])
