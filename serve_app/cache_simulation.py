@@ -60,6 +60,8 @@ class SimulationResult:
     evictions: int = 0
     peak_bytes: int = 0
     peak_models: int = 0
+    evicted_keys: list[str] = field(default_factory=list)
+    resident_keys: list[str] = field(default_factory=list)
 
     @property
     def miss_ratio(self) -> float:
@@ -138,6 +140,7 @@ def simulate(
             del entries[victim.key]
             resident -= victim.nbytes
             result.evictions += 1
+            result.evicted_keys.append(victim.key)
             policy.on_evict(victim)
         entry = CacheEntry(
             request.key,
@@ -152,6 +155,7 @@ def simulate(
         policy.on_load(entry)
         result.peak_bytes = max(result.peak_bytes, resident)
         result.peak_models = max(result.peak_models, len(entries))
+    result.resident_keys = list(entries)
     return result
 
 
