@@ -21,7 +21,7 @@ time must fit in the budget. Its integer program is exactly OPT; so
   tie-breaking. OPT is at most this.
 
 With equal sizes the constraint matrix is an interval matrix (totally unimodular), the LP is
-integral and `lower == upper == ` Belady MIN, which the unit tests check.
+integral and `lower == upper ==` Belady's MIN, which the unit tests check.
 """
 
 from __future__ import annotations
@@ -134,7 +134,6 @@ def simulate(
             raise ValueError(f"{request.key} ({request.nbytes} B) exceeds the budget")
         result.misses += 1
         result.load_seconds += request.load_seconds
-
         while _over(resident, len(entries), request.nbytes, budget_bytes, max_models):
             victim = next(iter(policy.victims(list(entries.values()))))
             del entries[victim.key]
