@@ -242,6 +242,27 @@ def ratios(sample: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def markdown(summary: dict[str, Any]) -> str:
+    """The docs/benchmarks.md table of a run (medians over its seeds)."""
+    head = (
+        "| trace | LRU misses/OPT | GDSF misses/OPT | oracle misses/OPT | GDSF load-s/LRU "
+        "| GDSF load-s/OPT | Ray k=fill load-s/LRU (peak/budget) | Ray k=3 load-s/LRU |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for name, cell in summary["cells"].items():
+        m = cell["medians"]
+        k = cell["samples"][0]["ray_fill_k"]
+        rows.append(
+            f"| {name} | {m['lru misses/opt']:.2f} | {m['gdsf misses/opt']:.2f} "
+            f"| {m['oracle-static misses/opt']:.2f} | **{m['gdsf load-s/lru']:.2f}** "
+            f"(max {cell['max']['gdsf load-s/lru']:.2f}) | {m['gdsf load-s/opt']:.2f} "
+            f"| {m['ray-lru-fill load-s/lru']:.2f} (k={k}, {m['ray-lru-fill peak/budget']:.2f}) "
+            f"| {m['ray-lru-3 load-s/lru']:.2f} |"
+        )
+    return head + "\n".join(rows)
+
+
 def verdict(value: float, goal: float) -> str:
     return "PASS" if value <= goal else f"MISS by {100 * (value / goal - 1):.1f}%"
 
@@ -255,6 +276,7 @@ def main() -> None:
     parser.add_argument("--bytes-per-s", type=float, default=BYTES_PER_S)
     parser.add_argument("--seed", type=int, default=20261201)
     parser.add_argument("--out", default="bench/results/b5_policy.json")
+    parser.add_argument("--markdown", action="store_true", help="also print the docs table")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -339,6 +361,8 @@ def main() -> None:
         f"B5 gdsf worse than lru (misses or load-seconds) on {len(worse_than_lru)} of "
         f"{len(CELLS) * args.runs} traces -> default policy: {default}"
     )
+    if args.markdown:
+        print(markdown(summary))
     print(f"B5 wrote {args.out} in {summary['seconds']}s", file=sys.stderr)
 
 
