@@ -84,7 +84,14 @@ def test_gdsf_replica_serves_a_skewed_trace_within_its_budget(
             (replica,) = gdsf_app.replicas()
             assert replica["resident_bytes"] <= GDSF_BUDGET, replica
             assert replica["peak_resident_bytes"] <= GDSF_BUDGET, replica
-    (replica,) = gdsf_app.replicas()
+    # the replica's report is refreshed on changes and on a heartbeat: wait for all requests
+    replica = wait_for(
+        lambda: next(
+            (r for r in gdsf_app.replicas() if r["hits"] + r["misses"] == len(trace)), None
+        ),
+        30,
+        "the replica's report to count every request",
+    )
     assert replica["eviction_policy"] == "gdsf"
     assert replica["budget_bytes"] == GDSF_BUDGET
     assert replica["evictions"] > 0
