@@ -22,6 +22,7 @@ from serve_app.errors import FleetError, unwrap
 from serve_app.loader import ModelLoader, memory_budget, resolve_device
 from serve_app.manifest import Manifest
 from serve_app.metrics import HostMetrics
+from serve_app.policy import make_policy
 from serve_app.predictor import Predictor
 from serve_app.schemas import PredictCall, PredictResponse
 from serve_app.store import ModelStore
@@ -56,6 +57,7 @@ class ModelHost:
             load_timeout_s=config.load_timeout_s,
             on_change=self._routing_changed,
             on_event=self._cache_event,
+            policy=make_policy(config.eviction_policy),
         )
         logger.info(
             "model host ready",
@@ -63,6 +65,7 @@ class ModelHost:
                 "replica": replica,
                 "device": str(self.device),
                 "budget_bytes": self.cache.budget_bytes,
+                "eviction_policy": self.cache.policy.name,
             },
         )
 
@@ -159,6 +162,7 @@ class ModelHost:
             "pinned": self.cache.pinned_keys(),
             "pinned_bytes": self.cache.pinned_bytes,
             "pin_errors": self.pin_errors,
+            "eviction_policy": self.cache.policy.name,
             "resident_bytes": self.cache.resident_bytes,
             "reserved_bytes": self.cache.reserved_bytes,
             "peak_resident_bytes": stats.peak_resident_bytes,
