@@ -1,11 +1,13 @@
 """Ingress deployment: the FastAPI app and the handle API, over `serve_app.gateway.Gateway`.
 
 HTTP routes come from `serve_app.http.create_app`; Ray jobs call the methods below through
-`serve.get_app_handle("fleet")`.
+`serve.get_app_handle("fleet")`. Management commands reach host replicas through
+`ServeHostControl` (see deployments/router.py for how a command finds its replica).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pyarrow as pa
@@ -13,16 +15,61 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.replica_directory import ReplicaPublisher, read_replicas
+from deployments.replica_directory import GcsKeyValue, ReplicaPublisher, read_replicas
 from serve_app.config import IngressConfig, StoreConfig
+from serve_app.errors import CommandMisrouted, ReplicaUnavailable, unwrap
 from serve_app.gateway import Gateway
 from serve_app.http import create_app
 from serve_app.logs import configure_logging
+from serve_app.management import ModelManager
 from serve_app.metrics import IngressMetrics, ModelLabels
+from serve_app.pins import PinStore
 from serve_app.registry import Registry
-from serve_app.schemas import PredictCall, PredictResponse
+from serve_app.schemas import HostCommand, HostReply, PredictCall, PredictResponse
 from serve_app.stats import StatsRecorder
 from serve_app.store import ModelStore
+
+MISROUTE_ATTEMPTS = 5
+
+
+class ServeHostControl:
+    """`serve_app.management.HostControl` over Serve: the replica directory for state,
+    the host handle for commands (the router delivers each to the replica it names)."""
+
+    def __init__(self, host: DeploymentHandle, app: str, timeout_s: float) -> None:
+        self._host = host
+        self._app = app
+        self._timeout_s = timeout_s
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Published state of every live host replica."""
+        return read_replicas(self._app, "hosts")
+
+    async def command(self, command: HostCommand) -> HostReply:
+        """Run `command` on its replica; resend if Serve handed it to another one.
+
+        Raises:
+            ReplicaUnavailable: the replica did not answer within the timeout.
+            FleetError: what the replica raised.
+        """
+        for _ in range(MISROUTE_ATTEMPTS):
+            response = self._host.manage.remote(command)
+            try:
+                return await asyncio.wait_for(response, self._timeout_s)
+            except TimeoutError:
+                response.cancel()
+                raise ReplicaUnavailable(
+                    f"replica {command.replica} did not finish {command.op} of {command.key} "
+                    f"within {self._timeout_s:.0f}s",
+                    retry_after_s=2.0,
+                ) from None
+            except Exception as exc:
+                if not isinstance(unwrap(exc), CommandMisrouted):
+                    raise
+        raise ReplicaUnavailable(
+            f"{command.op} of {command.key} could not be delivered to replica {command.replica}",
+            retry_after_s=2.0,
+        )
 
 
 @serve.deployment(name="Ingress")
@@ -60,19 +107,24 @@ class Ingress:
             peer_stats=lambda: read_replicas(self._app, "ingress", exclude=self._replica),
         )
 
+        self.manager = ModelManager(
+            self.registry,
+            ServeHostControl(host, self._app, config.management.command_timeout_s),
+            PinStore(GcsKeyValue(), self._app),
+        )
+
     async def _dispatch(self, call: PredictCall) -> PredictResponse:
         handle = self._host.options(multiplexed_model_id=call.manifest.key)
         return await handle.predict.remote(call)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = create_app(self.gateway, self._config.max_body_bytes, self._config.stats_window_s)
-
-        @app.get("/v1/replicas")
-        async def replicas() -> list[dict[str, Any]]:
-            """What every live model-host replica holds: budget, resident bytes, models."""
-            return read_replicas(self._app, "hosts")
-
-        return app
+        return create_app(
+            self.gateway,
+            self._config.max_body_bytes,
+            self._config.stats_window_s,
+            manager=self.manager,
+            management=self._config.management,
+        )
 
     async def predict(
         self, model_id: str, inputs: list[Any], version: str | None = None

@@ -1,7 +1,14 @@
-"""Model-host deployment: one replica of a pool, delegating to `serve_app.host.ModelHost`."""
+"""Model-host deployment: one replica of a pool, delegating to `serve_app.host.ModelHost`.
+
+Besides predictions it runs management commands addressed to it (`manage`, delivered by
+`deployments.router.ModelAffinityRouter`) and applies the pin store every `PIN_SYNC_S`
+seconds, starting at once, so a restarted replica gets its pins back.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -10,15 +17,17 @@ from ray import serve
 from ray.serve._private.common import RequestRoutingInfo
 from ray.serve.context import _get_global_client
 
-from deployments.replica_directory import ReplicaPublisher
+from deployments.replica_directory import GcsKeyValue, ReplicaPublisher
 from serve_app.config import HostConfig, StoreConfig
 from serve_app.host import ModelHost
 from serve_app.logs import configure_logging
 from serve_app.metrics import HostMetrics, ModelLabels
-from serve_app.schemas import PredictCall, PredictResponse
+from serve_app.pins import PinStore
+from serve_app.schemas import HostCommand, HostReply, PredictCall, PredictResponse
 from serve_app.store import ModelStore
 
 logger = logging.getLogger(__name__)
+PIN_SYNC_S = 2.0
 
 
 @serve.deployment(name="ModelHost")
@@ -34,6 +43,7 @@ class ModelHostDeployment:
             config,
             ModelStore(store_config),
             replica=replica,
+            pool=context.deployment,
             on_routing_change=self._advertise,
             metrics=HostMetrics(ModelLabels(config.max_model_labels), replica),
         )
@@ -42,6 +52,19 @@ class ModelHostDeployment:
         )
         self._directory.publish(self.host.status())
         self._published_at = time.monotonic()
+        self._pins = PinStore(GcsKeyValue(), context.app_name)
+        # NOTE: Serve runs a synchronous __init__ on the replica's event loop.
+        self._pin_sync = asyncio.get_running_loop().create_task(self._sync_pins_forever())
+
+    async def _sync_pins_forever(self) -> None:
+        while True:
+            try:
+                records = await asyncio.to_thread(self._pins.list)
+                await self.host.reconcile_pins(records)
+            except Exception:
+                # NOTE: a GCS hiccup or a bad record must not end pin syncing for good.
+                logger.exception("pin sync failed")
+            await asyncio.sleep(PIN_SYNC_S)
 
     def _advertise(self, keys: list[str]) -> None:
         # NOTE: the same controller call Ray's @serve.multiplexed wrapper makes; we push on
@@ -64,10 +87,19 @@ class ModelHostDeployment:
                 self._published_at = now
                 self._directory.publish(self.host.status())
 
+    async def manage(self, command: HostCommand) -> HostReply:
+        """Run a management command (load, unload, pin, unpin) addressed to this replica."""
+        reply = await self.host.apply(command)
+        self._directory.publish(self.host.status())
+        return reply
+
     def status(self) -> dict[str, Any]:
         """Budget, resident bytes and models of this replica."""
         return self.host.status()
 
     async def __del__(self) -> None:
+        self._pin_sync.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._pin_sync
         self._directory.close()
         await self.host.close()

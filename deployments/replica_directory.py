@@ -5,6 +5,8 @@ Model-host replicas publish what they hold (budget, resident bytes, models) unde
 snapshots under `<app>/ingress/<replica_id>` so `GET /v1/stats` can merge all of them.
 Entries are written on change and on a heartbeat; readers drop entries whose heartbeat is
 older than `STALE_S`, so a dead replica disappears on its own.
+
+`GcsKeyValue` is the same store behind `serve_app.pins.KeyValue`, for the pin store.
 """
 
 from __future__ import annotations
@@ -97,3 +99,23 @@ def read_replicas(app: str, kind: str, exclude: str | None = None) -> list[dict[
         if now - body.get("heartbeat", 0) <= STALE_S:
             out.append(body)
     return sorted(out, key=lambda b: b.get("replica", ""))
+
+
+class GcsKeyValue:
+    """`serve_app.pins.KeyValue` over Ray's GCS internal KV (outlives every replica)."""
+
+    def get(self, key: str) -> bytes | None:
+        """The value at `key`, or None."""
+        return _internal_kv_get(key, namespace=_NAMESPACE)
+
+    def put(self, key: str, value: bytes) -> None:
+        """Write `value` at `key`."""
+        _internal_kv_put(key, value, overwrite=True, namespace=_NAMESPACE)
+
+    def delete(self, key: str) -> None:
+        """Remove `key`."""
+        _internal_kv_del(key, namespace=_NAMESPACE)
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key that starts with `prefix`."""
+        return [k.decode() for k in _internal_kv_list(prefix, namespace=_NAMESPACE)]

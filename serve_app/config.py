@@ -125,6 +125,10 @@ class ManagementConfig(_Strict):
         "`Authorization: Bearer <key>`.",
     )
 
+    command_timeout_s: float = Field(
+        120.0, gt=0, description="How long a load/pin/unload waits for one replica."
+    )
+
     def resolved_admin_key(self) -> str | None:
         """The admin key from config, else from FLEET_ADMIN_KEY; None means no key needed."""
         if self.admin_key is not None:

@@ -74,6 +74,11 @@ def v2_router(
             )
         return JSONResponse({"ready": True})
 
+    @router.get("/v2/models/stats")
+    async def all_stats() -> None:
+        """Triton's statistics extension is not served (400); see GET /v1/stats."""
+        raise NotSupported("/v2/models/stats is not served; GET /v1/stats has per-model stats")
+
     @router.get("/v2/models/{model}")
     @router.get("/v2/models/{model}/versions/{version}")
     async def metadata(model: str, version: str | None = None) -> dict[str, Any]:
@@ -123,7 +128,6 @@ def v2_router(
 
     @router.get("/v2/models/{model}/config")
     @router.get("/v2/models/{model}/versions/{version}/config")
-    @router.get("/v2/models/stats")
     @router.get("/v2/models/{model}/stats")
     @router.get("/v2/models/{model}/versions/{version}/stats")
     async def unsupported(request: Request) -> None:
