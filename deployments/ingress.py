@@ -43,7 +43,7 @@ class ServeHostControl:
 
     def replicas(self) -> list[dict[str, Any]]:
         """Published state of every live host replica."""
-        return read_replicas(self._app, "hosts")
+        return read_replicas(self._app, "hosts", check_alive=True)
 
     async def command(self, command: HostCommand) -> HostReply:
         """Run `command` on its replica; resend if Serve handed it to another one.

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import ray
 from ray.experimental.internal_kv import (
     _internal_kv_del,
     _internal_kv_get,
@@ -49,6 +50,9 @@ class ReplicaPublisher:
         (it must be thread-safe); otherwise the owner calls `publish()` on changes.
         `on_heartbeat` (thread-safe) runs on the same beat."""
         self._key = _prefix(app, kind) + replica_id
+        context = ray.get_runtime_context()
+        # NOTE: readers can check liveness by name (see read_replicas(check_alive=True)).
+        self._actor = {"actor_name": context.get_actor_name(), "namespace": context.namespace}
         self._source = source
         self._on_heartbeat = on_heartbeat
         self._interval_s = interval_s
@@ -74,7 +78,7 @@ class ReplicaPublisher:
             if self._source is not None:
                 self.publish(self._source())
             with self._lock:
-                body = dict(self._status, heartbeat=time.time())
+                body = dict(self._status, **self._actor, heartbeat=time.time())
             _internal_kv_put(self._key, json.dumps(body), overwrite=True, namespace=_NAMESPACE)
 
     def close(self) -> None:
@@ -85,8 +89,14 @@ class ReplicaPublisher:
         _internal_kv_del(self._key, namespace=_NAMESPACE)
 
 
-def read_replicas(app: str, kind: str, exclude: str | None = None) -> list[dict[str, Any]]:
-    """Live replicas' published states (recent heartbeat), sorted by replica id."""
+def read_replicas(
+    app: str, kind: str, exclude: str | None = None, check_alive: bool = False
+) -> list[dict[str, Any]]:
+    """Live replicas' published states (recent heartbeat), sorted by replica id.
+
+    With `check_alive`, entries whose actor no longer exists are dropped at once (one GCS
+    lookup per replica) instead of after `STALE_S`: a killed replica never says goodbye.
+    """
     now = time.time()
     out = []
     for key in _internal_kv_list(_prefix(app, kind), namespace=_NAMESPACE):
@@ -96,8 +106,11 @@ def read_replicas(app: str, kind: str, exclude: str | None = None) -> list[dict[
         if raw is None:
             continue
         body = json.loads(raw)
-        if now - body.get("heartbeat", 0) <= STALE_S:
-            out.append(body)
+        if now - body.get("heartbeat", 0) > STALE_S:
+            continue
+        if check_alive and not _actor_alive(body):
+            continue
+        out.append(body)
     return sorted(out, key=lambda b: b.get("replica", ""))
 
 
@@ -119,3 +132,14 @@ class GcsKeyValue:
     def keys(self, prefix: str) -> list[str]:
         """Every key that starts with `prefix`."""
         return [k.decode() for k in _internal_kv_list(prefix, namespace=_NAMESPACE)]
+
+
+def _actor_alive(body: dict[str, Any]) -> bool:
+    name = body.get("actor_name")
+    if not name:
+        return True  # not published by an actor: only the heartbeat can tell
+    try:
+        ray.get_actor(name, namespace=body.get("namespace"))
+    except ValueError:
+        return False
+    return True

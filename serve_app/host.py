@@ -188,6 +188,7 @@ class ModelHost:
             )
         key = command.key
         before = (key in self.cache, self.cache.is_pinned(key))
+        in_flight = next((e.leases for e in self.cache.entries() if e.key == key), 0)
         if command.op in ("load", "pin"):
             if command.manifest is None or command.manifest.key != key:
                 raise CommandMisrouted(f"{command.op} of {key} came without its manifest")
@@ -201,9 +202,9 @@ class ModelHost:
         else:
             self._store_pins.discard(key)
             self.cache.unload(key)
-        return self._reply(key, before)
+        return self._reply(key, before, in_flight)
 
-    def _reply(self, key: str, before: tuple[bool, bool]) -> HostReply:
+    def _reply(self, key: str, before: tuple[bool, bool], in_flight: int) -> HostReply:
         entry = next((e for e in self.cache.entries() if e.key == key), None)
         after = (entry is not None, self.cache.is_pinned(key))
         return HostReply(
@@ -213,6 +214,7 @@ class ModelHost:
             resident=after[0],
             pinned=after[1],
             bytes=entry.nbytes if entry is not None else 0,
+            in_flight=in_flight,
         )
 
     async def reconcile_pins(self, records: list[PinRecord]) -> None:

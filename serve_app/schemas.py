@@ -121,6 +121,7 @@ class HostReply(BaseModel):
     resident: bool
     pinned: bool
     bytes: int = 0
+    in_flight: int = Field(0, description="Requests holding the model when the command ran.")
 
 
 class ReplicaOutcome(BaseModel):
@@ -132,6 +133,9 @@ class ReplicaOutcome(BaseModel):
     resident: bool = False
     pinned: bool = False
     bytes: int = 0
+    in_flight: int = Field(
+        0, description="Requests holding the model then (an unload waits for them)."
+    )
     error: str | None = None
     code: str | None = None
 
