@@ -90,7 +90,7 @@ class ModelHostDeployment:
     async def manage(self, command: HostCommand) -> HostReply:
         """Run a management command (load, unload, pin, unpin) addressed to this replica."""
         reply = await self.host.apply(command)
-        self._directory.publish(self.host.status())
+        await asyncio.to_thread(self._directory.publish_now, self.host.status())
         return reply
 
     def status(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from ray.experimental.internal_kv import (
     _internal_kv_list,
     _internal_kv_put,
 )
+from ray.serve._private.constants import SERVE_NAMESPACE
 
 HEARTBEAT_S = 2.0
 STALE_S = 10.0
@@ -50,14 +51,18 @@ class ReplicaPublisher:
         (it must be thread-safe); otherwise the owner calls `publish()` on changes.
         `on_heartbeat` (thread-safe) runs on the same beat."""
         self._key = _prefix(app, kind) + replica_id
-        context = ray.get_runtime_context()
         # NOTE: readers can check liveness by name (see read_replicas(check_alive=True)).
-        self._actor = {"actor_name": context.get_actor_name(), "namespace": context.namespace}
+        # Serve creates replica actors in its own namespace, not the job's.
+        self._actor = {
+            "actor_name": ray.get_runtime_context().get_actor_name(),
+            "namespace": SERVE_NAMESPACE,
+        }
         self._source = source
         self._on_heartbeat = on_heartbeat
         self._interval_s = interval_s
         self._status: dict[str, Any] = {"replica": replica_id}
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._dirty = threading.Event()
         self._thread = threading.Thread(target=self._run, name="replica-directory", daemon=True)
@@ -69,6 +74,13 @@ class ReplicaPublisher:
             self._status = status
         self._dirty.set()
 
+    def publish_now(self, status: dict[str, Any]) -> None:
+        """Publish `status` and return once it is written (blocking: call from a thread),
+        so a caller that answers after this sees its change in every listing."""
+        with self._lock:
+            self._status = status
+        self._write()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._dirty.wait(self._interval_s)
@@ -77,6 +89,12 @@ class ReplicaPublisher:
                 self._on_heartbeat()
             if self._source is not None:
                 self.publish(self._source())
+            self._write()
+
+    def _write(self) -> None:
+        # NOTE: one writer at a time, each writing the newest status, so a slower writer
+        # can never put an older status over a newer one.
+        with self._write_lock:
             with self._lock:
                 body = dict(self._status, **self._actor, heartbeat=time.time())
             _internal_kv_put(self._key, json.dumps(body), overwrite=True, namespace=_NAMESPACE)
