@@ -52,6 +52,7 @@ class ModelHost:
         # NOTE: pins this host took from the pin store (or a pin command), as opposed to
         # pins someone else set on the cache; only these are released by reconcile_pins().
         self._store_pins: set[str] = set()
+        self._pin_errors: dict[str, str] = {}
         self.device = resolve_device(config.accelerator)
         self.loader = ModelLoader.from_config(store, config, self.device)
         self._on_routing_change = on_routing_change
@@ -234,6 +235,9 @@ class ModelHost:
             try:
                 await self.pin(record.manifest)
             except FleetError as exc:
+                if self._pin_errors.get(key) == exc.code:
+                    continue  # NOTE: logged once per cause, not on every heartbeat
+                self._pin_errors[key] = exc.code
                 logger.warning(
                     "pin not applied",
                     extra={
@@ -244,6 +248,7 @@ class ModelHost:
                     },
                 )
             else:
+                self._pin_errors.pop(key, None)
                 logger.info("pin applied", extra={"key": key, "replica": self.replica})
 
     async def close(self) -> None:

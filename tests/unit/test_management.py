@@ -237,3 +237,20 @@ async def test_v2_errors_have_an_error_field(
     assert response.status_code == status
     assert response.json()["code"] == code
     assert response.json()["error"]
+
+
+async def test_reconcile_keeps_going_past_a_pin_that_cannot_fit(
+    registry: Registry, pins: PinStore, published: ModelStore, tmp_path: Path
+) -> None:
+    from serve_app.pins import PinRecord
+
+    for version in ("1", "2"):
+        pins.put(PinRecord(manifest=registry.resolve("m-a", version)))
+    pins.put(PinRecord(manifest=registry.resolve("m-b", None)))
+    host = make_host(published, tmp_path, "r9")
+    await host.reconcile_pins(pins.list())
+    await host.reconcile_pins(pins.list())  # the refusal is retried quietly
+    pinned = host.cache.pinned_keys()
+    assert 1 <= len(pinned) < 3  # not all three fit in 500 bytes; what fits is pinned
+    assert host.cache.pinned_bytes <= BUDGET
+    assert all(k in host.cache for k in host.cache.pinned_keys())
