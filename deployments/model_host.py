@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve._private.common import RequestRoutingInfo
 from ray.serve.context import _get_global_client
@@ -48,7 +49,11 @@ class ModelHostDeployment:
             metrics=HostMetrics(ModelLabels(config.max_model_labels), replica),
         )
         self._directory = ReplicaPublisher(
-            context.app_name, "hosts", replica, on_heartbeat=self.host.refresh_gauges
+            context.app_name,
+            "hosts",
+            replica,
+            on_heartbeat=self.host.refresh_gauges,
+            actor_name=ray.get_runtime_context().get_actor_name(),
         )
         self._directory.publish(self.host.status())
         self._published_at = time.monotonic()

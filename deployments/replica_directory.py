@@ -4,7 +4,9 @@ Model-host replicas publish what they hold (budget, resident bytes, models) unde
 `<app>/hosts/<replica_id>` for `GET /v1/replicas`; ingress replicas publish their stats
 snapshots under `<app>/ingress/<replica_id>` so `GET /v1/stats` can merge all of them.
 Entries are written on change and on a heartbeat; readers drop entries whose heartbeat is
-older than `STALE_S`, so a dead replica disappears on its own.
+older than `STALE_S`, so a dead replica disappears on its own. A replica that names its
+actor is also checked by name on `read_replicas(check_alive=True)`, so one killed without
+a goodbye (`ray.kill`) leaves such listings at once.
 
 `GcsKeyValue` is the same store behind `serve_app.pins.KeyValue`, for the pin store.
 """
@@ -12,6 +14,7 @@ older than `STALE_S`, so a dead replica disappears on its own.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +29,8 @@ from ray.experimental.internal_kv import (
 )
 from ray.serve._private.constants import SERVE_NAMESPACE
 
+logger = logging.getLogger(__name__)
+
 HEARTBEAT_S = 2.0
 STALE_S = 10.0
 _NAMESPACE = "fleetserve"
@@ -33,6 +38,10 @@ _NAMESPACE = "fleetserve"
 
 def _prefix(app: str, kind: str) -> str:
     return f"{app}/{kind}/"
+
+
+def _kv_put(key: str, value: str) -> None:
+    _internal_kv_put(key, value, overwrite=True, namespace=_NAMESPACE)
 
 
 class ReplicaPublisher:
@@ -46,23 +55,24 @@ class ReplicaPublisher:
         source: Callable[[], dict[str, Any]] | None = None,
         interval_s: float = HEARTBEAT_S,
         on_heartbeat: Callable[[], None] | None = None,
+        put: Callable[[str, str], None] = _kv_put,
+        actor_name: str | None = None,
     ) -> None:
         """`source`, if given, is polled from the publishing thread every `interval_s`
         (it must be thread-safe); otherwise the owner calls `publish()` on changes.
-        `on_heartbeat` (thread-safe) runs on the same beat."""
+        `on_heartbeat` (thread-safe) runs on the same beat. `put(key, json)` writes the
+        entry (Ray's GCS key-value store). `actor_name` (a Serve replica's actor, in
+        Serve's namespace) lets readers check liveness by name."""
         self._key = _prefix(app, kind) + replica_id
-        # NOTE: readers can check liveness by name (see read_replicas(check_alive=True)).
-        # Serve creates replica actors in its own namespace, not the job's.
-        self._actor = {
-            "actor_name": ray.get_runtime_context().get_actor_name(),
-            "namespace": SERVE_NAMESPACE,
-        }
+        self._put = put
+        self._actor = {"actor_name": actor_name, "namespace": SERVE_NAMESPACE} if actor_name else {}
+        self._write_lock = threading.Lock()
+        self.failures = 0
         self._source = source
         self._on_heartbeat = on_heartbeat
         self._interval_s = interval_s
         self._status: dict[str, Any] = {"replica": replica_id}
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._dirty = threading.Event()
         self._thread = threading.Thread(target=self._run, name="replica-directory", daemon=True)
@@ -85,11 +95,22 @@ class ReplicaPublisher:
         while not self._stop.is_set():
             self._dirty.wait(self._interval_s)
             self._dirty.clear()
-            if self._on_heartbeat is not None:
-                self._on_heartbeat()
-            if self._source is not None:
-                self.publish(self._source())
-            self._write()
+            if self._stop.is_set():
+                return
+            # NOTE: one failed beat (a GCS hiccup, a failing callback) must not end the
+            # thread: the replica would silently vanish from the directory for good.
+            try:
+                self._beat()
+            except Exception:
+                self.failures += 1
+                logger.exception("replica directory heartbeat failed", extra={"key": self._key})
+
+    def _beat(self) -> None:
+        if self._on_heartbeat is not None:
+            self._on_heartbeat()
+        if self._source is not None:
+            self.publish(self._source())
+        self._write()
 
     def _write(self) -> None:
         # NOTE: one writer at a time, each writing the newest status, so a slower writer
@@ -97,13 +118,17 @@ class ReplicaPublisher:
         with self._write_lock:
             with self._lock:
                 body = dict(self._status, **self._actor, heartbeat=time.time())
-            _internal_kv_put(self._key, json.dumps(body), overwrite=True, namespace=_NAMESPACE)
+            self._put(self._key, json.dumps(body))
 
-    def close(self) -> None:
-        """Stop publishing and remove this replica's entry."""
+    def stop(self) -> None:
+        """Stop publishing (the entry stays until it goes stale)."""
         self._stop.set()
         self._dirty.set()
         self._thread.join(timeout=5)
+
+    def close(self) -> None:
+        """Stop publishing and remove this replica's entry."""
+        self.stop()
         _internal_kv_del(self._key, namespace=_NAMESPACE)
 
 
@@ -132,6 +157,17 @@ def read_replicas(
     return sorted(out, key=lambda b: b.get("replica", ""))
 
 
+def _actor_alive(body: dict[str, Any]) -> bool:
+    name = body.get("actor_name")
+    if not name:
+        return True  # not published by a named actor: only the heartbeat can tell
+    try:
+        ray.get_actor(name, namespace=body.get("namespace"))
+    except ValueError:
+        return False
+    return True
+
+
 class GcsKeyValue:
     """`serve_app.pins.KeyValue` over Ray's GCS internal KV (outlives every replica)."""
 
@@ -150,14 +186,3 @@ class GcsKeyValue:
     def keys(self, prefix: str) -> list[str]:
         """Every key that starts with `prefix`."""
         return [k.decode() for k in _internal_kv_list(prefix, namespace=_NAMESPACE)]
-
-
-def _actor_alive(body: dict[str, Any]) -> bool:
-    name = body.get("actor_name")
-    if not name:
-        return True  # not published by an actor: only the heartbeat can tell
-    try:
-        ray.get_actor(name, namespace=body.get("namespace"))
-    except ValueError:
-        return False
-    return True
