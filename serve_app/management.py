@@ -18,7 +18,6 @@ and a handle whose router delivers each command to the replica it names).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -195,11 +194,13 @@ class ModelManager:
     async def _run_on(
         self, replicas: list[str], op: str, key: str, manifest: Manifest | None
     ) -> list[_Outcome]:
-        calls: list[Callable[[], Awaitable[HostReply]]] = [
-            _bind(self.control.command, HostCommand(op=op, replica=r, key=key, manifest=manifest))
-            for r in replicas
-        ]
-        results = await asyncio.gather(*(call() for call in calls), return_exceptions=True)
+        results = await asyncio.gather(
+            *(
+                self.control.command(HostCommand(op=op, replica=r, key=key, manifest=manifest))
+                for r in replicas
+            ),
+            return_exceptions=True,
+        )
         outcomes = []
         for replica, result in zip(replicas, results, strict=True):
             if isinstance(result, HostReply):
@@ -212,12 +213,6 @@ class ModelManager:
             report = ReplicaOutcome(replica=replica, ok=False, error=error.message, code=error.code)
             outcomes.append(_Outcome(report, error))
         return outcomes
-
-
-def _bind(
-    fn: Callable[[HostCommand], Awaitable[HostReply]], command: HostCommand
-) -> Callable[[], Awaitable[HostReply]]:
-    return lambda: fn(command)
 
 
 def _placement_rank(replica: dict[str, Any], key: str) -> tuple[int, int]:

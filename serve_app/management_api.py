@@ -88,19 +88,23 @@ def management_router(manager: ModelManager, guard: ManagementGuard) -> APIRoute
         return await manager.load(model_id, version, replicas)
 
     @router.post("/v1/models/{model_id}/unload", response_model=ManagementResult)
-    async def unload(model_id: str, request: Request, version: str | None = None) -> Any:
+    async def unload(
+        model_id: str, request: Request, version: str | None = None
+    ) -> ManagementResult:
         """Unpin and evict the model from every replica (in-flight requests finish)."""
         guard.check(request)
         return await manager.unload(model_id, version)
 
     @router.put("/v1/models/{model_id}/pin", response_model=ManagementResult)
-    async def pin(model_id: str, request: Request, version: str | None = None) -> Any:
+    async def pin(model_id: str, request: Request, version: str | None = None) -> ManagementResult:
         """Pin the model on every replica (507 `pin_exceeds_budget` if it cannot fit)."""
         guard.check(request)
         return await manager.pin(model_id, version)
 
     @router.delete("/v1/models/{model_id}/pin", response_model=ManagementResult)
-    async def unpin(model_id: str, request: Request, version: str | None = None) -> Any:
+    async def unpin(
+        model_id: str, request: Request, version: str | None = None
+    ) -> ManagementResult:
         """Release the model's pin on every replica (it stays until evicted)."""
         guard.check(request)
         return await manager.unpin(model_id, version)
