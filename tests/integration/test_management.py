@@ -185,3 +185,69 @@ def test_killed_replica_drops_out_and_its_pins_come_back(
         f"\nkilled replica gone from listings after {dropped_s:.2f}s; "
         f"replacement with the pin resident after {back_s:.1f}s"
     )
+
+
+def test_admin_key_on_a_second_app(
+    app: FleetApp, ray_cluster: dict, capsys: pytest.CaptureFixture
+) -> None:
+    """An app deployed with `ingress.management.admin_key`: management needs the key
+    (HTTP, tritonclient, CLI); inference does not."""
+    import tritonclient.http as triton
+    from ray import serve
+    from tritonclient.utils import InferenceServerException
+
+    from deployments.builder import build_app
+    from serve_app.config import AppConfig
+
+    config = AppConfig.model_validate(
+        {
+            "store": app.config.store.model_dump(),
+            "host": {**app.config.host.model_dump(), "num_replicas": 1},
+            "ingress": {
+                **app.config.ingress.model_dump(),
+                "management": {"admin_key": "k3y-for-tests"},
+            },
+        }
+    )
+    serve.run(build_app(config), name="fleet-locked", route_prefix="/locked", blocking=False)
+    url = f"{app.url}/locked"
+    key = {"Authorization": "Bearer k3y-for-tests"}
+    model = fraud_ids()[12]
+    try:
+        wait_for(
+            lambda: (
+                httpx.get(f"{url}/v1/replicas", headers=key, timeout=5).status_code == 200
+                and len(httpx.get(f"{url}/v1/replicas", headers=key, timeout=5).json()) == 1
+            ),
+            180,
+            "the locked app and its host replica",
+            every_s=0.5,
+        )
+        denied = httpx.get(f"{url}/v1/replicas", timeout=30)
+        assert (denied.status_code, denied.json()["code"]) == (401, "unauthorized")
+        wrong = httpx.post(
+            f"{url}/v1/models/{model}/load", headers={"Authorization": "Bearer no"}, timeout=30
+        )
+        assert wrong.status_code == 401
+        assert httpx.get(f"{url}/v1/models/{model}", timeout=30).json()["residency"] is None
+        client = triton.InferenceServerClient(url=url.removeprefix("http://"))
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model(model)
+        assert caught.value.status() == "401"
+        client.load_model(model, headers=key)
+        residency = httpx.get(f"{url}/v1/models/{model}", headers=key, timeout=30).json()
+        assert [r["version"] for r in residency["residency"]] == ["1"]
+        assert main(["--url", url, "pin", model]) == 1
+        assert "unauthorized" in capsys.readouterr().err
+        assert main(["--url", url, "--admin-key", "k3y-for-tests", "pin", model]) == 0
+        assert main(["--url", url, "--admin-key", "k3y-for-tests", "pin", model, "--remove"]) == 0
+        # inference needs no key
+        assert (
+            httpx.post(
+                f"{url}/v1/models/{model}/predict", json={"inputs": inputs_for(model)}, timeout=60
+            ).status_code
+            == 200
+        )
+        client.close()
+    finally:
+        serve.delete("fleet-locked")
