@@ -19,10 +19,16 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from serve_app import __version__
-from serve_app.errors import BadRequest, FleetError, NotSupported, PayloadTooLarge
+from serve_app.errors import (
+    BadRequest,
+    FleetError,
+    NotSupported,
+    PayloadTooLarge,
+    StorageUnavailable,
+)
 from serve_app.gateway import Gateway, new_id
 from serve_app.inference_protocol import (
     HEADER_LENGTH,
@@ -65,14 +71,13 @@ def v2_router(
         return {"live": True}
 
     @router.get("/v2/health/ready")
-    async def ready() -> JSONResponse:
-        """200 once the model registry has been read (models load on demand)."""
+    async def ready() -> dict[str, bool]:
+        """200 once the model registry has been read (models load on demand), else 503."""
         if registry.age_s is None:
-            return JSONResponse(
-                {"ready": False, "error": "the model registry has not been read yet"},
-                status_code=503,
+            raise StorageUnavailable(
+                "not ready: the model registry has not been read yet", retry_after_s=2.0
             )
-        return JSONResponse({"ready": True})
+        return {"ready": True}
 
     @router.get("/v2/models/stats")
     async def all_stats() -> None:
