@@ -85,9 +85,11 @@ class ModelHost:
         manifest = call.manifest
 
         async def load() -> Predictor:
-            return await asyncio.to_thread(self.loader.load, manifest)
+            return await asyncio.to_thread(self.loader.load, manifest, self.cache.budget_bytes)
 
-        async with self.cache.lease(manifest.key, load, size_hint=manifest.weight_bytes) as lease:
+        # NOTE: every file is in memory during a load, so all of them count against the
+        # budget (a manifest's declared sizes are untrusted; see ModelStore.check_sizes).
+        async with self.cache.lease(manifest.key, load, size_hint=manifest.total_bytes) as lease:
             outputs = await asyncio.to_thread(lease.model.predict, call.inputs)
         if not lease.hit and self.metrics is not None:
             self.metrics.observe_wait(

@@ -82,34 +82,45 @@ class ModelLoader:
         if self.owns_disk:
             shutil.rmtree(self.disk.root, ignore_errors=True)
 
-    def load(self, manifest: Manifest) -> Predictor:
+    def load(self, manifest: Manifest, limit_bytes: int | None = None) -> Predictor:
         """Fetch, verify and build `manifest`'s model on the device.
 
-        From the disk tier when it has the version (files re-verified); otherwise straight
-        from S3 into memory, verified there, with the weights written to the disk tier in
-        the background, off the request's path. Weights become tensors as zero-copy views
-        of the fetched bytes.
+        From the disk tier when it holds a verified copy (no S3 call at all, so it serves
+        while S3 is down); otherwise streamed from S3 into preallocated buffers, hashed as the
+        chunks arrive. The small files come first, so config and tokenizer are built while
+        the weights are still streaming; the verified weights are written to the disk tier
+        in the background, off the request's path. Weights become tensors as zero-copy views
+        of the fetched buffers, adopted by a module built on the meta device.
 
         Raises:
+            ModelTooLarge: a declared file size is over its limit (`limit_bytes` for all
+                files together, `store.max_aux_file_bytes` for a non-weight file).
             ArtifactCorrupt: a file failed its sha256 check.
-            StorageUnavailable: the store could not be read.
+            StorageUnavailable: the store could not be read, or the download timed out.
             ModelLoadFailed: the artifact is not a loadable model.
         """
         predictor_cls = PREDICTORS.get(manifest.task)
         if predictor_cls is None:
             raise ModelLoadFailed(f"{manifest.key}: unsupported task {manifest.task!r}")
+        self.store.check_sizes(manifest, limit_bytes)
         started = time.perf_counter()
         weights = [f.path for f in manifest.files if f.path.endswith(".safetensors")]
+        others = [f.path for f in manifest.files if f.path not in weights]
         self.disk.touch(manifest)  # newest first: pruning by other loads takes it last
-        buffers = self._from_disk(manifest, weights) if self.disk.has(manifest) else None
         folder = self.disk.path_for(manifest)
-        source = "disk"
+        buffers = self.disk.read(manifest)
+        source, prepared = "disk", None
         if buffers is None:
-            buffers = self.store.fetch(manifest)
-            others = [f.path for f in manifest.files if f.path not in weights]
-            folder = self.disk.write(manifest, buffers, others)
-            self._write_behind(manifest, {w: buffers[w] for w in weights})
             source = "s3"
+            fetch = self.store.start_fetch(manifest, order=others)
+            folder = self.disk.write(manifest, fetch.wait(others), others)
+            try:
+                prepared = self._prepare(manifest, folder)
+            except BaseException:
+                fetch.cancel()
+                raise
+            buffers = fetch.wait(weights)
+            self._write_behind(manifest, {w: buffers[w] for w in weights})
         fetched = time.perf_counter()
         state: dict[str, torch.Tensor] = {}
         for path in weights:
@@ -118,7 +129,9 @@ class ModelLoader:
             module = self._torch_module(manifest, state)
             predictor = predictor_cls(manifest, module, self.device)
         else:
-            module, tokenizer = self._hf_model(manifest, folder, state)
+            if prepared is None:
+                prepared = self._prepare(manifest, folder)
+            module, tokenizer = self._hf_model(manifest, prepared, state)
             predictor = predictor_cls(manifest, module, self.device, tokenizer)  # type: ignore[call-arg]
         logger.info(
             "model built",
@@ -132,15 +145,6 @@ class ModelLoader:
             },
         )
         return predictor
-
-    def _from_disk(self, manifest: Manifest, weights: list[str]) -> dict[str, bytearray] | None:
-        """The weights from the disk tier, every file re-verified; None if another load's
-        pruning removed the folder meanwhile (then the caller fetches from S3)."""
-        try:
-            folder = self.store.download(manifest, self.disk.path_for(manifest))
-            return {w: bytearray((folder / w).read_bytes()) for w in weights}
-        except FileNotFoundError:
-            return None
 
     def _write_behind(self, manifest: Manifest, weights: dict[str, bytearray]) -> None:
         """Copy verified weights into the disk tier from a background thread, then prune."""
@@ -166,32 +170,44 @@ class ModelLoader:
             raise ModelLoadFailed(f"{manifest.key}: weights do not match the architecture") from exc
         return module.to(self.device)
 
-    def _hf_model(
-        self, manifest: Manifest, folder: Path, state: dict[str, torch.Tensor]
-    ) -> tuple[torch.nn.Module, object]:
-        from transformers import (
-            AutoConfig,
-            AutoModel,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
+    def _prepare(self, manifest: Manifest, folder: Path) -> tuple[object, object] | None:
+        """For a transformers model: its config and tokenizer, from the version's folder."""
+        if manifest.format != "hf-transformers":
+            return None
+        from transformers import AutoConfig, AutoTokenizer
 
+        try:
+            config = AutoConfig.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadFailed(
+                f"{manifest.key}: not a loadable transformers model ({type(exc).__name__})"
+            ) from exc
+        return config, tokenizer
+
+    def _hf_model(
+        self,
+        manifest: Manifest,
+        prepared: tuple[object, object],
+        state: dict[str, torch.Tensor],
+    ) -> tuple[torch.nn.Module, object]:
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        config, tokenizer = prepared
         auto_cls = (
             AutoModelForSequenceClassification
             if manifest.task == "text-classification"
             else AutoModel
         )
         try:
-            config = AutoConfig.from_pretrained(
-                str(folder), local_files_only=True, trust_remote_code=False
-            )
             # NOTE: the concrete class for this config (never remote code); it adopts the
             # state dict, whose tensors are views of the fetched bytes.
             model_cls = auto_cls._model_mapping[type(config)]
             module = model_cls.from_pretrained(None, config=config, state_dict=state)
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(folder), local_files_only=True, trust_remote_code=False
-            )
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadFailed(
                 f"{manifest.key}: not a loadable transformers model ({type(exc).__name__})"
