@@ -1,9 +1,9 @@
 """Range readers: one byte range of a stored object, read straight into a caller's buffer.
 
 `S3RangeReader` issues one ranged GET per call with a plain (thread-safe) botocore client
-and streams the response body into the caller's memoryview with `readinto`, piece by piece,
-so no chunk-sized `bytes` object is built and then copied, and a trickling or stalled body
-is cut off at the caller's deadline (each socket read is also bounded by the read timeout).
+and streams the response body into its place in the caller's buffer as each socket read
+returns (no chunk-sized `bytes` object built and copied again, no join of parts), so a
+trickling body is cut off at the caller's deadline and a silent one at the read timeout.
 `FsspecRangeReader` serves any other fsspec filesystem (the in-memory one of the unit tests)
 with `cat_file` ranges.
 """
@@ -92,15 +92,21 @@ class S3RangeReader:
                 raise ArtifactCorrupt(f"{path}: shorter than its manifest size") from exc
             raise
         body = response["Body"]
+        # NOTE: read1 on the urllib3 response under botocore's StreamingBody: it returns
+        # whatever one socket read brings (readinto/read loop until the piece is full, which
+        # a trickling server can stretch forever), so the deadline is checked between reads
+        # and a silent socket still ends at the read timeout.
+        raw = body._raw_stream
         try:
             done = 0
             while done < len(view):
                 if time.monotonic() > deadline:
                     raise _deadline_passed(path)
-                n = body.readinto(view[done : done + PIECE_BYTES])
-                if not n:
+                data = raw.read1(min(PIECE_BYTES, len(view) - done))
+                if not data:
                     raise ArtifactCorrupt(f"{path}: short read at byte {start + done}")
-                done += n
+                view[done : done + len(data)] = data
+                done += len(data)
         finally:
             body.close()
 

@@ -25,6 +25,7 @@ from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 import fsspec
+import urllib3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from serve_app.config import StoreConfig
@@ -37,7 +38,8 @@ logger = logging.getLogger(__name__)
 _DISK_PIECE = 16 * 2**20
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 
-_STORAGE_ERRORS = (OSError, BotoCoreError, ClientError, TimeoutError)
+# NOTE: urllib3 errors come from reading S3 response bodies (serve_app.ranged).
+_STORAGE_ERRORS = (OSError, BotoCoreError, ClientError, TimeoutError, urllib3.exceptions.HTTPError)
 
 
 @contextlib.contextmanager
