@@ -89,8 +89,8 @@ class ModelHost:
 
         # NOTE: every file is in memory during a load, so all of them count against the
         # budget (a manifest's declared sizes are untrusted; see ModelStore.check_sizes).
-        async with self.cache.lease(manifest.key, load, size_hint=manifest.total_bytes) as lease:
-            outputs = await asyncio.to_thread(lease.model.predict, call.inputs)
+        lease = await self.cache.acquire(manifest.key, load, size_hint=manifest.total_bytes)
+        outputs = await self.cache.call_in_thread(lease, lambda model: model.predict(call.inputs))
         if not lease.hit and self.metrics is not None:
             self.metrics.observe_wait(
                 manifest.model_id, manifest.version, lease.wait_seconds * 1000
