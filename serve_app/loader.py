@@ -22,6 +22,7 @@ from serve_app.config import HostConfig
 from serve_app.errors import ModelLoadFailed
 from serve_app.manifest import Manifest
 from serve_app.predictor import PREDICTORS, Predictor
+from serve_app.staging import HostToDevice
 from serve_app.store import DiskTier, ModelStore
 from serve_app.tensorfile import tensors_from_buffer
 
@@ -59,6 +60,8 @@ class ModelLoader:
         self.disk = disk
         self.device = device
         self.owns_disk = owns_disk
+        # NOTE: pinned staging buffers are allocated once per replica, not per load.
+        self._h2d = HostToDevice(device) if device.type == "cuda" else None
         # NOTE: importing transformers takes seconds; pay it at replica start, not in the
         # first cold request.
         import transformers
@@ -164,6 +167,8 @@ class ModelLoader:
             raise ModelLoadFailed(f"{manifest.key}: torch-module manifest has no architecture")
         with torch.device("meta"):
             module = build_module(manifest.architecture)
+        if self._h2d is not None:
+            state = self._h2d.copy(state)
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
@@ -212,4 +217,8 @@ class ModelLoader:
             raise ModelLoadFailed(
                 f"{manifest.key}: not a loadable transformers model ({type(exc).__name__})"
             ) from exc
+        if self._h2d is not None:
+            # NOTE: parameters and persistent buffers go through the pinned staging buffers;
+            # `.to()` below then only moves what the state dict does not hold.
+            module.load_state_dict(self._h2d.copy(module.state_dict()), assign=True)
         return module.eval().to(self.device), tokenizer
