@@ -54,14 +54,13 @@ def main() -> None:
     with harness.local_s3() as store, harness.serve_stack(store, host, 3) as (url, mux, _):
         stamp = int(time.time())
         # NOTE: warm-up: the first load in a fresh replica pays transformers' lazy imports
-        for i, (kind, (src, inputs)) in enumerate(kinds.items()):
+        for kind, (src, inputs) in kinds.items():
             model_id = f"warmup-{kind}-{stamp}"
             publish_path(store, Path(src), model_id, "1")
             wait_listed(url, model_id)
             for _ in range(3):
                 timed_post(f"{url}/v1/models/{model_id}/predict", {"inputs": inputs})
                 timed_post(mux, {"inputs": inputs}, {"serve_multiplexed_model_id": model_id})
-            del i
         for run in range(args.runs):
             for kind, (src, inputs) in kinds.items():
                 model_id = f"b6-{kind}-{stamp}-{run}"
