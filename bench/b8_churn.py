@@ -3,7 +3,7 @@
 (a) Peak RSS over a churn run / budget, through the real endpoint: the `fleet` app (2 host
 replicas, 150 MB budget each) and, on the same trace, Ray's `@serve.multiplexed` with 3
 models per replica (count-based). The trace: Zipf(0.9) over 60 models of 0.1-45 MB (the
-demo's fraud models plus 30-45 MB MLPs), about 3x the fleet's memory. Each replica's RSS is
+demo's fraud models plus 40-70 MB MLPs), several times the fleet's memory. Each replica's RSS is
 sampled every 20 ms; the figure is max over replicas of (peak RSS - idle RSS) / budget,
 where idle RSS is the replica's RSS before it held any model (torch, Ray, code).
 (b) RSS given back after eviction / model bytes: in-process `ModelHost`, a 45 MB model
@@ -34,7 +34,7 @@ def zipf_trace(n_models: int, length: int, alpha: float, seed: int) -> list[int]
 
 def main() -> None:
     args = harness.parse_args(
-        __doc__.split("\n")[0], lambda p: p.add_argument("--requests", type=int, default=150)
+        __doc__.split("\n")[0], lambda p: p.add_argument("--requests", type=int, default=120)
     )
     from serve_app.demo import fraud_model_ids, write_fraud_model
     from serve_app.publisher import publish_path
@@ -47,7 +47,7 @@ def main() -> None:
             publish_path(store, write_fraud_model(work / model_id, i), model_id, "1")
             models.append((model_id, [[0.25] * 32]))
         for i in range(10):
-            src = harness.write_mlp(work / f"big{i}", 30 + (i % 4) * 5, seed=i)
+            src = harness.write_mlp(work / f"big{i}", 40 + (i % 4) * 10, seed=i)
             publish_path(store, src, f"big-{i}", "1")
             models.append((f"big-{i}", [[0.25] * 32]))
         rng = random.Random(0)
@@ -55,11 +55,12 @@ def main() -> None:
         host = {"num_replicas": 2, "num_cpus": 0.5, "memory_budget": BUDGET}
         with harness.serve_stack(store, host, 3) as (url, mux, pids):
             harness.progress(f"replica pids: {pids}")
+            # NOTE: idle = before any model was loaded (torch, Ray and code only)
+            idle = {pid: harness.rss_bytes(pid) for procs in pids.values() for pid in procs}
             for run in range(args.runs):
                 trace = zipf_trace(len(models), args.requests, 0.9, seed=run)
                 for name, target in (("fleet", "ModelHostDeployment"), ("mux", "Mux")):
                     procs = pids[target]
-                    idle = {pid: harness.rss_bytes(pid) for pid in procs}
                     started = time.monotonic()
                     with harness.PeakSampler(procs, every_s=0.02) as sampler:
                         for index in trace:
@@ -85,9 +86,6 @@ def main() -> None:
                         f"run {run + 1}/{args.runs} {name}: {len(trace)} requests in "
                         f"{time.monotonic() - started:.1f}s, peak RSS increase / budget {over:.2f}"
                     )
-                    # NOTE: each run starts from idle replicas: restart them? too slow; instead
-                    # the idle RSS is re-read before each run, so later runs measure growth
-                    # beyond what earlier runs left resident.
         for run in range(args.runs):
             result.sample("reclaim", asyncio.run(reclaim(store, work, run)))
             harness.progress(
