@@ -353,14 +353,20 @@ def _wait_healthy(url: str, replicas: int) -> None:
 
 
 def _actor_pids() -> dict[str, list[int]]:
-    from ray.util.state import list_actors
+    """Pids of this driver's Serve replicas by deployment name, from their process titles
+    (`ray::ServeReplica:<app>:<deployment>`); only descendants of this process count."""
+    import psutil
 
     pids: dict[str, list[int]] = {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        name = actor.class_name or ""
-        if name.startswith("ServeReplica:"):
-            deployment = name.split(":")[-1]
-            pids.setdefault(deployment, []).append(int(actor.pid))
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if "ServeReplica:" not in title:
+            continue
+        deployment = title.split("ServeReplica:", 1)[1].split()[0].split(":")[-1]
+        pids.setdefault(deployment.split(".")[0], []).append(proc.pid)
     return pids
 
 
