@@ -23,7 +23,7 @@ from serve_app.errors import ModelLoadFailed
 from serve_app.manifest import Manifest
 from serve_app.predictor import PREDICTORS, Predictor
 from serve_app.staging import HostToDevice
-from serve_app.store import DiskTier, ModelStore
+from serve_app.store import Buffer, DiskTier, ModelStore
 from serve_app.tensorfile import tensors_from_buffer
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class ModelLoader:
         )
         return predictor
 
-    def _write_behind(self, manifest: Manifest, weights: dict[str, bytearray]) -> None:
+    def _write_behind(self, manifest: Manifest, weights: dict[str, Buffer]) -> None:
         """Copy verified weights into the disk tier from a background thread, then prune."""
 
         def write() -> None:

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import socket
@@ -263,7 +264,7 @@ class ModelStore:
         self.check_sizes(manifest, limit_bytes)
         return VersionFetch(self, manifest, order or [])
 
-    def fetch(self, manifest: Manifest, limit_bytes: int | None = None) -> dict[str, bytearray]:
+    def fetch(self, manifest: Manifest, limit_bytes: int | None = None) -> dict[str, Buffer]:
         """Every file of `manifest` in memory (path -> buffer), verified by sha256.
 
         Raises:
@@ -278,12 +279,32 @@ class ModelStore:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+Buffer = bytearray | mmap.mmap
+
+
+def host_buffer(size: int) -> Buffer:
+    """A writable buffer of `size` bytes for a model file, not yet touched.
+
+    Anonymous memory (`mmap`), not `bytearray`: a bytearray is zero-filled when created,
+    which faults in every page before the first byte arrives (a second full pass over the
+    model); mapped pages are faulted in as the download writes them, in huge pages where
+    the kernel allows, and go back to the OS as soon as the last tensor view is dropped.
+    """
+    if size == 0:
+        return bytearray()
+    buffer = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+    return buffer
+
+
 class _StreamDigest:
     """sha256 of one file whose chunks land in any order: each chunk is hashed as soon as
     every byte before it has been hashed, by the thread that completed it or the one that
     is hashing already (hashlib releases the GIL, so other chunks keep downloading)."""
 
-    def __init__(self, buffer: bytearray) -> None:
+    def __init__(self, buffer: Buffer) -> None:
         self._view = memoryview(buffer)
         self._hash = hashlib.sha256()
         self._next = 0
@@ -339,7 +360,7 @@ class VersionFetch:
         base = store.version_dir(manifest.model_id, manifest.version)
         entries = {e.path: e for e in manifest.files}
         paths = [p for p in order if p in entries] + [p for p in entries if p not in order]
-        self.buffers = {p: bytearray(entries[p].size) for p in paths}
+        self.buffers = {p: host_buffer(entries[p].size) for p in paths}
         self._digests = {p: _StreamDigest(self.buffers[p]) for p in paths}
         self._futures: dict[str, list[Future[None]]] = {p: [] for p in paths}
         chunk = store.config.chunk_bytes
@@ -363,7 +384,7 @@ class VersionFetch:
             raise
         self._digests[path].landed(start, start + len(view))
 
-    def wait(self, paths: list[str] | None = None) -> dict[str, bytearray]:
+    def wait(self, paths: list[str] | None = None) -> dict[str, Buffer]:
         """Verified buffers of `paths` (default: every file) once they have arrived.
 
         Raises:
@@ -426,18 +447,18 @@ class DiskTier:
             for e in manifest.files
         )
 
-    def read(self, manifest: Manifest) -> dict[str, bytearray] | None:
+    def read(self, manifest: Manifest) -> dict[str, Buffer] | None:
         """Every file of this version from disk, each read into a buffer of its size and
         hashed in the same pass; None if a file is missing, short or fails its sha256 (a
         corrupt copy is deleted). Needs no store: versions are immutable, so a verified disk
         copy serves reloads while S3 is down (stale-if-error)."""
         folder = self.path_for(manifest)
-        buffers: dict[str, bytearray] = {}
+        buffers: dict[str, Buffer] = {}
         for entry in manifest.files:
-            buffer = bytearray(entry.size)
-            view, digest, done = memoryview(buffer), hashlib.sha256(), 0
             try:
                 with inside(folder, entry.path).open("rb", buffering=0) as fh:
+                    buffer = host_buffer(entry.size)
+                    view, digest, done = memoryview(buffer), hashlib.sha256(), 0
                     while done < entry.size:
                         n = fh.readinto(view[done : done + _DISK_PIECE])
                         if not n:
@@ -456,7 +477,7 @@ class DiskTier:
             buffers[entry.path] = buffer
         return buffers
 
-    def write(self, manifest: Manifest, buffers: dict[str, bytearray], paths: list[str]) -> Path:
+    def write(self, manifest: Manifest, buffers: dict[str, Buffer], paths: list[str]) -> Path:
         """Write verified `buffers[path]` for `paths` into this version's folder (each
         through a temp file and a rename, so a half-written file is never taken as whole)."""
         folder = self.path_for(manifest)
