@@ -308,6 +308,7 @@ def serve_stack(store: Any, host: dict[str, Any], mux_models_per_replica: int | 
         _temp_dir=temp_dir,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
         logging_level="ERROR",
+        log_to_driver=False,
     )
     try:
         port = find_free_port()
