@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +54,24 @@ def main() -> None:
     host = {"num_replicas": 2, "num_cpus": 0.5, "memory_budget": "1GB"}
     with harness.local_s3() as store, harness.serve_stack(store, host, 3) as (url, mux, _):
         stamp = int(time.time())
-        # NOTE: warm-up: the first load in a fresh replica pays transformers' lazy imports
+        # NOTE: warm-up: the first load in a fresh replica pays transformers' lazy imports;
+        # concurrent requests for several ids reach every replica of both apps.
+        warmups = []
         for kind, (src, inputs) in kinds.items():
-            model_id = f"warmup-{kind}-{stamp}"
-            publish_path(store, Path(src), model_id, "1")
+            for i in range(4):
+                model_id = f"warmup-{kind}-{stamp}-{i}"
+                publish_path(store, Path(src), model_id, "1")
+                warmups.append((model_id, inputs))
+        for model_id, _ in warmups:
             wait_listed(url, model_id)
-            for _ in range(3):
-                timed_post(f"{url}/v1/models/{model_id}/predict", {"inputs": inputs})
-                timed_post(mux, {"inputs": inputs}, {"serve_multiplexed_model_id": model_id})
+
+        def warm(item: tuple[str, Any]) -> None:
+            model_id, inputs = item
+            timed_post(f"{url}/v1/models/{model_id}/predict", {"inputs": inputs})
+            timed_post(mux, {"inputs": inputs}, {"serve_multiplexed_model_id": model_id})
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(warm, warmups))
         for run in range(args.runs):
             for kind, (src, inputs) in kinds.items():
                 model_id = f"b6-{kind}-{stamp}-{run}"
