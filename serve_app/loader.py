@@ -116,14 +116,20 @@ class ModelLoader:
         if buffers is None:
             source = "s3"
             fetch = self.store.start_fetch(manifest, order=others)
-            folder = self.disk.write(manifest, fetch.wait(others), others)
-            try:
-                prepared = self._prepare(manifest, folder)
-            except BaseException:
-                fetch.cancel()
-                raise
-            buffers = fetch.wait(weights)
-            self._write_behind(manifest, {w: buffers[w] for w in weights})
+            behind = weights
+            if manifest.format == "hf-transformers":
+                # NOTE: transformers reads config and tokenizer from a folder: write them
+                # now and build them while the weights are still streaming in.
+                folder = self.disk.write(manifest, fetch.wait(others), others)
+                try:
+                    prepared = self._prepare(manifest, folder)
+                except BaseException:
+                    fetch.cancel()
+                    raise
+            else:
+                behind = weights + others
+            buffers = fetch.wait()
+            self._write_behind(manifest, {p: buffers[p] for p in behind})
         fetched = time.perf_counter()
         state: dict[str, torch.Tensor] = {}
         for path in weights:
