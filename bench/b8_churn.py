@@ -59,7 +59,7 @@ def main() -> None:
             idle = {pid: harness.rss_bytes(pid) for procs in pids.values() for pid in procs}
             for run in range(args.runs):
                 trace = zipf_trace(len(models), args.requests, 0.9, seed=run)
-                for name, target in (("fleet", "ModelHostDeployment"), ("mux", "Mux")):
+                for name, target in (("fleet", "ModelHost"), ("mux", "Mux")):
                     procs = pids[target]
                     started = time.monotonic()
                     with harness.PeakSampler(procs, every_s=0.02) as sampler:
