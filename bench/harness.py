@@ -199,8 +199,6 @@ def reference_read(store: Any, manifest: Any, chunk: int = 8 * 2**20, workers: i
     # NOTE: an untouched anonymous mapping, like the fetch path's buffers: a bytearray would
     # be zero-filled first, and that second pass is not part of reading.
     buf = mmap.mmap(-1, max(1, manifest.total_bytes))
-    with contextlib.suppress(OSError, AttributeError):
-        buf.madvise(mmap.MADV_HUGEPAGE)
     view = memoryview(buf)
     jobs, offset = [], 0
     base = store.version_dir(manifest.model_id, manifest.version)
