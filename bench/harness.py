@@ -283,8 +283,9 @@ def write_mlp(dest: Path, megabytes: int, seed: int = 0) -> Path:
     from serve_app.demo import write_fraud_model
 
     hidden = 2048
-    layers = max(1, round(megabytes * 10**6 / 4 / (hidden * hidden)))
-    spec = MlpSpec(input_dim=32, hidden_dims=[hidden] * layers, output_dim=2)
+    # NOTE: n hidden layers hold n - 1 hidden x hidden matrices (the rest is small)
+    squares = max(1, round(megabytes * 10**6 / 4 / (hidden * hidden)))
+    spec = MlpSpec(input_dim=32, hidden_dims=[hidden] * (squares + 1), output_dim=2)
     return write_fraud_model(dest, 0, seed, spec)
 
 
