@@ -3,15 +3,18 @@
 One 512 MB weights file (a torch MLP). Per run, in the same process and alternating:
 - fetch: `ModelStore.fetch` (ranged GETs into preallocated buffers, sha256 verified);
 - reference: `harness.reference_read` (8 MiB ranged GETs x 4 into one buffer, no hashing);
-- s3fs: `S3FileSystem().cat_file(path)` with s3fs's defaults.
+- s3fs: `S3FileSystem().cat_file(path)` with s3fs's defaults;
+- reader_no_hash (diagnostic): fetch's range reader on the same chunks, without sha256.
 Goals: fetch / reference throughput >= 0.9; fetch / s3fs-default >= 1.5.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench import harness
@@ -37,6 +40,22 @@ def main() -> None:
             for entry in manifest.files:
                 default_fs.cat_file(f"{base}/{entry.path}")
 
+        def reader_only() -> None:
+            # diagnostic: fetch's range reader and pool layout without the sha256 pass
+            chunk, deadline = store.config.chunk_bytes, time.monotonic() + 600
+            with ThreadPoolExecutor(store.config.max_concurrency) as pool:
+                for entry in manifest.files:
+                    view = memoryview(mmap.mmap(-1, max(1, entry.size)))
+                    key = f"{base}/{entry.path}"
+                    list(
+                        pool.map(
+                            lambda at, key=key, view=view: store.reader.read_into(
+                                key, at, view[at : at + chunk], deadline
+                            ),
+                            range(0, entry.size, chunk),
+                        )
+                    )
+
         store.fetch(manifest)  # warm-up (connections, server caches) for every reader
         harness.reference_read(store, manifest)
         s3fs_cat()
@@ -45,6 +64,7 @@ def main() -> None:
                 ("fetch", lambda: store.fetch(manifest)),
                 ("reference", lambda: harness.reference_read(store, manifest)),
                 ("s3fs_default", s3fs_cat),
+                ("reader_no_hash", reader_only),
             ):
                 harness.trim_heap()
                 started = time.perf_counter()
