@@ -1,4 +1,4 @@
-"""The loader: a manifest -> verified files on local disk -> a Predictor on the device.
+"""The loader: a manifest -> verified buffers (disk tier or S3) -> a Predictor on the device.
 
 Artifacts are safetensors only. Hugging Face directories load with
 `from_pretrained(local_files_only=True, trust_remote_code=False, use_safetensors=True)`;
@@ -90,10 +90,9 @@ class ModelLoader:
 
         From the disk tier when it holds a verified copy (no S3 call at all, so it serves
         while S3 is down); otherwise streamed from S3 into preallocated buffers, hashed as the
-        chunks arrive. The small files come first, so config and tokenizer are built while
-        the weights are still streaming; the verified weights are written to the disk tier
-        in the background, off the request's path. Weights become tensors as zero-copy views
-        of the fetched buffers, adopted by a module built on the meta device.
+        chunks arrive and copied to the disk tier in the same pass (see `_fetch`). Weights
+        become tensors as zero-copy views of those buffers, adopted by a module built on the
+        meta device (on a GPU, through pinned staging buffers).
 
         Raises:
             ModelTooLarge: a declared file size is over its limit (`limit_bytes` for all
