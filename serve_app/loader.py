@@ -114,7 +114,21 @@ class ModelLoader:
         source, prepared = "disk", None
         if buffers is None:
             source = "s3"
-            buffers, prepared = self._fetch(manifest, others)
+            fetch = self.store.start_fetch(manifest, order=others)
+            behind = weights
+            if manifest.format == "hf-transformers":
+                # NOTE: transformers reads config and tokenizer from a folder: write them
+                # now and build them while the weights are still streaming in.
+                folder = self.disk.write(manifest, fetch.wait(others), others)
+                try:
+                    prepared = self._prepare(manifest, folder)
+                except BaseException:
+                    fetch.cancel()
+                    raise
+            else:
+                behind = weights + others
+            buffers = fetch.wait()
+            self._write_behind(manifest, {p: buffers[p] for p in behind})
         fetched = time.perf_counter()
         state: dict[str, torch.Tensor] = {}
         for path in weights:
@@ -140,46 +154,18 @@ class ModelLoader:
         )
         return predictor
 
-    def _fetch(
-        self, manifest: Manifest, others: list[str]
-    ) -> tuple[dict[str, Buffer], tuple[object, object] | None]:
-        """Stream the version from S3 into memory and, in the same pass, into the disk
-        tier's part files (renamed into place once verified). For a transformers model, the
-        config and tokenizer are built while the weights are still arriving."""
-        parts = self.disk.open_parts(manifest)
-        sinks = {path: fh for path, (_, fh) in parts.items()}
-        fetch = self.store.start_fetch(manifest, order=others, sinks=sinks)
-        prepared = None
-        try:
-            if manifest.format == "hf-transformers":
-                # NOTE: transformers reads config and tokenizer from a folder: put them in
-                # place first and build them while the weights are still streaming in.
-                aux = fetch.wait(others)
-                self.disk.commit(manifest, parts, [p for p in others if fetch.sink_complete(p)])
-                unstaged = [p for p in others if p in parts or p not in sinks]
-                self.disk.write(manifest, aux, unstaged)
-                prepared = self._prepare(manifest, self.disk.path_for(manifest))
-            buffers = fetch.wait()
-        except BaseException:
-            fetch.cancel()
-            self.disk.discard(parts)
-            raise
-        self.disk.commit(manifest, parts, [p for p in buffers if fetch.sink_complete(p)])
-        self.disk.discard(parts)
-        self._prune_behind(manifest)
-        return buffers, prepared
+    def _write_behind(self, manifest: Manifest, weights: dict[str, Buffer]) -> None:
+        """Copy verified weights into the disk tier from a background thread, then prune."""
 
-    def _prune_behind(self, manifest: Manifest) -> None:
-        """Prune the disk tier to its budget from a background thread (a directory walk)."""
-        keep = {self.disk.path_for(manifest)}
-
-        def prune() -> None:
+        def write() -> None:
             try:
-                self.disk.prune(keep=keep)
+                folder = self.disk.write(manifest, weights, list(weights))
+                self.disk.prune(keep={folder})
             except OSError:
-                logger.warning("disk tier prune failed", extra={"key": manifest.key})
+                # NOTE: the disk tier is an optimisation; a full disk only costs a refetch.
+                logger.warning("disk tier write failed", extra={"key": manifest.key})
 
-        threading.Thread(target=prune, name=f"disk-tier:{manifest.key}", daemon=True).start()
+        threading.Thread(target=write, name=f"disk-tier:{manifest.key}", daemon=True).start()
 
     def _torch_module(self, manifest: Manifest, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         if not manifest.architecture:

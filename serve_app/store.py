@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
-from typing import BinaryIO
 
 import fsspec
 import urllib3
@@ -253,22 +252,17 @@ class ModelStore:
             )
 
     def start_fetch(
-        self,
-        manifest: Manifest,
-        order: list[str] | None = None,
-        limit_bytes: int | None = None,
-        sinks: dict[str, BinaryIO] | None = None,
+        self, manifest: Manifest, order: list[str] | None = None, limit_bytes: int | None = None
     ) -> VersionFetch:
         """Start fetching every file of `manifest` into memory; see VersionFetch.
 
-        `order` lists file paths to fetch first (the rest follow in manifest order);
-        `sinks` (path -> file) receive each file's bytes in order as they are hashed.
+        `order` lists file paths to fetch first (the rest follow in manifest order).
 
         Raises:
             ModelTooLarge: see check_sizes (checked before any buffer is allocated).
         """
         self.check_sizes(manifest, limit_bytes)
-        return VersionFetch(self, manifest, order or [], sinks)
+        return VersionFetch(self, manifest, order or [])
 
     def fetch(self, manifest: Manifest, limit_bytes: int | None = None) -> dict[str, Buffer]:
         """Every file of `manifest` in memory (path -> buffer), verified by sha256.
@@ -304,13 +298,10 @@ def host_buffer(size: int) -> Buffer:
 class _StreamDigest:
     """sha256 of one file whose chunks land in any order: each chunk is hashed as soon as
     every byte before it has been hashed, by the thread that completed it or the one that
-    is hashing already (hashlib releases the GIL, so other chunks keep downloading). With a
-    `sink`, each hashed segment is also appended to it (the disk tier's part file)."""
+    is hashing already (hashlib releases the GIL, so other chunks keep downloading)."""
 
-    def __init__(self, buffer: Buffer, sink: BinaryIO | None = None) -> None:
+    def __init__(self, buffer: Buffer) -> None:
         self._view = memoryview(buffer)
-        self._sink = sink
-        self.sink_ok = sink is not None
         self._hash = hashlib.sha256()
         self._next = 0
         self._landed: dict[int, int] = {}
@@ -332,13 +323,6 @@ class _StreamDigest:
                     return
                 start = self._next
             self._hash.update(self._view[start:end])
-            if self.sink_ok:
-                try:
-                    self._sink.write(self._view[start:end])  # type: ignore[union-attr]
-                except (OSError, ValueError):
-                    # NOTE: the disk copy is an optimisation; a full disk (or a sink closed
-                    # by a cancelled fetch) only costs a later refetch.
-                    self.sink_ok = False
             with self._lock:
                 self._next = end
 
@@ -363,13 +347,7 @@ class VersionFetch:
     bounded by `store.download_timeout_s`; the first failure cancels the remaining GETs.
     """
 
-    def __init__(
-        self,
-        store: ModelStore,
-        manifest: Manifest,
-        order: list[str],
-        sinks: dict[str, BinaryIO] | None = None,
-    ) -> None:
+    def __init__(self, store: ModelStore, manifest: Manifest, order: list[str]) -> None:
         self.manifest = manifest
         self._store = store
         self._deadline = time.monotonic() + store.config.download_timeout_s
@@ -379,8 +357,7 @@ class VersionFetch:
         entries = {e.path: e for e in manifest.files}
         paths = [p for p in order if p in entries] + [p for p in entries if p not in order]
         self.buffers = {p: host_buffer(entries[p].size) for p in paths}
-        sinks = sinks or {}
-        self._digests = {p: _StreamDigest(self.buffers[p], sinks.get(p)) for p in paths}
+        self._digests = {p: _StreamDigest(self.buffers[p]) for p in paths}
         self._futures: dict[str, list[Future[None]]] = {p: [] for p in paths}
         chunk = store.config.chunk_bytes
         for path in paths:
@@ -436,10 +413,6 @@ class VersionFetch:
                     "not loaded"
                 )
         return {p: self.buffers[p] for p in paths}
-
-    def sink_complete(self, path: str) -> bool:
-        """Whether every byte of `path` went to its sink (call after `wait`)."""
-        return self._digests[path].sink_ok
 
     def cancel(self) -> None:
         """Stop issuing this version's GETs (those in flight finish or fail on their own)."""
@@ -514,48 +487,6 @@ class DiskTier:
             finally:
                 part.unlink(missing_ok=True)
         return folder
-
-    def open_parts(self, manifest: Manifest) -> dict[str, tuple[Path, BinaryIO]]:
-        """Part files for every file of this version, to be filled while it downloads
-        (`VersionFetch` sinks) and renamed into place by `commit` once verified. Empty
-        if the disk cannot take them (the tier is an optimisation)."""
-        folder = self.path_for(manifest)
-        parts: dict[str, tuple[Path, BinaryIO]] = {}
-        try:
-            for entry in manifest.files:
-                target = inside(folder, entry.path)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                part = target.with_name(f"{target.name}.part-{os.getpid()}-{threading.get_ident()}")
-                parts[entry.path] = (part, part.open("wb", buffering=0))
-        except OSError:
-            logger.warning("disk tier unavailable for this load", extra={"key": manifest.key})
-            self.discard(parts)
-            return {}
-        return parts
-
-    def commit(
-        self, manifest: Manifest, parts: dict[str, tuple[Path, BinaryIO]], complete: list[str]
-    ) -> None:
-        """Rename the verified, completely written part files `complete` into place (and
-        out of `parts`). Each rename is atomic: a half-written file is never taken as whole."""
-        folder = self.path_for(manifest)
-        for path in complete:
-            if path not in parts:
-                continue
-            part, fh = parts.pop(path)
-            try:
-                fh.close()
-                os.replace(part, inside(folder, path))
-            except OSError:
-                part.unlink(missing_ok=True)
-
-    def discard(self, parts: dict[str, tuple[Path, BinaryIO]]) -> None:
-        """Close and delete part files that will not be committed."""
-        for part, fh in parts.values():
-            with contextlib.suppress(OSError):
-                fh.close()
-            part.unlink(missing_ok=True)
-        parts.clear()
 
     def touch(self, manifest: Manifest) -> None:
         """Mark a version as just used (its folder's mtime orders pruning)."""

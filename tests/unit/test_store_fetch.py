@@ -140,32 +140,3 @@ def test_disk_tier_prunes_least_recently_used_past_its_budget(
     assert disk.read(manifests[0]) is not None
     assert disk.read(manifests[1]) is None  # least recently used goes first
     assert disk.read(manifests[2]) is not None
-
-
-def test_a_load_fills_the_disk_tier_in_the_same_pass(published: ModelStore, tmp_path: Path) -> None:
-    import torch
-
-    from serve_app.loader import ModelLoader
-
-    loader = ModelLoader(published, DiskTier(tmp_path / "disk", 2**30), torch.device("cpu"))
-    manifest = published.read_manifest("m-a", "1")
-    loader.load(manifest)
-    # no background writer to wait for: the verified copy is in place when load returns
-    assert loader.disk.read(manifest) is not None
-    assert not list((tmp_path / "disk").rglob("*.part-*"))
-
-
-def test_a_corrupt_download_leaves_nothing_on_disk(published: ModelStore, tmp_path: Path) -> None:
-    import torch
-
-    from serve_app.loader import ModelLoader
-
-    manifest = published.read_manifest("m-b", "1")
-    path = f"{published.version_dir('m-b', '1')}/model.safetensors"
-    data = bytearray(published.fs.cat_file(path))
-    data[-1] ^= 0x01
-    published.fs.pipe_file(path, bytes(data))
-    loader = ModelLoader(published, DiskTier(tmp_path / "disk", 2**30), torch.device("cpu"))
-    with pytest.raises(ArtifactCorrupt):
-        loader.load(manifest)
-    assert not [p for p in (tmp_path / "disk").rglob("*") if p.is_file()]
