@@ -9,10 +9,13 @@ weights with `load_state_dict(assign=True)`, so no random init runs and nothing 
 from __future__ import annotations
 
 import logging
+import mmap
 import shutil
 import tempfile
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,7 +93,7 @@ class ModelLoader:
 
         From the disk tier when it holds a verified copy (no S3 call at all, so it serves
         while S3 is down); otherwise streamed from S3 into preallocated buffers, hashed as the
-        chunks arrive and copied to the disk tier in the same pass (see `_fetch`). Weights
+        chunks arrive, and copied to the disk tier behind the request (`_write_behind`). Weights
         become tensors as zero-copy views of those buffers, adopted by a module built on the
         meta device (on a GPU, through pinned staging buffers).
 
@@ -154,13 +157,20 @@ class ModelLoader:
         )
         return predictor
 
-    def _write_behind(self, manifest: Manifest, weights: dict[str, Buffer]) -> None:
-        """Copy verified weights into the disk tier from a background thread, then prune."""
+    def _write_behind(self, manifest: Manifest, files: dict[str, Buffer]) -> None:
+        """Copy verified files into the disk tier from a background thread, then prune.
+
+        The thread holds the buffers only weakly: if the model is evicted before its copy is
+        written, the copy is abandoned rather than keeping the model's memory alive past
+        its eviction (the budget counts resident models, not pending disk writes)."""
+        refs = {path: _weak(buffer) for path, buffer in files.items()}
 
         def write() -> None:
             try:
-                folder = self.disk.write(manifest, weights, list(weights))
-                self.disk.prune(keep={folder})
+                if self.disk.write_weak(manifest, refs):
+                    self.disk.prune(keep={self.disk.path_for(manifest)})
+                else:
+                    logger.info("disk tier copy abandoned: evicted", extra={"key": manifest.key})
             except OSError:
                 # NOTE: the disk tier is an optimisation; a full disk only costs a refetch.
                 logger.warning("disk tier write failed", extra={"key": manifest.key})
@@ -227,3 +237,11 @@ class ModelLoader:
             # `.to()` below then only moves what the state dict does not hold.
             module.load_state_dict(self._h2d.copy(module.state_dict()), assign=True)
         return module.eval().to(self.device), tokenizer
+
+
+def _weak(buffer: Buffer) -> Callable[[], Buffer | None]:
+    """A weak reference to a fetch buffer (a small bytearray, which cannot be weakly
+    referenced, is simply held: it costs nothing)."""
+    if isinstance(buffer, mmap.mmap):
+        return weakref.ref(buffer)
+    return lambda: buffer

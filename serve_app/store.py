@@ -488,6 +488,35 @@ class DiskTier:
                 part.unlink(missing_ok=True)
         return folder
 
+    def write_weak(
+        self, manifest: Manifest, buffers: dict[str, Callable[[], Buffer | None]]
+    ) -> bool:
+        """Like `write`, for buffers held only through weak references (`buffers[path]()`
+        returns the buffer or None once it is gone): written piece by piece, and abandoned,
+        with nothing left behind, as soon as a buffer has been freed (its model evicted), so
+        the disk copy never keeps a model's memory alive. True if every file was written."""
+        folder = self.path_for(manifest)
+        for path, ref in buffers.items():
+            target = inside(folder, path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(f"{target.name}.part-{os.getpid()}-{threading.get_ident()}")
+            try:
+                with part.open("wb", buffering=0) as fh:
+                    done = 0
+                    while True:
+                        buffer = ref()
+                        if buffer is None:
+                            return False
+                        if done >= len(buffer):
+                            break
+                        with memoryview(buffer) as view:
+                            done += fh.write(view[done : done + _DISK_PIECE])
+                        del buffer
+                os.replace(part, target)
+            finally:
+                part.unlink(missing_ok=True)
+        return True
+
     def touch(self, manifest: Manifest) -> None:
         """Mark a version as just used (its folder's mtime orders pruning)."""
         path = self.path_for(manifest)

@@ -140,3 +140,25 @@ def test_disk_tier_prunes_least_recently_used_past_its_budget(
     assert disk.read(manifests[0]) is not None
     assert disk.read(manifests[1]) is None  # least recently used goes first
     assert disk.read(manifests[2]) is not None
+
+
+def test_the_disk_copy_of_an_evicted_model_is_abandoned(
+    published: ModelStore, tmp_path: Path
+) -> None:
+    import weakref
+
+    from serve_app.store import host_buffer
+
+    manifest = published.read_manifest("m-a", "1")
+    disk = DiskTier(tmp_path / "disk", 2**30)
+    fetched = published.fetch(manifest)
+    buffers = {p: host_buffer(len(b)) for p, b in fetched.items()}
+    for path, buffer in buffers.items():
+        memoryview(buffer)[:] = fetched[path]
+    refs = {p: weakref.ref(b) for p, b in buffers.items()}
+    assert disk.write_weak(manifest, refs)
+    assert disk.read(manifest) is not None
+    other = published.read_manifest("m-a", "2")
+    refs = {p: weakref.ref(host_buffer(10)) for p in ("model.safetensors",)}  # already freed
+    assert not disk.write_weak(other, refs)
+    assert not [p for p in disk.path_for(other).rglob("*") if p.is_file()]
