@@ -73,7 +73,6 @@ def main() -> None:
 
             with ThreadPoolExecutor(6) as pool:
                 list(pool.map(warm, smallest * 2))
-            harness.trim_heap()
             idle = {pid: harness.rss_bytes(pid) for procs in pids.values() for pid in procs}
             result.notes["warmup_models_bytes"] = sum(sizes[m] for m in smallest)
             for run in range(args.runs):
