@@ -163,7 +163,12 @@ class ModelLoader:
         The thread holds the buffers only weakly: if the model is evicted before its copy is
         written, the copy is abandoned rather than keeping the model's memory alive past
         its eviction (the budget counts resident models, not pending disk writes)."""
-        refs = {path: _weak(buffer) for path, buffer in files.items()}
+        # NOTE: only weight buffers are kept alive by the model's tensors; the small other
+        # files (capped by store.max_aux_file_bytes) are held until written.
+        refs = {
+            path: _weak(buffer) if path.endswith(".safetensors") else _strong(buffer)
+            for path, buffer in files.items()
+        }
 
         def write() -> None:
             try:
@@ -240,8 +245,13 @@ class ModelLoader:
 
 
 def _weak(buffer: Buffer) -> Callable[[], Buffer | None]:
-    """A weak reference to a fetch buffer (a small bytearray, which cannot be weakly
+    """A weak reference to a fetch buffer (an empty bytearray, which cannot be weakly
     referenced, is simply held: it costs nothing)."""
     if isinstance(buffer, mmap.mmap):
         return weakref.ref(buffer)
+    return _strong(buffer)
+
+
+def _strong(buffer: Buffer) -> Callable[[], Buffer | None]:
+    """A reference-shaped callable that keeps `buffer` alive."""
     return lambda: buffer

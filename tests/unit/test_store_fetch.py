@@ -162,3 +162,22 @@ def test_the_disk_copy_of_an_evicted_model_is_abandoned(
     refs = {p: weakref.ref(host_buffer(10)) for p in ("model.safetensors",)}  # already freed
     assert not disk.write_weak(other, refs)
     assert not [p for p in disk.path_for(other).rglob("*") if p.is_file()]
+
+
+def test_a_load_leaves_a_verified_disk_copy_behind(published: ModelStore, tmp_path: Path) -> None:
+    import threading
+
+    import torch
+
+    from serve_app.loader import ModelLoader
+
+    loader = ModelLoader(published, DiskTier(tmp_path / "disk", 2**30), torch.device("cpu"))
+    manifest = published.read_manifest("m-a", "1")
+    predictor = loader.load(manifest)
+    for thread in threading.enumerate():
+        if thread.name.startswith("disk-tier:"):
+            thread.join(30)
+    # every file, the small non-weight ones included (only weights are held weakly)
+    assert loader.disk.read(manifest) is not None
+    assert not list((tmp_path / "disk").rglob("*.part-*"))
+    assert predictor.predict([[0.0] * 4])
