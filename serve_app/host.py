@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 
 from serve_app.cache import CacheEvent, ModelCache
-from serve_app.config import HostConfig
+from serve_app.config import DEFAULT_POOL, HostConfig
+from serve_app.errors import FleetError, unwrap
 from serve_app.loader import ModelLoader, memory_budget, resolve_device
+from serve_app.manifest import Manifest
 from serve_app.metrics import HostMetrics
 from serve_app.policy import make_policy
 from serve_app.predictor import Predictor
@@ -47,6 +49,7 @@ class ModelHost:
         self.loader = ModelLoader.from_config(store, config, self.device)
         self._on_routing_change = on_routing_change
         self.metrics = metrics
+        self.pin_errors: dict[str, str] = {}
         self.cache: ModelCache[Predictor] = ModelCache(
             memory_budget(config, self.device),
             max_concurrent_loads=config.max_concurrent_loads,
@@ -83,13 +86,55 @@ class ModelHost:
         if self.metrics is not None:
             self.metrics.on_event(event, time.monotonic())
 
-    async def predict(self, call: PredictCall) -> PredictResponse:
-        """Predict with `call.manifest`'s model, loading it first if it is not resident."""
-        manifest = call.manifest
-
+    def _loader_for(self, manifest: Manifest) -> Callable[[], Awaitable[Predictor]]:
         async def load() -> Predictor:
             return await asyncio.to_thread(self.loader.load, manifest, self.cache.budget_bytes)
 
+        return load
+
+    async def set_pins(self, manifests: list[Manifest]) -> dict[str, str]:
+        """Keep exactly `manifests` pinned here; returns the errors by key (empty if none).
+
+        Pins no longer wanted are unpinned, not unloaded: they stay resident as ordinary
+        LRU entries until room is needed. New pins are pinned first (so they count against
+        the budget at once), then loaded concurrently. A pin that does not fit is refused
+        (PinRefused) and reported; the others still apply.
+        """
+        wanted = {m.key: m for m in manifests}
+        for key in self.cache.pinned_keys():
+            if key not in wanted:
+                self.cache.unpin(key)
+        errors: dict[str, str] = {}
+        loads = []
+        for key, manifest in wanted.items():
+            try:
+                self.cache.pin(key, manifest.total_bytes)
+            except FleetError as exc:
+                errors[key] = str(exc)
+                continue
+            if key not in self.cache:
+                loads.append(manifest)
+
+        async def load_pin(manifest: Manifest) -> None:
+            lease = await self.cache.acquire(
+                manifest.key, self._loader_for(manifest), size_hint=manifest.total_bytes
+            )
+            self.cache.release(lease.key, lease.model)
+
+        results = await asyncio.gather(*(load_pin(m) for m in loads), return_exceptions=True)
+        for manifest, result in zip(loads, results, strict=True):
+            if isinstance(result, BaseException):
+                errors[manifest.key] = str(unwrap(result))
+        self.pin_errors = errors
+        if errors:
+            logger.error("pins not applied", extra={"errors": errors})
+        logger.info("pins applied", extra={"pins": sorted(wanted), "loaded": len(loads)})
+        return errors
+
+    async def predict(self, call: PredictCall) -> PredictResponse:
+        """Predict with `call.manifest`'s model, loading it first if it is not resident."""
+        manifest = call.manifest
+        load = self._loader_for(manifest)
         # NOTE: every file is in memory during a load, so all of them count against the
         # budget (a manifest's declared sizes are untrusted; see ModelStore.check_sizes).
         lease = await self.cache.acquire(manifest.key, load, size_hint=manifest.total_bytes)
@@ -114,7 +159,11 @@ class ModelHost:
         return {
             "replica": self.replica,
             "device": str(self.device),
+            "pool": getattr(self.config, "name", DEFAULT_POOL),
             "budget_bytes": self.cache.budget_bytes,
+            "pinned": self.cache.pinned_keys(),
+            "pinned_bytes": self.cache.pinned_bytes,
+            "pin_errors": self.pin_errors,
             "eviction_policy": self.cache.policy.name,
             "resident_bytes": self.cache.resident_bytes,
             "reserved_bytes": self.cache.reserved_bytes,
@@ -126,6 +175,8 @@ class ModelHost:
                     "leases": e.leases,
                     "hits": e.hits,
                     "load_s": round(e.load_seconds, 4),
+                    "loaded_at": round(e.loaded_at, 4),
+                    "pinned": e.pinned,
                 }
                 for e in self.cache.entries()
             ],
