@@ -99,7 +99,7 @@ class ModelHost:
 
     def _loader_for(self, manifest: Manifest) -> Callable[[], Awaitable[Predictor]]:
         async def load() -> Predictor:
-            return await asyncio.to_thread(self.loader.load, manifest)
+            return await asyncio.to_thread(self.loader.load, manifest, self.cache.budget_bytes)
 
         return load
 
@@ -122,7 +122,7 @@ class ModelHost:
         loads = []
         for key, manifest in wanted.items():
             try:
-                self.cache.pin(key, manifest.weight_bytes)
+                self.cache.pin(key, manifest.total_bytes)
             except FleetError as exc:
                 errors[key] = str(exc)
                 continue
@@ -131,7 +131,7 @@ class ModelHost:
 
         async def load_pin(manifest: Manifest) -> None:
             lease = await self.cache.acquire(
-                manifest.key, self._loader_for(manifest), size_hint=manifest.weight_bytes
+                manifest.key, self._loader_for(manifest), size_hint=manifest.total_bytes
             )
             self.cache.release(lease.key, lease.model)
 
@@ -149,7 +149,9 @@ class ModelHost:
         """Predict with `call.manifest`'s model, loading it first if it is not resident."""
         manifest = call.manifest
         load = self._loader_for(manifest)
-        lease = await self.cache.acquire(manifest.key, load, size_hint=manifest.weight_bytes)
+        # NOTE: every file is in memory during a load, so all of them count against the
+        # budget (a manifest's declared sizes are untrusted; see ModelStore.check_sizes).
+        lease = await self.cache.acquire(manifest.key, load, size_hint=manifest.total_bytes)
         outputs = await self.cache.call_in_thread(lease, lambda model: model.predict(call.inputs))
         if not lease.hit and self.metrics is not None:
             self.metrics.observe_wait(
@@ -205,8 +207,10 @@ class ModelHost:
     # ------------------------------------------------------------------ management
     async def prewarm(self, manifest: Manifest) -> None:
         """Make `manifest`'s model resident (a load without a request)."""
-        await self.cache.acquire(manifest.key, self._loader_for(manifest), manifest.weight_bytes)
-        self.cache.release(manifest.key)
+        lease = await self.cache.acquire(
+            manifest.key, self._loader_for(manifest), manifest.total_bytes
+        )
+        self.cache.release(lease.key, lease.model)
 
     async def pin(self, manifest: Manifest) -> None:
         """Pin `manifest`'s model and load it; a failed load leaves it unpinned.
@@ -217,7 +221,7 @@ class ModelHost:
         """
         key = manifest.key
         was_pinned = self.cache.is_pinned(key)
-        self.cache.pin(key, manifest.weight_bytes)
+        self.cache.pin(key, manifest.total_bytes)
         try:
             await self.prewarm(manifest)
         except BaseException:
