@@ -50,7 +50,7 @@ def test_load_on_both_replicas_residency_and_cli(
         assert r["version"] == "1"
         assert r["bytes"] > 0
         assert r["device"] == "cpu"
-        assert r["pool"] == "ModelHost"
+        assert r["pool"] == "default"
         assert time.time() - 60 < r["loaded_at"] <= r["last_used"] <= time.time() + 1
     assert main(["--url", app.url, "models"]) == 0
     table = capsys.readouterr().out
