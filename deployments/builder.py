@@ -32,5 +32,6 @@ def build_app(args: AppConfig) -> Application:
     ).bind(config.host, config.store)
     return Ingress.options(
         num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
-    ).bind(host, config.ingress, config.store)
+    ).bind(host, config.ingress, config.store, config.host.batching, config.host.num_replicas)

@@ -14,13 +14,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.replica_directory import ReplicaPublisher, read_replicas
-from serve_app.config import IngressConfig, StoreConfig
+from serve_app.batching import BatchPolicy, MicroBatcher
+from serve_app.config import BatchingConfig, IngressConfig, StoreConfig
 from serve_app.gateway import Gateway
 from serve_app.http import create_app
 from serve_app.logs import configure_logging
 from serve_app.metrics import IngressMetrics, ModelLabels
 from serve_app.registry import Registry
-from serve_app.schemas import PredictCall, PredictResponse
+from serve_app.schemas import BatchResult, PredictBatch, PredictCall, PredictResponse
 from serve_app.stats import StatsRecorder
 from serve_app.store import ModelStore
 
@@ -31,9 +32,22 @@ class Ingress:
     """Front door of the `fleet` app: validate, resolve, route by model id to the host pool."""
 
     def __init__(
-        self, host: DeploymentHandle, config: IngressConfig, store_config: StoreConfig
+        self,
+        host: DeploymentHandle,
+        config: IngressConfig,
+        store_config: StoreConfig,
+        batching: BatchingConfig | None = None,
+        host_replicas: int = 1,
     ) -> None:
         configure_logging()
+        # NOTE: concurrent requests for one model travel to the host pool together, one
+        # handle call per batch (the host batches again across ingress replicas); up to
+        # `host_replicas` batches of a model are in flight so every holder stays busy.
+        self._batching = batching or BatchingConfig()
+        self._batch_in_flight = max(2, host_replicas)
+        self._batcher: MicroBatcher[str, PredictCall, PredictResponse | BaseException] = (
+            MicroBatcher(self._send_batch, self._batch_policy)
+        )
         context = serve.get_replica_context()
         self._host = host
         self._app = context.app_name
@@ -61,8 +75,26 @@ class Ingress:
         )
 
     async def _dispatch(self, call: PredictCall) -> PredictResponse:
-        handle = self._host.options(multiplexed_model_id=call.manifest.key)
-        return await handle.predict.remote(call)
+        if self._batching.for_model(call.manifest.model_id).max_batch_size <= 1:
+            (outcome,) = await self._send_batch(call.manifest.key, [call])
+        else:
+            outcome = await self._batcher.submit(call.manifest.key, call, rows=len(call.inputs))
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _batch_policy(self, key: str) -> BatchPolicy:
+        config = self._batching.for_model(key.split("@", 1)[0])
+        return BatchPolicy(config.max_batch_size, config.max_wait_ms, self._batch_in_flight)
+
+    async def _send_batch(
+        self, key: str, calls: list[PredictCall]
+    ) -> list[PredictResponse | BaseException]:
+        manifest = calls[0].manifest
+        batch = PredictBatch(manifest, [c.inputs for c in calls], [c.request_id for c in calls])
+        handle = self._host.options(multiplexed_model_id=key)
+        result: BatchResult = await handle.predict_batch.remote(batch)
+        return [result.outcome(manifest, i) for i in range(len(calls))]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_app(self.gateway, self._config.max_body_bytes, self._config.stats_window_s)

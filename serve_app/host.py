@@ -4,6 +4,11 @@
 `ModelCache` (byte budget, LRU, leases), runs loads and inference in worker threads so the
 event loop keeps serving, and reports the set of resident (and loading) models through the
 `on_routing_change` callback so the router's view matches what the replica really holds.
+
+Threads: loads (fetch, verify, deserialise, build) run on a pool of `max_concurrent_loads`
+threads and predictions on their own pool of `predict_threads`, so a warm request never
+queues behind a load. Concurrent requests for one model are batched (`serve_app.batching`):
+one forward pass per batch, one batch per model at a time, batches never mix models.
 """
 
 from __future__ import annotations
@@ -12,16 +17,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from serve_app.batching import BatchPolicy, MicroBatcher
 from serve_app.cache import CacheEvent, ModelCache
 from serve_app.config import HostConfig
 from serve_app.loader import ModelLoader, memory_budget, resolve_device
 from serve_app.metrics import HostMetrics
 from serve_app.predictor import Predictor
-from serve_app.schemas import PredictCall, PredictResponse
+from serve_app.schemas import BatchResult, PredictBatch, PredictCall, PredictResponse
 from serve_app.store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -46,6 +53,11 @@ class ModelHost:
         self.loader = ModelLoader.from_config(store, config, self.device)
         self._on_routing_change = on_routing_change
         self.metrics = metrics
+        self._load_pool = ThreadPoolExecutor(config.max_concurrent_loads, "fleet-load")
+        self._predict_pool = ThreadPoolExecutor(config.predict_threads, "fleet-predict")
+        self.batcher: MicroBatcher[tuple[str, Predictor], list[Any], list[Any]] = MicroBatcher(
+            self._run_batch, self._batch_policy
+        )
         self.cache: ModelCache[Predictor] = ModelCache(
             memory_budget(config, self.device),
             max_concurrent_loads=config.max_concurrent_loads,
@@ -82,26 +94,68 @@ class ModelHost:
 
     async def predict(self, call: PredictCall) -> PredictResponse:
         """Predict with `call.manifest`'s model, loading it first if it is not resident."""
-        manifest = call.manifest
+        batch = PredictBatch(call.manifest, [call.inputs], [call.request_id])
+        return (await self.predict_batch(batch)).response(call.manifest, 0)
+
+    async def predict_batch(self, batch: PredictBatch) -> BatchResult:
+        """Predict every request of `batch` (one model version), loading it on a miss.
+
+        The model stays leased until every prediction's thread is done. Each request's
+        rows join the model's dynamic batches; a request's own failure is returned in its
+        slot (typed), a load failure is raised for all."""
+        manifest = batch.manifest
+        loop = asyncio.get_running_loop()
 
         async def load() -> Predictor:
-            return await asyncio.to_thread(self.loader.load, manifest)
+            return await loop.run_in_executor(self._load_pool, self.loader.load, manifest)
 
         async with self.cache.lease(manifest.key, load, size_hint=manifest.weight_bytes) as lease:
-            outputs = await asyncio.to_thread(lease.model.predict, call.inputs)
+            key = (manifest.key, lease.model)
+            work = asyncio.gather(
+                *(self._predict_rows(key, rows) for rows in batch.inputs), return_exceptions=True
+            )
+            try:
+                results = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # NOTE: the caller went away; the threads still use the model, so the lease
+                # is returned only when they are done.
+                await asyncio.wait([work])
+                raise
         if not lease.hit and self.metrics is not None:
             self.metrics.observe_wait(
                 manifest.model_id, manifest.version, lease.wait_seconds * 1000
             )
-        return PredictResponse(
-            model_id=manifest.model_id,
-            version=manifest.version,
-            task=manifest.task,
-            outputs=outputs,
+        return BatchResult(
+            outputs=list(results),
             resident=lease.hit,
             load_wait_ms=round(lease.wait_seconds * 1000, 3),
             replica=self.replica,
         )
+
+    async def _predict_rows(self, key: tuple[str, Predictor], rows: list[Any]) -> list[Any]:
+        policy = self._batch_policy(key)
+        if policy.max_batch_size <= 1:  # batching off: every request is its own forward pass
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._predict_pool, key[1].predict, rows)
+        return await self.batcher.submit(key, rows, rows=len(rows))
+
+    def _batch_policy(self, key: tuple[str, Predictor]) -> BatchPolicy:
+        config = self.config.batching.for_model(key[1].manifest.model_id)
+        return BatchPolicy(config.max_batch_size, config.max_wait_ms, max_in_flight=1)
+
+    async def _run_batch(
+        self, key: tuple[str, Predictor], requests: list[list[Any]]
+    ) -> list[list[Any]]:
+        """One forward pass over the rows of several requests for one model."""
+        model = key[1]
+        rows = [row for request in requests for row in request]
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self._predict_pool, model.predict, rows)
+        split, start = [], 0
+        for request in requests:
+            split.append(outputs[start : start + len(request)])
+            start += len(request)
+        return split
 
     def status(self) -> dict[str, Any]:
         """What this replica holds: budget, resident bytes, models and counters."""
@@ -130,9 +184,15 @@ class ModelHost:
             "load_failures": stats.load_failures,
             "evictions": stats.evictions,
             "evicted": list(stats.evicted_keys[-100:]),
+            "batches": self.batcher.stats.batches,
+            "batched_requests": self.batcher.stats.items,
+            "largest_batch": self.batcher.stats.largest_batch,
         }
 
     async def close(self) -> None:
         """Free every model and the private disk tier (replica shutdown)."""
+        await self.batcher.close()
         await self.cache.close()
         self.loader.close()
+        self._predict_pool.shutdown(wait=False, cancel_futures=True)
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
