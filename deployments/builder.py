@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ray
 from ray.serve import Application
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.config import RequestRouterConfig
 
 from deployments.ingress import Ingress
@@ -21,6 +22,12 @@ def _host_gpus(config: AppConfig) -> float:
     return 0
 
 
+def _router_class(config: AppConfig) -> type:
+    if config.host.router == "ray":
+        return PowerOfTwoChoicesRequestRouter
+    return ModelAffinityRouter
+
+
 def build_app(args: AppConfig) -> Application:
     """Build the ingress + model-host application; unknown or invalid args fail the deploy."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
@@ -28,7 +35,7 @@ def build_app(args: AppConfig) -> Application:
         num_replicas=config.host.num_replicas,
         max_ongoing_requests=config.host.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.host.num_cpus, "num_gpus": _host_gpus(config)},
-        request_router_config=RequestRouterConfig(request_router_class=ModelAffinityRouter),
+        request_router_config=RequestRouterConfig(request_router_class=_router_class(config)),
     ).bind(config.host, config.store)
     return Ingress.options(
         num_replicas=config.ingress.num_replicas,

@@ -138,6 +138,11 @@ class HostConfig(_Strict):
         le=64,
         description="Prediction threads per replica (loads have their own).",
     )
+    router: Literal["affinity", "ray"] = Field(
+        "affinity",
+        description="affinity: fleetserve's router (cold models placed at once by free "
+        "budget); ray: Ray Serve's stock multiplexed power-of-two router.",
+    )
     batching: BatchingConfig = Field(
         default_factory=BatchingConfig, description="Per-model dynamic batching."
     )

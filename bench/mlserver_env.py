@@ -1,0 +1,72 @@
+"""MLServer in its own virtualenv, for the warm-overhead baseline (bench/warm_overhead.py).
+
+`ensure_mlserver()` creates `.state/mlserver-venv` (once) with `mlserver` and
+`mlserver-huggingface` from PyPI. The project's torch is reused through a `.pth` file that
+appends the project venv's site-packages (so no second torch is downloaded; the MLServer
+venv's own packages, e.g. its pinned fastapi and transformers<5, come first on sys.path).
+`mlserver-huggingface` is installed without its declared `tensorflow`/`onnxruntime`
+dependencies (a PyTorch pipeline needs neither); `optimum` is installed without extras.
+
+`write_model_settings()` writes an MLServer model folder serving a local copy of
+all-MiniLM-L6-v2 as a `feature-extraction` pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+VERSION = "1.7.1"
+PACKAGES = [f"mlserver=={VERSION}", "transformers>=4.44,<5", "optimum>=1.4,<2"]
+
+
+class MLServerUnavailable(RuntimeError):
+    """MLServer could not be installed or started here; the message says why."""
+
+
+def _run(cmd: list[str], what: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise MLServerUnavailable(f"{what} failed: " + " | ".join(tail))
+
+
+def ensure_mlserver(root: Path = Path(".state/mlserver-venv")) -> Path:
+    """The `mlserver` executable of the MLServer venv, installing it if needed."""
+    exe = root / "bin" / "mlserver"
+    if exe.exists():
+        return exe
+    _run([sys.executable, "-m", "venv", str(root)], "creating the MLServer venv")
+    pip = [str(root / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    _run([*pip, *PACKAGES], f"pip install {' '.join(PACKAGES)}")
+    _run(
+        [*pip, "--no-deps", f"mlserver-huggingface=={VERSION}"],
+        "pip install mlserver-huggingface",
+    )
+    py = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    ours = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
+    (root / "lib" / py / "site-packages" / "zz-fleet-torch.pth").write_text(ours + "\n")
+    return exe
+
+
+def write_model_settings(models_dir: Path, name: str, model_path: Path) -> Path:
+    """An MLServer model folder `models_dir/name` serving `model_path` (feature-extraction)."""
+    folder = models_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "name": name,
+        "implementation": "mlserver_huggingface.HuggingFaceRuntime",
+        "parameters": {
+            "extra": {
+                "task": "feature-extraction",
+                "pretrained_model": str(model_path),
+                "pretrained_tokenizer": str(model_path),
+                "framework": "pt",
+            }
+        },
+    }
+    (folder / "model-settings.json").write_text(json.dumps(settings, indent=2))
+    return folder
