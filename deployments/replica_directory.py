@@ -10,6 +10,7 @@ older than `STALE_S`, so a dead replica disappears on its own.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from ray.experimental.internal_kv import (
     _internal_kv_put,
 )
 
+logger = logging.getLogger(__name__)
+
 HEARTBEAT_S = 2.0
 STALE_S = 10.0
 _NAMESPACE = "fleetserve"
@@ -29,6 +32,10 @@ _NAMESPACE = "fleetserve"
 
 def _prefix(app: str, kind: str) -> str:
     return f"{app}/{kind}/"
+
+
+def _kv_put(key: str, value: str) -> None:
+    _internal_kv_put(key, value, overwrite=True, namespace=_NAMESPACE)
 
 
 class ReplicaPublisher:
@@ -42,11 +49,15 @@ class ReplicaPublisher:
         source: Callable[[], dict[str, Any]] | None = None,
         interval_s: float = HEARTBEAT_S,
         on_heartbeat: Callable[[], None] | None = None,
+        put: Callable[[str, str], None] = _kv_put,
     ) -> None:
         """`source`, if given, is polled from the publishing thread every `interval_s`
         (it must be thread-safe); otherwise the owner calls `publish()` on changes.
-        `on_heartbeat` (thread-safe) runs on the same beat."""
+        `on_heartbeat` (thread-safe) runs on the same beat. `put(key, json)` writes the
+        entry (Ray's GCS key-value store)."""
         self._key = _prefix(app, kind) + replica_id
+        self._put = put
+        self.failures = 0
         self._source = source
         self._on_heartbeat = on_heartbeat
         self._interval_s = interval_s
@@ -67,19 +78,34 @@ class ReplicaPublisher:
         while not self._stop.is_set():
             self._dirty.wait(self._interval_s)
             self._dirty.clear()
-            if self._on_heartbeat is not None:
-                self._on_heartbeat()
-            if self._source is not None:
-                self.publish(self._source())
-            with self._lock:
-                body = dict(self._status, heartbeat=time.time())
-            _internal_kv_put(self._key, json.dumps(body), overwrite=True, namespace=_NAMESPACE)
+            if self._stop.is_set():
+                return
+            # NOTE: one failed beat (a GCS hiccup, a failing callback) must not end the
+            # thread: the replica would silently vanish from the directory for good.
+            try:
+                self._beat()
+            except Exception:
+                self.failures += 1
+                logger.exception("replica directory heartbeat failed", extra={"key": self._key})
 
-    def close(self) -> None:
-        """Stop publishing and remove this replica's entry."""
+    def _beat(self) -> None:
+        if self._on_heartbeat is not None:
+            self._on_heartbeat()
+        if self._source is not None:
+            self.publish(self._source())
+        with self._lock:
+            body = dict(self._status, heartbeat=time.time())
+        self._put(self._key, json.dumps(body))
+
+    def stop(self) -> None:
+        """Stop publishing (the entry stays until it goes stale)."""
         self._stop.set()
         self._dirty.set()
         self._thread.join(timeout=5)
+
+    def close(self) -> None:
+        """Stop publishing and remove this replica's entry."""
+        self.stop()
         _internal_kv_del(self._key, namespace=_NAMESPACE)
 
 

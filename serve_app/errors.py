@@ -133,6 +133,16 @@ class LoadTimeout(FleetError):
     code = "load_timeout"
 
 
+class NoRoom(LoadTimeout):
+    """Every resident model stayed in use (or pinned) until the load's deadline (503).
+
+    Not remembered: it says nothing about the model, only about the cache at that moment.
+    """
+
+    code = "no_room"
+    remember = False
+
+
 class ModelTooLarge(FleetError):
     """The model needs more bytes than the replica's whole memory budget (507)."""
 
@@ -163,6 +173,14 @@ def unwrap(exc: BaseException) -> BaseException:
             break
         exc = cause
     return exc
+
+
+class PinRefused(FleetError):
+    """Pinning the model would put the pinned bytes over the memory budget (507)."""
+
+    status_code = 507
+    code = "pin_exceeds_budget"
+    remember = False
 
 
 def status_of(exc: BaseException) -> int:

@@ -130,18 +130,20 @@ class ModelHost:
         async def load() -> Predictor:
             return await loop.run_in_executor(self._load_pool, self.loader.load, manifest)
 
-        async with self.cache.lease(manifest.key, load, size_hint=manifest.weight_bytes) as lease:
-            key = (manifest.key, lease.model)
-            work = asyncio.gather(
-                *(self._predict_rows(key, rows) for rows in batch.inputs), return_exceptions=True
-            )
-            try:
-                results = await asyncio.shield(work)
-            except asyncio.CancelledError:
-                # NOTE: the caller went away; the threads still use the model, so the lease
-                # is returned only when they are done.
-                await asyncio.wait([work])
-                raise
+        lease = await self.cache.acquire(manifest.key, load, size_hint=manifest.weight_bytes)
+        key = (manifest.key, lease.model)
+        work = asyncio.gather(
+            *(self._predict_rows(key, rows) for rows in batch.inputs), return_exceptions=True
+        )
+        try:
+            results = await asyncio.shield(work)
+        finally:
+            # NOTE: the lease ends when the predictions end, not when the caller stops
+            # waiting: a cancelled request cannot let the model be closed under its thread.
+            if work.done():
+                self.cache.release(lease.key, lease.model)
+            else:
+                work.add_done_callback(lambda _: self.cache.release(lease.key, lease.model))
         if not lease.hit and self.metrics is not None:
             self.metrics.observe_wait(
                 manifest.model_id, manifest.version, lease.wait_seconds * 1000

@@ -9,16 +9,22 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.errors import InvalidModelId, InvalidVersion
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MANIFEST_NAME = "manifest.json"
+# NOTE: a manifest comes from the bucket, which is untrusted input: its file paths become
+# local paths (disk tier), so they are held to a strict shape here, once, for every reader.
+FILE_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
+MAX_FILE_DEPTH = 4
+MAX_FILES = 256
 
 ModelFormat = Literal["hf-transformers", "torch-module"]
 Task = Literal["tabular-classification", "text-classification", "text-embedding"]
@@ -50,6 +56,26 @@ def validate_version(version: str) -> str:
     return version
 
 
+def validate_file_path(path: str) -> str:
+    """Return `path` if it is a safe relative POSIX path for a model file, else raise
+    ValueError: no absolute paths, no `..` or `.` parts, no backslashes or empty parts,
+    at most MAX_FILE_DEPTH parts of [A-Za-z0-9._-], and a suffix from FILE_SUFFIXES."""
+    parts = path.split("/")
+    if not path or len(parts) > MAX_FILE_DEPTH or path == MANIFEST_NAME:
+        raise ValueError(f"invalid file path {path[:80]!r}")
+    for part in parts:
+        if part in {"", ".", ".."} or not FILE_PART_RE.fullmatch(part) or ".." in part:
+            raise ValueError(
+                f"invalid file path {path[:80]!r}: use a relative path of [A-Za-z0-9._-] "
+                "parts, without '..'"
+            )
+    if PurePosixPath(path).suffix not in FILE_SUFFIXES:
+        raise ValueError(
+            f"invalid file path {path[:80]!r}: only {', '.join(FILE_SUFFIXES)} files are allowed"
+        )
+    return path
+
+
 def version_sort_key(version: str) -> tuple[int, int, str]:
     """Order versions: numeric ones by value (2 < 10), then the rest by name."""
     if version.isdigit():
@@ -65,6 +91,11 @@ class FileEntry(BaseModel):
     path: str
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _safe_path(cls, path: str) -> str:
+        return validate_file_path(path)
 
 
 class Manifest(BaseModel):
@@ -85,6 +116,30 @@ class Manifest(BaseModel):
     task_options: dict[str, Any] = Field(default_factory=dict)
     labels: list[str] | None = None
     description: str = ""
+
+    @field_validator("model_id")
+    @classmethod
+    def _valid_model_id(cls, model_id: str) -> str:
+        if not MODEL_ID_RE.fullmatch(model_id) or ".." in model_id:
+            raise ValueError(f"invalid model id {model_id[:60]!r}")
+        return model_id
+
+    @field_validator("version")
+    @classmethod
+    def _valid_version(cls, version: str) -> str:
+        if not VERSION_RE.fullmatch(version) or ".." in version:
+            raise ValueError(f"invalid version {version[:60]!r}")
+        return version
+
+    @field_validator("files")
+    @classmethod
+    def _distinct_files(cls, files: list[FileEntry]) -> list[FileEntry]:
+        if len(files) > MAX_FILES:
+            raise ValueError(f"too many files ({len(files)} > {MAX_FILES})")
+        paths = [f.path for f in files]
+        if len(set(paths)) != len(paths):
+            raise ValueError("file paths must be distinct")
+        return files
 
     @property
     def key(self) -> str:

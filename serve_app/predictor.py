@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+import threading
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -139,13 +140,21 @@ class _TextPredictor(Predictor):
     ) -> None:
         super().__init__(manifest, module, device)
         self.tokenizer = tokenizer
+        # NOTE: HF fast tokenizers are not thread-safe (Rust RefCell state for padding and
+        # truncation) and a replica runs several predicts at once: one caller at a time.
+        self._tokenizer_lock = threading.Lock()
         limit = getattr(getattr(module, "config", None), "max_position_embeddings", 512)
         self.max_length = min(int(limit), 512)
 
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        with self._tokenizer_lock:
+            enc = self.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def close(self) -> None:

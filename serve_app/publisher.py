@@ -22,6 +22,7 @@ from typing import Any
 from serve_app import __version__
 from serve_app.errors import BadRequest
 from serve_app.manifest import (
+    FILE_SUFFIXES,
     FileEntry,
     Manifest,
     Task,
@@ -114,6 +115,9 @@ def _collect_files(src: Path) -> list[FileEntry]:
             continue
         if path.suffix in _NEVER_PUBLISHED:
             logger.warning("not publishing pickle or code file", extra={"file": rel})
+            continue
+        if path.suffix not in FILE_SUFFIXES:
+            logger.warning("not publishing file of an unknown kind", extra={"file": rel})
             continue
         entries.append(FileEntry(path=rel, size=path.stat().st_size, sha256=sha256_file(path)))
     return entries

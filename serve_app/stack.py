@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 import httpx
 import yaml
 
+from serve_app import ray_env
 from serve_app.errors import FleetError
 from serve_app.process import HOST, ManagedProcess, port_is_open, write_private_file
 from serve_app.prometheus import (
@@ -82,8 +83,8 @@ RAY_STOP_TIMEOUT_S = 60.0
 _POLL_S = 0.5
 
 # Variables that make Ray keep 127.0.0.1 as the node address (see the module docstring).
-RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-RAY_AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+RAY_LOOPBACK_ENV = ray_env.LOOPBACK_ENV
+RAY_AUTH_ENV = ray_env.AUTH_ENV
 
 
 class StackError(FleetError):
@@ -275,7 +276,11 @@ class RayHead(ManagedProcess):
                     f"port {port} on {HOST} is in use: a Ray cluster fleetserve did not start "
                     "(or another program) is running; stop it (e.g. `ray stop`) and retry"
                 )
-        self._spawn(self.command(), env={**self.env, **RAY_AUTH_ENV, **RAY_LOOPBACK_ENV})
+        # NOTE: job entrypoints (`ray job submit -- python job.py`) run with the head's PATH:
+        # put this environment's bin first so their `python` has Ray and fleetserve.
+        path = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
+        env = {**self.env, **RAY_AUTH_ENV, **RAY_LOOPBACK_ENV, "PATH": path}
+        self._spawn(self.command(), env=env)
         logger.info("ray head started", extra={"pid": self.pid, "log_path": str(self.log_path)})
 
     def node_alive(self) -> bool:
@@ -716,6 +721,8 @@ def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) ->
 
     ensure_ray_auth_token()
     head = _ensure_ray(state_dir, state, aws_env)
+    hook = ray_env.install_hook()
+    _say(f"drivers in this environment reach the loopback cluster ({hook.name})")
     if "metrics_export_port" not in (state.get("ray") or {}):
         _say(
             "warning: the running Ray head predates its fixed metrics port; Prometheus may "
@@ -780,6 +787,7 @@ def down(state_dir: Path) -> None:
             _say(f"stopping Ray head (pid {head.pid})")
             head.stop()
             _forget_ray_address(head.gcs_address)
+            ray_env.uninstall_hook()
             _say("Ray head stopped")
         else:
             _say("Ray head: not running")

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,11 +29,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from serve_app.config import StoreConfig
 from serve_app.errors import ArtifactCorrupt, StorageUnavailable, VersionExists
-from serve_app.manifest import MANIFEST_NAME, FileEntry, Manifest, sha256_file
+from serve_app.manifest import MANIFEST_NAME, FileEntry, Manifest, now_iso, sha256_file
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+CLAIM_NAME = ".claim"  # created first, conditionally, by the one publisher of a version
 
 _STORAGE_ERRORS = (OSError, BotoCoreError, ClientError, TimeoutError)
 
@@ -133,16 +136,28 @@ class ModelStore:
                 with storage_errors("reading manifests"):
                     raise data
             try:
-                out[path] = Manifest.model_validate_json(data)
+                manifest = Manifest.model_validate_json(data)
             except ValueError:
                 logger.warning("skipping invalid manifest", extra={"path": path})
+                continue
+            # NOTE: the path names the version; a manifest under a/1/ claiming b@1 is a forgery.
+            if self.manifest_path(manifest.model_id, manifest.version) != path.lstrip("/"):
+                logger.warning(
+                    "skipping manifest whose id or version differs from its path",
+                    extra={"path": path, "claims": manifest.key},
+                )
+                continue
+            out[path] = manifest
         return out
 
     def read_manifest(self, model_id: str, version: str) -> Manifest:
         """Read one manifest by id and version (raises FileNotFoundError if absent)."""
         with storage_errors("reading a manifest"):
             raw = self.fs.cat_file(self.manifest_path(model_id, version))
-        return Manifest.model_validate_json(raw)
+        manifest = Manifest.model_validate_json(raw)
+        if (manifest.model_id, manifest.version) != (model_id, version):
+            raise ValueError(f"manifest of {model_id}@{version} claims to be {manifest.key}")
+        return manifest
 
     def exists(self, model_id: str, version: str) -> bool:
         """Whether this version is published."""
@@ -157,14 +172,24 @@ class ModelStore:
 
         Raises:
             VersionExists: the version is already published (versions are immutable).
+
+        Two publishers of one version race safely: each first creates the version's claim
+        object with a conditional PUT (`If-None-Match: *`), so exactly one uploads files;
+        the manifest is written last, conditionally too. The claim stays (deleting it would
+        let a later publisher overwrite the files of a published version).
         """
+        exists = VersionExists(
+            f"{manifest.model_id} version {manifest.version} is already published (or being "
+            "published); versions are immutable, publish a new version instead"
+        )
         if self.exists(manifest.model_id, manifest.version):
-            raise VersionExists(
-                f"{manifest.model_id} version {manifest.version} is already published; "
-                "versions are immutable, publish a new version instead"
-            )
+            raise exists
         self.ensure_bucket()
         base = self.version_dir(manifest.model_id, manifest.version)
+        claim = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": now_iso()})
+        with storage_errors("claiming the version"):
+            if not self._create(f"{base}/{CLAIM_NAME}", claim.encode()):
+                raise exists
         total, done = manifest.total_bytes, 0
         with storage_errors("uploading model files"):
             for entry in manifest.files:
@@ -173,15 +198,24 @@ class ModelStore:
                 if progress:
                     progress(done, total)
             # NOTE: the manifest goes last; readers never see a half-published version.
-            self.fs.pipe_file(
-                self.manifest_path(manifest.model_id, manifest.version),
-                manifest.model_dump_json(indent=2).encode(),
-            )
+            body = manifest.model_dump_json(indent=2).encode()
+            if not self._create(self.manifest_path(manifest.model_id, manifest.version), body):
+                raise exists
         logger.info(
             "published model",
             extra={"model_id": manifest.model_id, "version": manifest.version, "bytes": total},
         )
         return manifest
+
+    def _create(self, path: str, data: bytes) -> bool:
+        """Write `path` only if it does not exist yet; False if it did (S3 412)."""
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+        return True
 
     # ----------------------------------------------------------------- fetch
     def download(self, manifest: Manifest, dest: Path) -> Path:
@@ -195,6 +229,8 @@ class ModelStore:
         """
         dest.mkdir(parents=True, exist_ok=True)
         base = self.version_dir(manifest.model_id, manifest.version)
+        for entry in manifest.files:
+            inside(dest, entry.path)
         missing = [
             e
             for e in manifest.files
@@ -301,13 +337,13 @@ class DiskTier:
 
     def path_for(self, manifest: Manifest) -> Path:
         """The folder that holds this version's files."""
-        return self.root / manifest.model_id / manifest.version
+        return inside(self.root, manifest.model_id, manifest.version)
 
     def has(self, manifest: Manifest) -> bool:
         """Whether every file of this version is on disk with its manifest size."""
         folder = self.path_for(manifest)
         return all(
-            (folder / e.path).is_file() and (folder / e.path).stat().st_size == e.size
+            inside(folder, e.path).is_file() and inside(folder, e.path).stat().st_size == e.size
             for e in manifest.files
         )
 
@@ -316,7 +352,7 @@ class DiskTier:
         through a temp file and a rename, so a half-written file is never taken as whole)."""
         folder = self.path_for(manifest)
         for path in paths:
-            target = folder / path
+            target = inside(folder, path)
             target.parent.mkdir(parents=True, exist_ok=True)
             part = target.with_name(f"{target.name}.part-{os.getpid()}-{threading.get_ident()}")
             try:
@@ -353,6 +389,28 @@ class DiskTier:
                 shutil.rmtree(folder, ignore_errors=True)
                 freed += size
             return freed
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    """Whether an s3fs error is S3's 412 for a conditional write (by error code, not text)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    cause = exc.__cause__
+    return isinstance(cause, ClientError) and (
+        cause.response.get("Error", {}).get("Code") == "PreconditionFailed"
+    )
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """`root / parts`, refusing any result that resolves outside `root`.
+
+    Manifests are validated on read (serve_app.manifest); this is the second line of
+    defence wherever a bucket-supplied name becomes a local path.
+    """
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"refusing a path outside {root}: {'/'.join(parts)[:80]!r}")
+    return path
 
 
 def wait_for_store(store: ModelStore, timeout_s: float = 30.0) -> None:

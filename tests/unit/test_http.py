@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from serve_app.architectures import build_mlp
 from serve_app.http import MODEL_ID_HEADER
-from serve_app.store import ModelStore
+from serve_app.store import CLAIM_NAME, ModelStore
 from tests.unit.conftest import SMALL
 
 ROW = [0.1, -0.2, 0.3, 0.4]
@@ -133,5 +133,5 @@ async def test_docs_are_served(client: httpx.AsyncClient) -> None:
 
 def test_safetensors_only(published: ModelStore) -> None:
     files = published.fs.find(published.root)
-    assert all(f.endswith((".safetensors", ".json")) for f in files)
+    assert all(f.endswith((".safetensors", ".json", f"/{CLAIM_NAME}")) for f in files)
     assert load_file  # weights are read with safetensors, never pickle

@@ -1,0 +1,38 @@
+"""The replica directory's heartbeat survives failing writes and callbacks."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from deployments.replica_directory import ReplicaPublisher
+from tests.integration.conftest import wait_for
+
+
+def test_heartbeat_keeps_going_after_failures() -> None:
+    written: list[dict] = []
+    calls = {"put": 0, "beat": 0}
+    lock = threading.Lock()
+
+    def put(key: str, value: str) -> None:
+        with lock:
+            calls["put"] += 1
+            if calls["put"] <= 2:
+                raise ConnectionError("GCS unavailable")
+            written.append(json.loads(value))
+
+    def on_heartbeat() -> None:
+        calls["beat"] += 1
+        if calls["beat"] == 4:
+            raise RuntimeError("gauge bug")
+
+    publisher = ReplicaPublisher(
+        "app", "hosts", "r1", interval_s=0.01, on_heartbeat=on_heartbeat, put=put
+    )
+    try:
+        publisher.publish({"replica": "r1", "models": ["m@1"]})
+        wait_for(lambda: len(written) >= 3, 10, "heartbeats after the failures")
+    finally:
+        publisher.stop()
+    assert publisher.failures == 3
+    assert written[-1]["models"] == ["m@1"]
