@@ -2,10 +2,12 @@
 
 `ensure_mlserver()` creates `.state/mlserver-venv` (once) with `mlserver` and
 `mlserver-huggingface` from PyPI. The project's torch is reused through a `.pth` file that
-appends the project venv's site-packages (so no second torch is downloaded; the MLServer
-venv's own packages, e.g. its pinned fastapi and transformers<5, come first on sys.path).
-`mlserver-huggingface` is installed without its declared `tensorflow`/`onnxruntime`
-dependencies (a PyTorch pipeline needs neither); `optimum` is installed without extras.
+appends the project venv's site-packages, written before pip runs, so pip sees that torch
+as installed and a constraint pins it to exactly that version: no second (unpinned) torch
+is ever downloaded. The MLServer venv's own packages (e.g. its fastapi<0.116 and
+transformers<5) come first on sys.path. `mlserver-huggingface` is installed without its
+declared `tensorflow`/`onnxruntime` dependencies (a PyTorch pipeline needs neither);
+`optimum` is installed without extras.
 
 `write_model_settings()` writes an MLServer model folder serving a local copy of
 all-MiniLM-L6-v2 as a `feature-extraction` pipeline.
@@ -39,16 +41,22 @@ def ensure_mlserver(root: Path = Path(".state/mlserver-venv")) -> Path:
     exe = root / "bin" / "mlserver"
     if exe.exists():
         return exe
+    import torch
+
     _run([sys.executable, "-m", "venv", str(root)], "creating the MLServer venv")
-    pip = [str(root / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    py = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    ours = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
+    (root / "lib" / py / "site-packages" / "zz-fleet-torch.pth").write_text(ours + "\n")
+    constraints = root / "constraints.txt"
+    constraints.write_text(f"torch=={torch.__version__}\n")
+    pip = [str(root / "bin" / "python"), "-m", "pip", "install", "--quiet", "-c", str(constraints)]
     _run([*pip, *PACKAGES], f"pip install {' '.join(PACKAGES)}")
     _run(
         [*pip, "--no-deps", f"mlserver-huggingface=={VERSION}"],
         "pip install mlserver-huggingface",
     )
-    py = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    ours = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
-    (root / "lib" / py / "site-packages" / "zz-fleet-torch.pth").write_text(ours + "\n")
+    if not exe.exists():
+        raise MLServerUnavailable(f"pip installed mlserver but {exe} is missing")
     return exe
 
 
