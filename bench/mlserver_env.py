@@ -1,13 +1,12 @@
 """MLServer in its own virtualenv, for the warm-overhead baseline (bench/warm_overhead.py).
 
 `ensure_mlserver()` creates `.state/mlserver-venv` (once) with `mlserver` and
-`mlserver-huggingface` from PyPI. The project's torch is reused through a `.pth` file that
-appends the project venv's site-packages, written before pip runs, so pip sees that torch
-as installed and a constraint pins it to exactly that version: no second (unpinned) torch
-is ever downloaded. The MLServer venv's own packages (e.g. its fastapi<0.116 and
+`mlserver-huggingface` from PyPI. A constraint pins torch to exactly the project's version (the
+CPU build here): no unpinned torch is ever installed. A `.pth` file appends the project
+venv's site-packages for anything else. The MLServer venv's own packages (e.g. its fastapi<0.116 and
 transformers<5) come first on sys.path. `mlserver-huggingface` is installed without its
-declared `tensorflow`/`onnxruntime` dependencies (a PyTorch pipeline needs neither);
-`optimum` is installed without extras.
+declared `onnxruntime` dependency (a PyTorch pipeline does not use it), with the CPU build
+of tensorflow (imported at module level), and `optimum` without extras.
 
 `write_model_settings()` writes an MLServer model folder serving a local copy of
 all-MiniLM-L6-v2 as a `feature-extraction` pipeline.
@@ -22,7 +21,15 @@ import sys
 from pathlib import Path
 
 VERSION = "1.7.1"
-PACKAGES = [f"mlserver=={VERSION}", "transformers>=4.44,<5", "optimum>=1.4,<2"]
+# NOTE: mlserver_huggingface imports tensorflow at module level (to set its thread counts),
+# so the CPU build of tensorflow is needed even for a PyTorch pipeline.
+PACKAGES = [
+    f"mlserver=={VERSION}",
+    "transformers>=4.44,<5",
+    "optimum>=1.4,<2",
+    "tensorflow-cpu>=2.16,<2.20",
+    "tf-keras>=2.16,<2.20",
+]
 
 
 class MLServerUnavailable(RuntimeError):
