@@ -4,7 +4,7 @@
 `mlserver-huggingface` from PyPI. A constraint pins torch to exactly the project's version (the
 CPU build here): no unpinned torch is ever installed. A `.pth` file appends the project
 venv's site-packages for anything else. The MLServer venv's own packages (e.g. its fastapi<0.116 and
-transformers<5) come first on sys.path. `mlserver-huggingface` is installed without its
+transformers 4.41) come first on sys.path. `mlserver-huggingface` is installed without its
 declared `onnxruntime` dependency (a PyTorch pipeline does not use it), with the CPU build
 of tensorflow (imported at module level), and `optimum` without extras.
 
@@ -25,10 +25,13 @@ VERSION = "1.7.1"
 # so the CPU build of tensorflow is needed even for a PyTorch pipeline.
 PACKAGES = [
     f"mlserver=={VERSION}",
-    "transformers>=4.44,<5",
+    "transformers==4.41.2",  # mlserver_huggingface imports `Conversation` (gone in 4.42)
     "optimum>=1.4,<2",
     "tensorflow-cpu>=2.16,<2.20",
     "tf-keras>=2.16,<2.20",
+    "protobuf>=5.27.2,<6",  # tensorflow 2.19's range, and mlserver's
+    "googleapis-common-protos<1.66",  # newer ones need protobuf 6
+    "pillow",  # imported by mlserver_huggingface's codecs
 ]
 
 
