@@ -5,6 +5,7 @@ One private stack (bench/local_stack.py) runs side by side, each with ONE replic
 server is Ray:
 
     fleet        the `fleet` app: ingress -> model host (1 host replica)
+    fleet-nobatch  (with --nobatch) the same app with batching off
     plain        an ordinary single-model Serve deployment (FastAPI, one hop)
     multiplexed  Ray Serve's built-in `@serve.multiplexed` (model id in the header)
     mlserver     MLServer 1.7 + mlserver-huggingface (feature-extraction pipeline), its own
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="clients for throughput")
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput window")
     parser.add_argument("--no-mlserver", action="store_true")
+    parser.add_argument("--nobatch", action="store_true", help="also the fleet, batching off")
     parser.add_argument("--out", type=Path, default=Path("bench/results/warm_overhead.json"))
     args = parser.parse_args()
 
@@ -142,6 +144,12 @@ def main() -> None:
         targets: dict[str, tuple[str, dict[str, Any], dict[str, str] | None]] = {
             "fleet": (f"{stack.url}/v1/models/{MODEL}/predict", {"inputs": TEXT}, None),
         }
+        if args.nobatch:
+            from deployments.builder import build_app
+
+            nobatch = stack.fleet_config({**host, "batching": {"max_batch_size": 1}})
+            base = stack.run_app(build_app(nobatch), "fleet-nobatch", "/fleet-nobatch")
+            targets["fleet-nobatch"] = (f"{base}/v1/models/{MODEL}/predict", {"inputs": TEXT}, None)
         plain = stack.run_app(plain_app(stack.store_config, MODEL, "1", 1, 0.5), "plain", "/plain")
         targets["plain"] = (plain + "/", {"inputs": TEXT}, None)
         mux = stack.run_app(multiplexed_app(stack.store_config, 1, 0.5), "mux", "/mux")
