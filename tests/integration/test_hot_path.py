@@ -65,19 +65,25 @@ def test_concurrent_requests_batch_and_answer_like_single_ones(
     )
 
 
-def _first_requests(app: FleetApp, model_id: str, clients: int = 3) -> list[dict[str, Any]]:
+def _first_requests(app: FleetApp, model_id: str, clients: int = 3) -> dict[str, Any]:
+    """A burst of concurrent requests: whether any was a miss, and its time beyond the load
+    (slowest latency minus the longest load wait: requests queued in the ingress behind the
+    loading batch report no wait of their own)."""
     body = {"inputs": _rows(7)}
 
-    def one(_: int) -> dict[str, Any]:
+    def one(_: int) -> tuple[float, dict[str, Any]]:
         started = time.perf_counter()
         response = httpx.post(f"{app.url}/v1/models/{model_id}/predict", json=body, timeout=60)
         assert response.status_code == 200, response.text
-        out = response.json()
-        out["overhead_s"] = time.perf_counter() - started - out["load_wait_ms"] / 1000
-        return out
+        return time.perf_counter() - started, response.json()
 
     with ThreadPoolExecutor(clients) as pool:
-        return list(pool.map(one, range(clients)))
+        results = list(pool.map(one, range(clients)))
+    return {
+        "miss": any(not r["resident"] for _, r in results),
+        "overhead_s": max(t for t, _ in results)
+        - max(r["load_wait_ms"] for _, r in results) / 1000,
+    }
 
 
 def test_cold_requests_are_placed_without_waiting_for_a_holder(
@@ -87,8 +93,8 @@ def test_cold_requests_are_placed_without_waiting_for_a_holder(
     concurrent burst spends Ray's multiplexed matching timeout before a replica takes it."""
     ids = [f"hot-cold-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
     publish_fresh_models(app, store, tmp_path, ids, first_index=2)
-    first = [r for model_id in ids for r in _first_requests(app, model_id)]
-    assert any(not r["resident"] for r in first)
+    first = [_first_requests(app, model_id) for model_id in ids]
+    assert all(burst["miss"] for burst in first)
     # push them out of every replica: two ~91 MB embedders, one per 95 MB replica
     for version in ("1", "2"):
         response = app.predict("minilm-embed", TEXTS, version=version)
@@ -96,7 +102,7 @@ def test_cold_requests_are_placed_without_waiting_for_a_holder(
     held = {m["key"] for r in app.replicas() for m in r["models"]}
     evicted = [m for m in ids if f"{m}@1" not in held]
     assert evicted, held
-    again = [r for model_id in evicted for r in _first_requests(app, model_id)]
-    assert any(not r["resident"] for r in again)
+    again = [_first_requests(app, model_id) for model_id in evicted]
+    assert all(burst["miss"] for burst in again)
     worst = max(r["overhead_s"] for r in first + again)
     assert worst < MATCHING_TIMEOUT_S, [round(r["overhead_s"], 3) for r in first + again]
