@@ -49,7 +49,13 @@ import yaml
 
 from serve_app import ray_env
 from serve_app.errors import FleetError
-from serve_app.process import HOST, ManagedProcess, port_is_open, write_private_file
+from serve_app.process import (
+    HOST,
+    ManagedProcess,
+    find_free_port,
+    port_is_open,
+    write_private_file,
+)
 from serve_app.prometheus import (
     PrometheusError,
     PrometheusServer,
@@ -85,6 +91,14 @@ _POLL_S = 0.5
 # Variables that make Ray keep 127.0.0.1 as the node address (see the module docstring).
 RAY_LOOPBACK_ENV = ray_env.LOOPBACK_ENV
 RAY_AUTH_ENV = ray_env.AUTH_ENV
+
+
+AGENT_PORT = 52365  # Ray's default dashboard agent port (job submission goes through it)
+CLIENT_SERVER_PORT = 10001  # Ray's default Ray Client port
+
+
+def _default_or_free(port: int) -> int:
+    return port if not port_is_open(port) else find_free_port()
 
 
 class StackError(FleetError):
@@ -241,6 +255,11 @@ class RayHead(ManagedProcess):
         self.gcs_port = gcs_port
         self.dashboard_port = dashboard_port
         self.metrics_export_port = metrics_export_port
+        # NOTE: Ray's defaults for these are fixed ports; another Ray instance on the machine
+        # (a test session, a notebook's ray.init) may hold them, which would leave this head
+        # without a job agent. Keep the defaults when free, else take free ones (at start).
+        self.agent_port = AGENT_PORT
+        self.client_server_port = CLIENT_SERVER_PORT
 
     @property
     def dashboard_url(self) -> str:
@@ -265,6 +284,8 @@ class RayHead(ManagedProcess):
             f"--dashboard-port={self.dashboard_port}",
             "--include-dashboard=true",
             f"--metrics-export-port={self.metrics_export_port}",
+            f"--dashboard-agent-listen-port={self.agent_port}",
+            f"--ray-client-server-port={self.client_server_port}",
             "--disable-usage-stats",
         ]
 
@@ -276,6 +297,8 @@ class RayHead(ManagedProcess):
                     f"port {port} on {HOST} is in use: a Ray cluster fleetserve did not start "
                     "(or another program) is running; stop it (e.g. `ray stop`) and retry"
                 )
+        self.agent_port = _default_or_free(AGENT_PORT)
+        self.client_server_port = _default_or_free(CLIENT_SERVER_PORT)
         # NOTE: job entrypoints (`ray job submit -- python job.py`) run with the head's PATH:
         # put this environment's bin first so their `python` has Ray and fleetserve.
         path = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
