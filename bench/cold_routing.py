@@ -16,8 +16,8 @@ requests (the way a model's traffic arrives):
 Per burst it records the slowest request's latency and the overhead: that latency minus
 the load wait the host reports (`load_wait_ms`, the longest in the burst: requests queued
 in the ingress behind the loading batch report none of their own). Ray's matching timeout
-(1-2 s) shows up there: its router remembers a model it once placed by fallback and, while
-no replica reports it, waits out the timeout before placing it again.
+(1-2 s) would show up there (the stock router waits it out when the fewest-models replicas
+reject a cold request).
 
     cold burst p50 fleet/stock     goal: < 1 (reported)
     routing overhead p99 fleet     goal: < 250 ms (well under the 1 s matching timeout)

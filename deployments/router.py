@@ -8,8 +8,8 @@ broadcasts until R's own report includes K (confirmed) or `PENDING_S` passes; af
 the replicas' reports alone decide, so an eviction still stops traffic.
 
 A request for a model that no replica holds or is loading (cold) does not go through Ray's
-multiplexed matching, which would wait up to its matching timeout (1-2 s) for a holder to
-appear when the fewest-models replicas are busy or the model is already in its fallback set.
+multiplexed matching, which keeps retrying the fewest-models replicas until its matching
+timeout (1-2 s) when they reject the request (full), and places by model count, not memory.
 The router ranks every replica at once by free memory budget (budget - resident - reserved,
 as the hosts publish it in the replica directory, refreshed off the request path), then by
 fewest models, and sends the request to the first that accepts it: that replica loads it.
