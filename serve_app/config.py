@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
+from serve_app.policy import PolicyName
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -126,6 +128,11 @@ class HostConfig(_Strict):
     )
     gpu_memory_fraction: float = Field(
         0.8, gt=0, le=1, description="On GPU without memory_budget: this share of device memory."
+    )
+    eviction_policy: PolicyName = Field(
+        "lru",
+        description="Which idle model a full replica evicts first: lru (least recently used) "
+        "or gdsf (GreedyDual-Size-Frequency: keeps the most reload-seconds per byte).",
     )
     max_concurrent_loads: int = Field(2, ge=1, description="Loads that run at once per replica.")
     failure_ttl_s: float = Field(10.0, ge=0, description="How long a failed load is remembered.")

@@ -30,6 +30,7 @@ from serve_app.cache import CacheEvent, ModelCache
 from serve_app.config import HostConfig
 from serve_app.loader import ModelLoader, memory_budget, resolve_device
 from serve_app.metrics import HostMetrics
+from serve_app.policy import make_policy
 from serve_app.predictor import Predictor
 from serve_app.schemas import BatchResult, PredictBatch, PredictCall, PredictResponse
 from serve_app.store import ModelStore
@@ -86,6 +87,7 @@ class ModelHost:
             load_timeout_s=config.load_timeout_s,
             on_change=self._routing_changed,
             on_event=self._cache_event,
+            policy=make_policy(config.eviction_policy),
         )
         logger.info(
             "model host ready",
@@ -93,6 +95,7 @@ class ModelHost:
                 "replica": replica,
                 "device": str(self.device),
                 "budget_bytes": self.cache.budget_bytes,
+                "eviction_policy": self.cache.policy.name,
             },
         )
 
@@ -187,6 +190,7 @@ class ModelHost:
             "replica": self.replica,
             "device": str(self.device),
             "budget_bytes": self.cache.budget_bytes,
+            "eviction_policy": self.cache.policy.name,
             "resident_bytes": self.cache.resident_bytes,
             "reserved_bytes": self.cache.reserved_bytes,
             "peak_resident_bytes": stats.peak_resident_bytes,
