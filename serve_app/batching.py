@@ -6,8 +6,9 @@ call. Items of different keys are never mixed. The policy per key:
 - `max_batch_size`: most rows in one batch (an item counts as its number of rows; an item
   bigger than the limit runs alone). 1 turns batching off for the key.
 - `max_wait_ms`: how long the first item of a batch may wait for more to arrive when the
-  batch is not full. The default 0 adds no latency: an item runs at once when a slot is free,
-  and items that arrive while batches run queue up and leave together as the next batch.
+  batch is not full. The default 0 adds no wait: an item for an idle key runs at once in
+  its caller's own task, and items that arrive while batches run queue up and leave
+  together as the next batch.
 - `max_in_flight`: batches of one key that may run at once (set by the owner).
 
 If a batch of several items fails as a whole, each item is retried alone, so one bad item
@@ -98,15 +99,39 @@ class MicroBatcher(Generic[K, T, R]):
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue(self._policy(key))
+            if queue.policy.max_wait_ms <= 0:
+                return await self._run_alone(key, queue, item, max(1, rows))
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         queue.pending.append(_Pending(item, max(1, rows), future))
         queue.arrived.set()
-        if queue.running < queue.policy.max_in_flight:
+        self._start_drains(key, queue)
+        return await future
+
+    async def _run_alone(self, key: K, queue: _Queue[T, R], item: T, rows: int) -> R:
+        """An idle key that never waits: run the item in the caller's own task (a lone
+        request pays no hand-off); items arriving meanwhile queue for the next batch."""
+        queue.running += 1
+        self._count([rows])
+        try:
+            results = await self._run(key, [item])
+            if len(results) != 1:
+                raise RuntimeError(f"a batch of 1 returned {len(results)} results")
+            return results[0]
+        finally:
+            queue.running -= 1
+            self._start_drains(key, queue)
+            self._forget_if_idle(key, queue)
+
+    def _start_drains(self, key: K, queue: _Queue[T, R]) -> None:
+        while queue.pending and queue.running < queue.policy.max_in_flight:
             queue.running += 1
             task = asyncio.create_task(self._drain(key, queue))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await future
+
+    def _forget_if_idle(self, key: K, queue: _Queue[T, R]) -> None:
+        if queue.running == 0 and not queue.pending and self._queues.get(key) is queue:
+            del self._queues[key]
 
     async def _drain(self, key: K, queue: _Queue[T, R]) -> None:
         try:
@@ -117,8 +142,7 @@ class MicroBatcher(Generic[K, T, R]):
                     await self._execute(key, batch)
         finally:
             queue.running -= 1
-            if queue.running == 0 and not queue.pending and self._queues.get(key) is queue:
-                del self._queues[key]
+            self._forget_if_idle(key, queue)
 
     async def _fill(self, queue: _Queue[T, R]) -> None:
         """Wait up to max_wait_ms for the batch to fill (not at all by default)."""
@@ -153,11 +177,14 @@ class MicroBatcher(Generic[K, T, R]):
             rows += head.rows
         return batch
 
-    async def _execute(self, key: K, batch: list[_Pending[T, R]]) -> None:
+    def _count(self, rows: list[int]) -> None:
         self.stats.batches += 1
-        self.stats.items += len(batch)
-        self.stats.rows += sum(p.rows for p in batch)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        self.stats.items += len(rows)
+        self.stats.rows += sum(rows)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+
+    async def _execute(self, key: K, batch: list[_Pending[T, R]]) -> None:
+        self._count([p.rows for p in batch])
         try:
             results = await self._run(key, [p.item for p in batch])
             if len(results) != len(batch):
