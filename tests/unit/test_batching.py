@@ -211,3 +211,16 @@ async def test_host_batch_call_returns_each_requests_outcome(
     assert [len(o) for o in result.outputs] == [2, 1]  # type: ignore[arg-type]
     assert result.response(manifest, 1).model_id == "m-a"
     await host.close()
+
+
+async def test_a_lone_item_runs_in_its_callers_task() -> None:
+    tasks: list[asyncio.Task[object] | None] = []
+
+    async def run(key: str, items: list[int]) -> list[int]:
+        tasks.append(asyncio.current_task())
+        return items
+
+    batcher: MicroBatcher[str, int, int] = MicroBatcher(run, lambda k: BatchPolicy(8))
+    assert await batcher.submit("a", 1) == 1
+    assert tasks == [asyncio.current_task()]  # no hand-off to a batch task
+    assert batcher.queued("a") == 0
