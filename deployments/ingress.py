@@ -2,54 +2,81 @@
 
 HTTP routes come from `serve_app.http.create_app`; Ray jobs call the methods below through
 `serve.get_app_handle("fleet")`.
+
+The routing (aliases, splits, default versions, pool rules, pins) is this deployment's Serve
+`user_config`: `reconfigure()` validates it against the pools and the registry and swaps it in
+whole, or refuses it and keeps the accepted one (a refused config is logged and shown at
+`GET /v1/routing`). Only the very first config, with nothing accepted before, fails the
+replica. Pins go to the pools' hosts through the routing board.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from typing import Any
 
 import pyarrow as pa
 from fastapi import FastAPI
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.replica_directory import ReplicaPublisher, read_replicas
+from deployments.routing_board import post_pins, read_accepted, save_accepted
 from serve_app.batching import BatchPolicy, MicroBatcher
-from serve_app.config import BatchingConfig, IngressConfig, StoreConfig
+from serve_app.config import (
+    BatchingConfig,
+    IngressConfig,
+    PoolConfig,
+    RoutingConfig,
+    StoreConfig,
+    describe_errors,
+)
+from serve_app.errors import FleetError, InvalidRouting, StorageUnavailable
 from serve_app.gateway import Gateway
 from serve_app.http import create_app
 from serve_app.logs import configure_logging
-from serve_app.metrics import IngressMetrics, ModelLabels
+from serve_app.metrics import ArmMetrics, IngressMetrics, ModelLabels
 from serve_app.registry import Registry
+from serve_app.routing import RoutingTable
 from serve_app.schemas import BatchResult, PredictBatch, PredictCall, PredictResponse
 from serve_app.stats import StatsRecorder
 from serve_app.store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+
+Outcome = PredictResponse | BaseException
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    """Front door of the `fleet` app: validate, resolve, route by model id to the host pool."""
+    """Front door of the `fleet` app: validate, resolve, route by model id to its pool."""
 
     def __init__(
         self,
-        host: DeploymentHandle,
+        pools: dict[str, DeploymentHandle],
+        pool_configs: list[PoolConfig],
         config: IngressConfig,
         store_config: StoreConfig,
-        batching: BatchingConfig | None = None,
-        host_replicas: int = 1,
     ) -> None:
         configure_logging()
         # NOTE: concurrent requests for one model travel to the host pool together, one
         # handle call per batch (the host batches again across ingress replicas); up to
-        # `host_replicas` batches of a model are in flight so every holder stays busy.
-        self._batching = batching or BatchingConfig()
-        self._batch_in_flight = max(2, host_replicas)
-        self._batcher: MicroBatcher[str, PredictCall, PredictResponse | BaseException] = (
-            MicroBatcher(self._send_batch, self._batch_policy)
+        # `max(2, the pool's replicas)` batches of a model are in flight so every holder
+        # stays busy. Batching settings are each pool's own.
+        self._pool_by_name = {p.name: p for p in pool_configs}
+        self._batcher: MicroBatcher[tuple[str, str], PredictCall, Outcome] = MicroBatcher(
+            self._send_batch, self._batch_policy
         )
         context = serve.get_replica_context()
-        self._host = host
+        self._pools = pools
+        self._pool_configs = pool_configs
+        self._posted_pins: dict[str, str] = {}
+        self._pin_task: asyncio.Task[None] | None = None
         self._app = context.app_name
         self._replica = context.replica_id.unique_id
         self._config = config
@@ -72,27 +99,102 @@ class Ingress:
             recorder=self.recorder,
             metrics=IngressMetrics(ModelLabels(config.max_model_labels)),
             peer_stats=lambda: read_replicas(self._app, "ingress", exclude=self._replica),
+            routing=RoutingTable(RoutingConfig(), pool_configs, self.registry),
+            arm_metrics=ArmMetrics(),
         )
+        self._accepted = False
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a routing config (Serve `user_config`): swap it in, or refuse it and keep
+        the accepted one. Raises only when no config was ever accepted for this app."""
+        try:
+            table = await asyncio.to_thread(self._compile, user_config)
+        except InvalidRouting as exc:
+            fallback = None if self._accepted else await asyncio.to_thread(self._fallback)
+            if not self._accepted and fallback is None:
+                raise
+            logger.error("routing config refused", extra={"error": exc.message})
+            if fallback is not None:
+                self.gateway.set_routing(fallback)
+                self._accepted = True
+            self.gateway.reject_routing(user_config, exc.message)
+            return
+        self.gateway.set_routing(table)
+        self._accepted = True
+        await asyncio.to_thread(save_accepted, self._app, table.config.model_dump(mode="json"))
+        logger.info("routing config applied", extra={"aliases": sorted(table.config.aliases)})
+        await self._post_pins()
+        if self._pin_task is None:
+            self._pin_task = asyncio.get_running_loop().create_task(self._repost_pins())
+
+    def _compile(self, user_config: dict[str, Any]) -> RoutingTable:
+        try:
+            config = RoutingConfig.model_validate(user_config or {})
+        except ValidationError as exc:
+            raise InvalidRouting(f"routing config refused: {describe_errors(exc)}") from exc
+        try:
+            return RoutingTable(config, self._pool_configs, self.registry)
+        except InvalidRouting as exc:
+            raise InvalidRouting(f"routing config refused: {exc.message}") from exc
+
+    def _fallback(self) -> RoutingTable | None:
+        accepted = read_accepted(self._app)
+        if accepted is None:
+            return None
+        try:
+            return self._compile(accepted)
+        except InvalidRouting:
+            return None
+
+    async def _post_pins(self) -> None:
+        """Post each pool's pins (all pools: an empty list unpins) when they changed."""
+        try:
+            by_pool = self.gateway.routing.pins_by_pool()
+        except StorageUnavailable:
+            return  # NOTE: no registry yet; the next round posts them
+        except FleetError as exc:
+            logger.error("pins not resolvable", extra={"error": exc.message})
+            return
+        for pool in self._pools:
+            manifests = by_pool.get(pool, [])
+            if self._posted_pins.get(pool) != str([m.key for m in manifests]):
+                await asyncio.to_thread(post_pins, self._app, pool, manifests)
+                self._posted_pins[pool] = str([m.key for m in manifests])
+
+    async def _repost_pins(self) -> None:
+        # NOTE: pins naming a model without a version follow its latest version, and a
+        # registry unreadable at reconfigure time becomes readable later.
+        while True:
+            await asyncio.sleep(self._config.registry_refresh_s)
+            await self._post_pins()
 
     async def _dispatch(self, call: PredictCall) -> PredictResponse:
-        if self._batching.for_model(call.manifest.model_id).max_batch_size <= 1:
-            (outcome,) = await self._send_batch(call.manifest.key, [call])
+        key = (call.pool, call.manifest.key)
+        if self._batching(call.pool).for_model(call.manifest.model_id).max_batch_size <= 1:
+            (outcome,) = await self._send_batch(key, [call])
         else:
-            outcome = await self._batcher.submit(call.manifest.key, call, rows=len(call.inputs))
+            outcome = await self._batcher.submit(key, call, rows=len(call.inputs))
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
-    def _batch_policy(self, key: str) -> BatchPolicy:
-        config = self._batching.for_model(key.split("@", 1)[0])
-        return BatchPolicy(config.max_batch_size, config.max_wait_ms, self._batch_in_flight)
+    def _batching(self, pool: str) -> BatchingConfig:
+        config = self._pool_by_name.get(pool)
+        return config.batching if config is not None else BatchingConfig()
+
+    def _batch_policy(self, key: tuple[str, str]) -> BatchPolicy:
+        pool, model_key = key
+        config = self._batching(pool).for_model(model_key.split("@", 1)[0])
+        replicas = getattr(self._pool_by_name.get(pool), "num_replicas", 1)
+        return BatchPolicy(config.max_batch_size, config.max_wait_ms, max(2, replicas))
 
     async def _send_batch(
-        self, key: str, calls: list[PredictCall]
+        self, key: tuple[str, str], calls: list[PredictCall]
     ) -> list[PredictResponse | BaseException]:
+        pool, model_key = key
         manifest = calls[0].manifest
         batch = PredictBatch(manifest, [c.inputs for c in calls], [c.request_id for c in calls])
-        handle = self._host.options(multiplexed_model_id=key)
+        handle = self._pools[pool].options(multiplexed_model_id=model_key)
         result: BatchResult = await handle.predict_batch.remote(batch)
         return [result.outcome(manifest, i) for i in range(len(calls))]
 
@@ -107,10 +209,16 @@ class Ingress:
         return app
 
     async def predict(
-        self, model_id: str, inputs: list[Any], version: str | None = None
+        self,
+        model_id: str,
+        inputs: list[Any],
+        version: str | None = None,
+        sticky_key: str | None = None,
     ) -> dict[str, Any]:
-        """Handle API: predict `inputs` with `model_id`; returns the response as a dict."""
-        return (await self.gateway.predict(model_id, inputs, version)).model_dump()
+        """Handle API: predict `inputs` with `model_id` (id, `id@version` or alias; a
+        `sticky_key` keeps a caller on one alias arm); returns the response as a dict."""
+        result = await self.gateway.predict(model_id, inputs, version, sticky_key=sticky_key)
+        return result.model_dump()
 
     async def predict_table(
         self, model_id: str, table: pa.Table, version: str | None = None
@@ -126,7 +234,15 @@ class Ingress:
         """Handle API: per-model stats across ingress replicas (see GET /v1/stats)."""
         return self.gateway.stats(window_s or self._config.stats_window_s).model_dump()
 
+    def routing(self) -> dict[str, Any]:
+        """Handle API: the active routing, the last refused config and per-arm counters."""
+        return self.gateway.routing_report()
+
     def __del__(self) -> None:
+        if self._pin_task is not None:
+            # NOTE: __del__ may run off the event loop's thread; cancel from the loop.
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._pin_task.get_loop().call_soon_threadsafe(self._pin_task.cancel)
         self.registry.stop()
         if self._stats_publisher is not None:
             self._stats_publisher.close()

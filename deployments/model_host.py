@@ -1,7 +1,14 @@
-"""Model-host deployment: one replica of a pool, delegating to `serve_app.host.ModelHost`."""
+"""Model-host deployment: one replica of a pool, delegating to `serve_app.host.ModelHost`.
+
+Each pool is one Serve deployment of this class (`ModelHost` for the default pool,
+`ModelHost-<pool>` for others). Its pins come from the routing board (see `routing_board`): read and
+loaded before the replica reports ready, then polled every `PIN_POLL_S`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -11,7 +18,8 @@ from ray.serve._private.common import RequestRoutingInfo
 from ray.serve.context import _get_global_client
 
 from deployments.replica_directory import ReplicaPublisher
-from serve_app.config import HostConfig, StoreConfig
+from deployments.routing_board import read_pins
+from serve_app.config import PoolConfig, StoreConfig
 from serve_app.host import ModelHost
 from serve_app.logs import configure_logging
 from serve_app.metrics import HostMetrics, ModelLabels
@@ -19,15 +27,18 @@ from serve_app.schemas import BatchResult, PredictBatch, PredictCall, PredictRes
 from serve_app.store import ModelStore
 
 logger = logging.getLogger(__name__)
+PIN_POLL_S = 1.0
 
 
 @serve.deployment(name="ModelHost")
 class ModelHostDeployment:
     """Holds models in a byte-budgeted cache and tells the router which ones it holds."""
 
-    def __init__(self, config: HostConfig, store_config: StoreConfig) -> None:
+    async def __init__(self, config: PoolConfig, store_config: StoreConfig) -> None:
         configure_logging()
         context = serve.get_replica_context()
+        self._app = context.app_name
+        self._pool = config.name
         self._replica_id = context.replica_id
         replica = self._replica_id.unique_id
         self.host = ModelHost(
@@ -40,8 +51,31 @@ class ModelHostDeployment:
         self._directory = ReplicaPublisher(
             context.app_name, "hosts", replica, on_heartbeat=self.host.refresh_gauges
         )
+        self._pins_seen: str | None = None
+        await self._apply_pins()  # NOTE: pins are resident before the replica takes traffic
         self._directory.publish(self.host.status())
         self._published_at = time.monotonic()
+        self._pin_poller = asyncio.get_running_loop().create_task(self._poll_pins())
+
+    async def _apply_pins(self) -> None:
+        posted = await asyncio.to_thread(read_pins, self._app, self._pool)
+        if posted is None or posted[0] == self._pins_seen:
+            return
+        self._pins_seen = posted[0]
+        await self.host.set_pins(posted[1])
+        self._directory.publish(self.host.status())
+
+    async def _poll_pins(self) -> None:
+        await asyncio.sleep(PIN_POLL_S)
+        # NOTE: pins loaded in __init__ were reported before the controller knew this
+        # replica; report them again now that it serves.
+        self._advertise(self.host.cache.routing_keys())
+        while True:
+            await asyncio.sleep(PIN_POLL_S)
+            try:
+                await self._apply_pins()
+            except Exception:  # NOTE: the poller must outlive a bad read; logged
+                logger.exception("applying pins failed", extra={"pool": self._pool})
 
     def _advertise(self, keys: list[str]) -> None:
         # NOTE: the same controller call Ray's @serve.multiplexed wrapper makes; we push on
@@ -79,5 +113,8 @@ class ModelHostDeployment:
         return self.host.status()
 
     async def __del__(self) -> None:
+        self._pin_poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._pin_poller
         self._directory.close()
         await self.host.close()

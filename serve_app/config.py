@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from serve_app.policy import PolicyName
 
@@ -29,6 +37,7 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+DEFAULT_POOL = "default"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -124,7 +133,7 @@ class HostConfig(_Strict):
         "auto", description="auto: a GPU per replica when the cluster has GPUs, else CPU."
     )
     memory_budget: ByteSize | None = Field(
-        None, description="Bytes of models a replica may hold; default 2GiB on CPU."
+        None, description="Bytes of models a replica may hold; default 2GiB on CPU.", gt=0
     )
     gpu_memory_fraction: float = Field(
         0.8, gt=0, le=1, description="On GPU without memory_budget: this share of device memory."
@@ -188,12 +197,148 @@ class IngressConfig(_Strict):
     )
 
 
+class PoolConfig(HostConfig):
+    """One model-host pool: its own Serve deployment, replicas, budget, accelerator."""
+
+    name: str = Field(
+        DEFAULT_POOL, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$", description="Pool name."
+    )
+    autoscaling: dict[str, Any] | None = Field(
+        None,
+        description="Serve autoscaling_config (min_replicas, max_replicas, "
+        "target_ongoing_requests, ...); when set, it replaces num_replicas.",
+    )
+
+    @property
+    def deployment_name(self) -> str:
+        """The Serve deployment of this pool (`ModelHost` for the default pool)."""
+        return "ModelHost" if self.name == DEFAULT_POOL else f"ModelHost-{self.name}"
+
+
+class ArmConfig(_Strict):
+    """One arm of an alias: a model id (its default version) or `model_id@version`."""
+
+    target: str = Field(description="`model_id` or `model_id@version`.")
+    weight: float = Field(ge=0, le=100, description="Percent of the alias's traffic.")
+
+
+class ShadowConfig(_Strict):
+    """A candidate that gets a copy of an alias's traffic; its answers are discarded."""
+
+    target: str = Field(description="`model_id` or `model_id@version`.")
+    fraction: float = Field(1.0, gt=0, le=1, description="Share of requests copied.")
+
+
+class AliasConfig(_Strict):
+    """A logical model name split between arms by weight (sticky per caller key)."""
+
+    arms: list[ArmConfig] = Field(min_length=1)
+    sticky_header: str | None = Field(
+        None, description="Header holding the sticky key; default: routing.sticky_header."
+    )
+    shadow: ShadowConfig | None = None
+
+    @model_validator(mode="after")
+    def _weights_sum_to_100(self) -> AliasConfig:
+        total = sum(arm.weight for arm in self.arms)
+        if abs(total - 100) > 1e-6:
+            raise ValueError(
+                f"arm weights add up to {total:g}, not 100: change them so they sum to 100"
+            )
+        return self
+
+
+class PoolRuleConfig(_Strict):
+    """Send models whose id matches `pattern` (glob), or whose manifest has `tag`, to `pool`."""
+
+    pool: str
+    pattern: str | None = Field(None, description="fnmatch glob over model ids, e.g. fraud-*.")
+    tag: str | None = Field(None, description="A tag from the model's manifest.")
+
+    @model_validator(mode="after")
+    def _one_matcher(self) -> PoolRuleConfig:
+        if (self.pattern is None) == (self.tag is None):
+            raise ValueError(f"a rule for pool {self.pool!r} needs exactly one of pattern or tag")
+        return self
+
+
+class RoutingConfig(_Strict):
+    """What changes live (Serve `user_config` of the Ingress): aliases and their splits,
+    default versions, pool rules and pins. `serve deploy` with a changed routing applies it
+    through `reconfigure()`: no replica restarts, no reloads of models that stay put."""
+
+    sticky_header: str = Field("X-User-Id", description="Default header of sticky keys.")
+    aliases: dict[str, AliasConfig] = Field(default_factory=dict)
+    default_versions: dict[str, str] = Field(
+        default_factory=dict, description="model_id -> version served when none is named."
+    )
+    rules: list[PoolRuleConfig] = Field(
+        default_factory=list, description="First match wins; unmatched models: first pool."
+    )
+    pins: list[str] = Field(
+        default_factory=list,
+        description="Models (`id`, `id@version`) or aliases (all arms) kept resident.",
+    )
+    shadow_max_inflight: int = Field(
+        8, ge=1, description="Shadow copies in flight per ingress replica; more are dropped."
+    )
+
+    def problems_with_pools(self, pools: list[str]) -> list[str]:
+        """What in this routing does not fit the declared pools (empty if all is well)."""
+        return [
+            f"rules[{i}] ({rule.pattern or 'tag ' + repr(rule.tag)}) sends models to pool "
+            f"{rule.pool!r}, which is not declared; declared pools: {', '.join(pools)}"
+            for i, rule in enumerate(self.rules)
+            if rule.pool not in pools
+        ]
+
+
 class AppConfig(_Strict):
-    """Arguments of the `fleet` application (the `args:` block in config.yaml)."""
+    """Arguments of the `fleet` application (the `args:` block in config.yaml).
+
+    `host` describes the single default pool; `pools` (if given) declares several pools
+    instead. `routing` is the initial routing policy (see RoutingConfig)."""
 
     store: StoreConfig = StoreConfig()
     host: HostConfig = HostConfig()
+    pools: list[PoolConfig] | None = Field(None, min_length=1)
     ingress: IngressConfig = IngressConfig()
+    routing: RoutingConfig = RoutingConfig()
+
+    @model_validator(mode="after")
+    def _pools_fit(self) -> AppConfig:
+        if self.pools is not None and "host" in self.model_fields_set:
+            raise ValueError("give either host (one pool) or pools (several), not both")
+        problems: list[str] = []
+        names = [p.name for p in self.pool_configs()]
+        if len(set(names)) != len(names):
+            problems.append(f"pool names must be unique; got {', '.join(names)}")
+        for pool in self.pools or []:
+            if not pool.memory_budget and pool.accelerator != "cuda":
+                problems.append(
+                    f"pool {pool.name!r} has no memory budget: set memory_budget (bytes per "
+                    "replica, e.g. 512MiB), or accelerator: cuda to use gpu_memory_fraction"
+                )
+        problems.extend(self.routing.problems_with_pools(names))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def pool_configs(self) -> list[PoolConfig]:
+        """The declared pools; without `pools`, one `default` pool from `host`."""
+        if self.pools is not None:
+            return list(self.pools)
+        return [PoolConfig(name=DEFAULT_POOL, **self.host.model_dump())]
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """A pydantic validation error as one line per problem: `where: what to fix`."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
 
 
 def load_config(path: str | Path, app_name: str = "fleet") -> AppConfig:

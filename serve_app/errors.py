@@ -69,6 +69,12 @@ class EmptyInputs(BadRequest):
     code = "empty_inputs"
 
 
+class InvalidRouting(BadRequest):
+    """A routing config (aliases, splits, pool rules, pins) that cannot be applied (400)."""
+
+    code = "invalid_routing"
+
+
 class Unauthorized(FleetError):
     """Missing or wrong credentials (401)."""
 

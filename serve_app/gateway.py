@@ -1,9 +1,12 @@
 """The gateway: the ingress's logic, free of HTTP and of Ray.
 
-A request names a model: the gateway validates the id, resolves the version from the
-in-memory registry, checks the inputs against the model's task, and dispatches a
-`PredictCall` to the host pool (in Serve: a handle call with `multiplexed_model_id` set to
-`model_id@version`, so the router prefers a replica that holds that version).
+A request names a model: the gateway validates the id, resolves it through the routing
+table (alias split, default version, `id@version`, pool placement) against the in-memory
+registry, checks the inputs against the model's task, and dispatches a `PredictCall` to the
+model's pool (in Serve: a handle call with `multiplexed_model_id` set to `model_id@version`,
+so the router prefers a replica that holds that version). A request on an alias with a
+shadow arm also sends a copy to the shadow candidate, in a background task whose answer is
+discarded and whose latency and errors are recorded per arm.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from serve_app.config import IngressConfig
+from serve_app.arm_stats import ArmStats
+from serve_app.config import IngressConfig, PoolConfig, RoutingConfig
 from serve_app.errors import InvalidInput, status_of
 from serve_app.manifest import Manifest, validate_model_id
-from serve_app.metrics import OTHER, IngressMetrics
+from serve_app.metrics import OTHER, ArmMetrics, IngressMetrics
 from serve_app.predictor import validate_inputs
 from serve_app.registry import Registry
+from serve_app.routing import Route, RoutingTable
 from serve_app.schemas import ModelDetail, ModelList, PredictCall, PredictResponse
 from serve_app.stats import StatsRecorder, StatsReport, summarise
 
@@ -42,6 +47,8 @@ class Gateway:
         recorder: StatsRecorder | None = None,
         metrics: IngressMetrics | None = None,
         peer_stats: Callable[[], list[dict[str, Any]]] | None = None,
+        routing: RoutingTable | None = None,
+        arm_metrics: ArmMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.dispatch = dispatch
@@ -49,6 +56,39 @@ class Gateway:
         self.recorder = recorder or StatsRecorder()
         self.metrics = metrics
         self._peer_stats = peer_stats
+        self.routing = routing or RoutingTable(RoutingConfig(), [PoolConfig()], registry)
+        self.arm_stats = ArmStats()
+        self.arm_metrics = arm_metrics
+        self._shadows: set[asyncio.Task[None]] = set()
+        self.rejected: dict[str, Any] | None = None
+
+    def set_routing(self, routing: RoutingTable) -> None:
+        """Swap in a new routing table (requests already resolved keep their route)."""
+        if routing.config.aliases != self.routing.config.aliases:
+            self.arm_stats.reset()
+        self.routing = routing
+        self.rejected = None
+
+    def reject_routing(self, config: dict[str, Any], error: str) -> None:
+        """Record a routing config that was refused (the active one keeps serving)."""
+        self.rejected = {"error": error, "config": config, "at": time.time()}
+
+    def routing_report(self) -> dict[str, Any]:
+        """The active routing, the last refused one (if any) and per-arm counters."""
+        return {
+            "active": self.routing.config.model_dump(),
+            "pools": list(self.routing.pools),
+            "rejected": self.rejected,
+            "arms": self.arm_stats.snapshot(),
+        }
+
+    def resolve(self, name: str, version: str | None = None, key: str | None = None) -> Route:
+        """Resolve a requested name (`id`, `id@version`, alias) to a manifest and pool.
+
+        The one place versions, defaults and alias splits are decided; every protocol's
+        routes (native, V2) go through it.
+        """
+        return self.routing.resolve(name, version, key)
 
     async def predict(
         self,
@@ -57,8 +97,10 @@ class Gateway:
         version: str | None = None,
         request_id: str | None = None,
         started: float | None = None,
+        sticky_key: str | None = None,
     ) -> PredictResponse:
-        """Predict `inputs` with `model_id` (latest version unless `version` is given).
+        """Predict `inputs` with `model_id` (an id, `id@version` or an alias; default
+        version unless `version` is given). `sticky_key` keeps a caller on one alias arm.
 
         `started` is the `time.perf_counter()` at which the caller received the request
         (default: now); the recorded latency runs from there.
@@ -69,13 +111,21 @@ class Gateway:
         request_id = request_id or new_id()
         started = time.perf_counter() if started is None else started
         manifest: Manifest | None = None
+        route: Route | None = None
         result: PredictResponse | None = None
         status = 500
         try:
-            manifest = self.registry.resolve(model_id, version)
+            route = self.resolve(model_id, version, sticky_key)
+            manifest = route.manifest
             rows = validate_inputs(manifest, inputs, self.config.max_batch_rows)
-            call = PredictCall(manifest=manifest, inputs=rows, request_id=request_id)
+            call = PredictCall(
+                manifest=manifest, inputs=rows, request_id=request_id, pool=route.pool
+            )
+            if route.shadow is not None:
+                self._send_shadow(route, rows, request_id)
             result = await self.dispatch(call)
+            if route.alias is not None:
+                result = result.model_copy(update={"alias": route.alias, "arm": route.arm})
             status = 200
             return result
         except asyncio.CancelledError:
@@ -86,6 +136,57 @@ class Gateway:
             raise
         finally:
             self.observe(request_id, manifest, status, started, result)
+            if route is not None and route.alias is not None and route.arm is not None:
+                self._observe_arm(route.alias, route.arm, "serve", status == 200, started)
+
+    def _observe_arm(self, alias: str, arm: str, role: str, ok: bool, started: float) -> None:
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.arm_stats.record(alias, arm, role, ok, latency_ms)
+        if self.arm_metrics is not None:
+            self.arm_metrics.observe(alias, arm, role, "ok" if ok else "error", latency_ms)
+
+    def _send_shadow(self, route: Route, rows: list[Any], request_id: str) -> None:
+        """Send a copy to the shadow candidate in the background (never awaited by the
+        request); drop it when `shadow_max_inflight` copies are already in flight."""
+        shadow, alias = route.shadow, route.alias
+        if shadow is None or alias is None:
+            return
+        if len(self._shadows) >= self.routing.config.shadow_max_inflight:
+            self.arm_stats.dropped(alias, shadow.key)
+            if self.arm_metrics is not None:
+                self.arm_metrics.observe(alias, shadow.key, "shadow", "dropped", 0.0)
+            return
+        call = PredictCall(
+            manifest=shadow,
+            inputs=rows,
+            request_id=f"{request_id}-shadow",
+            pool=route.shadow_pool or route.pool,
+        )
+
+        async def run() -> None:
+            started = time.perf_counter()
+            ok = False
+            try:
+                await self.dispatch(call)
+                ok = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a shadow's failure is recorded, never raised
+                access_log.info(
+                    "shadow failed",
+                    extra={
+                        "request_id": call.request_id,
+                        "model_id": shadow.model_id,
+                        "version": shadow.version,
+                        "status": status_of(exc),
+                    },
+                )
+            finally:
+                self._observe_arm(alias, shadow.key, "shadow", ok, started)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"shadow:{request_id}")
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
 
     def observe(
         self,
@@ -139,12 +240,13 @@ class Gateway:
         Tabular models read all numeric columns in order; text models read the `text`
         column. Rows are sent in chunks of `ingress.max_batch_rows`.
         """
-        manifest = self.registry.resolve(model_id, version)
+        manifest = self.resolve(model_id, version).manifest
         inputs = table_inputs(manifest.task, table)
         outputs: list[Any] = []
         step = self.config.max_batch_rows
         for start in range(0, max(len(inputs), 1), step):
-            result = await self.predict(model_id, inputs[start : start + step], manifest.version)
+            chunk = inputs[start : start + step]
+            result = await self.predict(manifest.model_id, chunk, manifest.version)
             outputs.extend(result.outputs)
         return with_outputs(manifest.task, table, outputs)
 
@@ -158,7 +260,7 @@ class Gateway:
 
     def describe(self, model_id: str, version: str | None = None) -> ModelDetail:
         """The manifest of a model version."""
-        manifest = self.registry.resolve(validate_model_id(model_id), version)
+        manifest = self.resolve(validate_model_id(model_id), version).manifest
         return ModelDetail(
             model_id=model_id, versions=self.registry.versions(model_id), manifest=manifest
         )

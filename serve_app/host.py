@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,8 +27,10 @@ import torch
 
 from serve_app.batching import BatchPolicy, MicroBatcher
 from serve_app.cache import CacheEvent, ModelCache
-from serve_app.config import HostConfig
+from serve_app.config import DEFAULT_POOL, HostConfig
+from serve_app.errors import FleetError, unwrap
 from serve_app.loader import ModelLoader, memory_budget, resolve_device
+from serve_app.manifest import Manifest
 from serve_app.metrics import HostMetrics
 from serve_app.policy import make_policy
 from serve_app.predictor import Predictor
@@ -80,6 +82,7 @@ class ModelHost:
         self.batcher: MicroBatcher[tuple[str, Predictor], list[Any], list[Any]] = MicroBatcher(
             self._run_batch, self._batch_policy
         )
+        self.pin_errors: dict[str, str] = {}
         self.cache: ModelCache[Predictor] = ModelCache(
             memory_budget(config, self.device),
             max_concurrent_loads=config.max_concurrent_loads,
@@ -116,6 +119,52 @@ class ModelHost:
         if self.metrics is not None:
             self.metrics.on_event(event, time.monotonic())
 
+    def _loader_for(self, manifest: Manifest) -> Callable[[], Awaitable[Predictor]]:
+        async def load() -> Predictor:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._load_pool, self.loader.load, manifest)
+
+        return load
+
+    async def set_pins(self, manifests: list[Manifest]) -> dict[str, str]:
+        """Keep exactly `manifests` pinned here; returns the errors by key (empty if none).
+
+        Pins no longer wanted are unpinned, not unloaded: they stay resident as ordinary
+        LRU entries until room is needed. New pins are pinned first (so they count against
+        the budget at once), then loaded concurrently. A pin that does not fit is refused
+        (PinRefused) and reported; the others still apply.
+        """
+        wanted = {m.key: m for m in manifests}
+        for key in self.cache.pinned_keys():
+            if key not in wanted:
+                self.cache.unpin(key)
+        errors: dict[str, str] = {}
+        loads = []
+        for key, manifest in wanted.items():
+            try:
+                self.cache.pin(key, manifest.weight_bytes)
+            except FleetError as exc:
+                errors[key] = str(exc)
+                continue
+            if key not in self.cache:
+                loads.append(manifest)
+
+        async def load_pin(manifest: Manifest) -> None:
+            lease = await self.cache.acquire(
+                manifest.key, self._loader_for(manifest), size_hint=manifest.weight_bytes
+            )
+            self.cache.release(lease.key, lease.model)
+
+        results = await asyncio.gather(*(load_pin(m) for m in loads), return_exceptions=True)
+        for manifest, result in zip(loads, results, strict=True):
+            if isinstance(result, BaseException):
+                errors[manifest.key] = str(unwrap(result))
+        self.pin_errors = errors
+        if errors:
+            logger.error("pins not applied", extra={"errors": errors})
+        logger.info("pins applied", extra={"pins": sorted(wanted), "loaded": len(loads)})
+        return errors
+
     async def predict(self, call: PredictCall) -> PredictResponse:
         """Predict with `call.manifest`'s model, loading it first if it is not resident."""
         batch = PredictBatch(call.manifest, [call.inputs], [call.request_id])
@@ -128,11 +177,7 @@ class ModelHost:
         rows join the model's dynamic batches; a request's own failure is returned in its
         slot (typed), a load failure is raised for all."""
         manifest = batch.manifest
-        loop = asyncio.get_running_loop()
-
-        async def load() -> Predictor:
-            return await loop.run_in_executor(self._load_pool, self.loader.load, manifest)
-
+        load = self._loader_for(manifest)
         lease = await self.cache.acquire(manifest.key, load, size_hint=manifest.weight_bytes)
         key = (manifest.key, lease.model)
         work = asyncio.gather(
@@ -189,7 +234,11 @@ class ModelHost:
         return {
             "replica": self.replica,
             "device": str(self.device),
+            "pool": getattr(self.config, "name", DEFAULT_POOL),
             "budget_bytes": self.cache.budget_bytes,
+            "pinned": self.cache.pinned_keys(),
+            "pinned_bytes": self.cache.pinned_bytes,
+            "pin_errors": self.pin_errors,
             "eviction_policy": self.cache.policy.name,
             "resident_bytes": self.cache.resident_bytes,
             "reserved_bytes": self.cache.reserved_bytes,
@@ -201,6 +250,8 @@ class ModelHost:
                     "leases": e.leases,
                     "hits": e.hits,
                     "load_s": round(e.load_seconds, 4),
+                    "loaded_at": round(e.loaded_at, 4),
+                    "pinned": e.pinned,
                 }
                 for e in self.cache.entries()
             ],

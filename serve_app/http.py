@@ -8,6 +8,11 @@ Routes:
     GET  /v1/models                                      registry listing
     GET  /v1/models/{model_id}                           manifest (latest or ?version=)
     GET  /v1/stats                                       per-model stats (?window_s=)
+    GET  /v1/routing                                     active routing, refusals, per-arm
+                                                         counters
+A model id may be `id`, `id@version` or an alias; on an alias, the header the routing
+config names (default `X-User-Id`) keeps a caller on one arm, and `X-Fleet-Arm` says
+which arm served.
     GET  /healthz                                        liveness + registry state
 OpenAPI docs are served at /docs.
 """
@@ -53,6 +58,7 @@ MODEL_ID_HEADER = "serve_multiplexed_model_id"
 CACHE_HEADER = "X-Fleet-Cache"
 VERSION_HEADER = "X-Fleet-Model-Version"
 REQUEST_ID_HEADER = "X-Request-Id"
+ARM_HEADER = "X-Fleet-Arm"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 404, 413, 422, 500, 502, 503, 507)
@@ -116,13 +122,21 @@ def create_app(gateway: Gateway, max_body_bytes: int, stats_window_s: float = 30
         except FleetError as exc:
             gateway.observe(request_id, None, exc.status_code, started, None)
             raise
+        sticky = gateway.routing.sticky_header(model_id)
         result = await gateway.predict(
-            model_id, body.inputs, version or body.version, request_id, started=started
+            model_id,
+            body.inputs,
+            version or body.version,
+            request_id,
+            started=started,
+            sticky_key=request.headers.get(sticky) if sticky else None,
         )
         headers = {
             CACHE_HEADER: "hit" if result.resident else "miss",
             VERSION_HEADER: result.version,
         }
+        if result.arm is not None:
+            headers[ARM_HEADER] = result.arm
         if given_id is None:
             # NOTE: Ray Serve's proxy sets and echoes X-Request-Id itself; add it only when
             # no proxy did, so the response never carries it twice.
@@ -187,6 +201,12 @@ def create_app(gateway: Gateway, max_body_bytes: int, stats_window_s: float = 30
         if window_s is not None and not 0 < window_s <= 86400:
             raise BadRequest("window_s must be between 0 and 86400 seconds")
         return await asyncio.to_thread(gateway.stats, window_s or stats_window_s)
+
+    @app.get("/v1/routing")
+    async def routing() -> dict[str, Any]:
+        """The active routing (aliases, default versions, pool rules, pins), the last
+        refused routing config with the reason, and per-arm request counters."""
+        return gateway.routing_report()
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -10,9 +10,9 @@ import hashlib
 import re
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from serve_app.errors import InvalidModelId, InvalidVersion
 
@@ -116,6 +116,11 @@ class Manifest(BaseModel):
     task_options: dict[str, Any] = Field(default_factory=dict)
     labels: list[str] | None = None
     description: str = ""
+    tags: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Tags ([A-Za-z0-9._:-], up to 32); pool rules can match them.",
+    )
 
     @field_validator("model_id")
     @classmethod

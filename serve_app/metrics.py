@@ -144,3 +144,28 @@ class HostMetrics:
         self.resident_bytes.set(resident_bytes, tags=self.replica)
         self.budget_bytes.set(budget_bytes, tags=self.replica)
         self.models.set(models, tags=self.replica)
+
+
+class ArmMetrics:
+    """Per-arm metrics of alias splits and shadow copies (labels come from the routing
+    config, so they are bounded by it; `role` is `serve` or `shadow`)."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "fleet_arm_requests_total",
+            description="Requests per alias arm, by role (serve/shadow) and outcome.",
+            tag_keys=("alias", "arm", "role", "outcome"),
+        )
+        self.latency = Histogram(
+            "fleet_arm_latency_ms",
+            description="Latency per alias arm and role (shadow: the copy's own latency).",
+            boundaries=LATENCY_BUCKETS_MS,
+            tag_keys=("alias", "arm", "role"),
+        )
+
+    def observe(self, alias: str, arm: str, role: str, outcome: str, latency_ms: float) -> None:
+        """One request on an arm; `outcome` is `ok`, `error` or `dropped`."""
+        tags = {"alias": alias, "arm": arm, "role": role}
+        self.requests.inc(1, tags={**tags, "outcome": outcome})
+        if outcome == "ok":
+            self.latency.observe(latency_ms, tags=tags)

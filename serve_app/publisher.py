@@ -60,7 +60,12 @@ def framework_versions() -> dict[str, str]:
 
 
 def build_manifest(
-    src: Path, model_id: str, version: str, task: Task | None = None, description: str = ""
+    src: Path,
+    model_id: str,
+    version: str,
+    task: Task | None = None,
+    description: str = "",
+    tags: list[str] | None = None,
 ) -> Manifest:
     """Describe the folder `src` as a manifest (files hashed with sha256).
 
@@ -81,6 +86,7 @@ def build_manifest(
         "created_at": now_iso(),
         "framework": framework_versions(),
         "description": description,
+        "tags": list(tags or []),
     }
     if (src / MODULE_SPEC).exists():
         spec = json.loads((src / MODULE_SPEC).read_text())
@@ -163,14 +169,16 @@ def publish_path(
     task: Task | None = None,
     description: str = "",
     progress: ProgressFn | None = None,
+    tags: list[str] | None = None,
 ) -> Manifest:
-    """Publish the folder `src` as `model_id` (next numeric version unless `version` given).
+    """Publish the folder `src` as `model_id` (next numeric version unless `version` given),
+    with optional manifest `tags` (pool rules can match them).
 
     Raises:
         VersionExists: that version is already published.
     """
     version = version or next_version(store, validate_model_id(model_id))
-    manifest = build_manifest(src, model_id, version, task, description)
+    manifest = build_manifest(src, model_id, version, task, description, tags)
     return store.publish(src, manifest, progress)
 
 

@@ -33,6 +33,8 @@ class PredictResponse(BaseModel):
     resident: bool = Field(description="True if the model was already loaded (a cache hit).")
     load_wait_ms: float = Field(description="Time this request waited for a load.")
     replica: str = Field(description="The model-host replica that served it.")
+    alias: str | None = Field(None, description="The alias requested, if it was one.")
+    arm: str | None = Field(None, description="The alias arm that served (its target).")
 
 
 class ErrorBody(BaseModel):
@@ -81,6 +83,7 @@ class PredictCall(BaseModel):
     manifest: Manifest
     inputs: list[Any]
     request_id: str
+    pool: str = Field("default", description="The model-host pool the call goes to.")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,53 @@
+"""build_app: one deployment per pool, and the routing only in the Ingress's user_config, so
+a routing change leaves every deployment's init arguments as they were."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+# NOTE: Serve's own builder flattens an Application into its deployments (what `serve run`
+# and `serve deploy` do first); no cluster is needed for that.
+from ray.serve._private.build_app import build_app as flatten
+
+from deployments.builder import build_app
+from serve_app.config import AppConfig
+
+POOLS = [
+    {"name": "a", "memory_budget": "1GiB", "autoscaling": {"min_replicas": 1, "max_replicas": 3}},
+    {"name": "b", "memory_budget": "2GiB", "num_replicas": 3, "accelerator": "cpu"},
+]
+
+
+def deployments(args: dict[str, Any]) -> dict[str, Any]:
+    built = flatten(build_app(AppConfig.model_validate(args)), name="fleet")
+    return {d.name: d for d in built.deployments}
+
+
+def test_one_deployment_per_pool_with_its_own_options() -> None:
+    built = deployments({"pools": POOLS})
+    assert set(built) == {"ModelHost-a", "ModelHost-b", "Ingress"}
+    assert built["ModelHost-a"]._deployment_config.autoscaling_config.max_replicas == 3
+    assert built["ModelHost-b"]._deployment_config.num_replicas == 3
+    assert set(deployments({})) == {"ModelHost", "Ingress"}  # the default config: unchanged
+
+
+def test_routing_changes_only_the_ingress_user_config() -> None:
+    first = deployments({"pools": POOLS, "routing": {"pins": []}})
+    second = deployments(
+        {
+            "pools": POOLS,
+            "routing": {"rules": [{"pattern": "x-*", "pool": "b"}], "sticky_header": "X-Tenant"},
+        }
+    )
+    for name in first:
+        assert repr(first[name].init_args) == repr(second[name].init_args), name
+    assert first["Ingress"]._deployment_config.user_config["sticky_header"] == "X-User-Id"
+    assert second["Ingress"]._deployment_config.user_config["sticky_header"] == "X-Tenant"
+
+
+def test_bad_pools_fail_the_build_with_what_to_fix() -> None:
+    with pytest.raises(ValidationError, match="pool 'a' has no memory budget"):
+        build_app({"pools": [{"name": "a"}]})
