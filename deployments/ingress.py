@@ -1,7 +1,8 @@
 """Ingress deployment: the FastAPI app and the handle API, over `serve_app.gateway.Gateway`.
 
 HTTP routes come from `serve_app.http.create_app`; Ray jobs call the methods below through
-`serve.get_app_handle("fleet")`.
+`serve.get_app_handle("fleet")`. Management commands reach host replicas through
+`ServeHostControl` (see deployments/router.py for how a command finds its replica).
 
 The routing (aliases, splits, default versions, pool rules, pins) is this deployment's Serve
 `user_config`: `reconfigure()` validates it against the pools and the registry and swaps it in
@@ -23,10 +24,11 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.replica_directory import ReplicaPublisher, read_replicas
+from deployments.replica_directory import GcsKeyValue, ReplicaPublisher, read_replicas
 from deployments.routing_board import post_pins, read_accepted, save_accepted
 from serve_app.batching import BatchPolicy, MicroBatcher
 from serve_app.config import (
+    DEFAULT_POOL,
     BatchingConfig,
     IngressConfig,
     PoolConfig,
@@ -34,18 +36,84 @@ from serve_app.config import (
     StoreConfig,
     describe_errors,
 )
-from serve_app.errors import FleetError, InvalidRouting, StorageUnavailable
+from serve_app.errors import (
+    CommandMisrouted,
+    FleetError,
+    InvalidRouting,
+    ReplicaUnavailable,
+    StorageUnavailable,
+    unwrap,
+)
 from serve_app.gateway import Gateway
 from serve_app.http import create_app
 from serve_app.logs import configure_logging
+from serve_app.management import ModelManager
 from serve_app.metrics import ArmMetrics, IngressMetrics, ModelLabels
+from serve_app.pins import PinStore
 from serve_app.registry import Registry
 from serve_app.routing import RoutingTable
-from serve_app.schemas import BatchResult, PredictBatch, PredictCall, PredictResponse
+from serve_app.schemas import (
+    BatchResult,
+    HostCommand,
+    HostReply,
+    PredictBatch,
+    PredictCall,
+    PredictResponse,
+)
 from serve_app.stats import StatsRecorder
 from serve_app.store import ModelStore
 
 logger = logging.getLogger(__name__)
+MISROUTE_ATTEMPTS = 5
+
+
+class ServeHostControl:
+    """`serve_app.management.HostControl` over Serve: the replica directory for state,
+    the pools' host handles for commands (the router delivers each to the replica it
+    names, through the handle of that replica's pool)."""
+
+    def __init__(self, pools: dict[str, DeploymentHandle], app: str, timeout_s: float) -> None:
+        self._pools = pools
+        self._app = app
+        self._timeout_s = timeout_s
+        self._pool_of: dict[str, str] = {}
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Published state of every live host replica."""
+        live = read_replicas(self._app, "hosts", check_alive=True)
+        self._pool_of = {r["replica"]: r.get("pool", DEFAULT_POOL) for r in live}
+        return live
+
+    async def command(self, command: HostCommand) -> HostReply:
+        """Run `command` on its replica; resend if Serve handed it to another one.
+
+        Raises:
+            ReplicaUnavailable: the replica did not answer within the timeout.
+            FleetError: what the replica raised.
+        """
+        if command.replica not in self._pool_of:
+            self.replicas()
+        pool = self._pools.get(self._pool_of.get(command.replica, DEFAULT_POOL))
+        if pool is None:
+            raise ReplicaUnavailable(f"replica {command.replica} is in no pool of this app")
+        for _ in range(MISROUTE_ATTEMPTS):
+            response = pool.manage.remote(command)
+            try:
+                return await asyncio.wait_for(response, self._timeout_s)
+            except TimeoutError:
+                response.cancel()
+                raise ReplicaUnavailable(
+                    f"replica {command.replica} did not finish {command.op} of {command.key} "
+                    f"within {self._timeout_s:.0f}s",
+                    retry_after_s=2.0,
+                ) from None
+            except Exception as exc:
+                if not isinstance(unwrap(exc), CommandMisrouted):
+                    raise
+        raise ReplicaUnavailable(
+            f"{command.op} of {command.key} could not be delivered to replica {command.replica}",
+            retry_after_s=2.0,
+        )
 
 
 Outcome = PredictResponse | BaseException
@@ -103,6 +171,12 @@ class Ingress:
             arm_metrics=ArmMetrics(),
         )
         self._accepted = False
+        self.manager = ModelManager(
+            self.registry,
+            ServeHostControl(pools, self._app, config.management.command_timeout_s),
+            PinStore(GcsKeyValue(), self._app),
+            pool_for=lambda manifest: self.gateway.routing.placement.pool_for(manifest),
+        )
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a routing config (Serve `user_config`): swap it in, or refuse it and keep
@@ -199,14 +273,13 @@ class Ingress:
         return [result.outcome(manifest, i) for i in range(len(calls))]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = create_app(self.gateway, self._config.max_body_bytes, self._config.stats_window_s)
-
-        @app.get("/v1/replicas")
-        async def replicas() -> list[dict[str, Any]]:
-            """What every live model-host replica holds: budget, resident bytes, models."""
-            return read_replicas(self._app, "hosts")
-
-        return app
+        return create_app(
+            self.gateway,
+            self._config.max_body_bytes,
+            self._config.stats_window_s,
+            manager=self.manager,
+            management=self._config.management,
+        )
 
     async def predict(
         self,

@@ -1,8 +1,12 @@
 """Model-host deployment: one replica of a pool, delegating to `serve_app.host.ModelHost`.
 
 Each pool is one Serve deployment of this class (`ModelHost` for the default pool,
-`ModelHost-<pool>` for others). Its pins come from the routing board (see `routing_board`): read and
-loaded before the replica reports ready, then polled every `PIN_POLL_S`.
+`ModelHost-<pool>` for others). Its config pins come from the routing board (see
+`routing_board`): read and loaded before the replica reports ready, then polled every
+`PIN_POLL_S`. Besides predictions it runs management commands addressed to it (`manage`,
+delivered by `deployments.router.ModelAffinityRouter`) and applies the pin store of the
+management API every `PIN_SYNC_S` seconds, starting at once, so a restarted replica gets
+its pins back. Each path releases only the pins it took.
 """
 
 from __future__ import annotations
@@ -13,21 +17,31 @@ import logging
 import time
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve._private.common import RequestRoutingInfo
 from ray.serve.context import _get_global_client
 
-from deployments.replica_directory import ReplicaPublisher
+from deployments.replica_directory import GcsKeyValue, ReplicaPublisher
 from deployments.routing_board import read_pins
 from serve_app.config import PoolConfig, StoreConfig
 from serve_app.host import ModelHost
 from serve_app.logs import configure_logging
 from serve_app.metrics import HostMetrics, ModelLabels
-from serve_app.schemas import BatchResult, PredictBatch, PredictCall, PredictResponse
+from serve_app.pins import PinStore
+from serve_app.schemas import (
+    BatchResult,
+    HostCommand,
+    HostReply,
+    PredictBatch,
+    PredictCall,
+    PredictResponse,
+)
 from serve_app.store import ModelStore
 
 logger = logging.getLogger(__name__)
 PIN_POLL_S = 1.0
+PIN_SYNC_S = 2.0
 
 
 @serve.deployment(name="ModelHost")
@@ -45,17 +59,24 @@ class ModelHostDeployment:
             config,
             ModelStore(store_config),
             replica=replica,
+            pool=config.name,
             on_routing_change=self._advertise,
             metrics=HostMetrics(ModelLabels(config.max_model_labels), replica),
         )
         self._directory = ReplicaPublisher(
-            context.app_name, "hosts", replica, on_heartbeat=self.host.refresh_gauges
+            context.app_name,
+            "hosts",
+            replica,
+            on_heartbeat=self.host.refresh_gauges,
+            actor_name=ray.get_runtime_context().get_actor_name(),
         )
         self._pins_seen: str | None = None
         await self._apply_pins()  # NOTE: pins are resident before the replica takes traffic
         self._directory.publish(self.host.status())
         self._published_at = time.monotonic()
         self._pin_poller = asyncio.get_running_loop().create_task(self._poll_pins())
+        self._pins = PinStore(GcsKeyValue(), context.app_name)
+        self._pin_sync = asyncio.get_running_loop().create_task(self._sync_pins_forever())
 
     async def _apply_pins(self) -> None:
         posted = await asyncio.to_thread(read_pins, self._app, self._pool)
@@ -76,6 +97,16 @@ class ModelHostDeployment:
                 await self._apply_pins()
             except Exception:  # NOTE: the poller must outlive a bad read; logged
                 logger.exception("applying pins failed", extra={"pool": self._pool})
+
+    async def _sync_pins_forever(self) -> None:
+        while True:
+            try:
+                records = await asyncio.to_thread(self._pins.list)
+                await self.host.reconcile_pins(records)
+            except Exception:
+                # NOTE: a GCS hiccup or a bad record must not end pin syncing for good.
+                logger.exception("pin sync failed")
+            await asyncio.sleep(PIN_SYNC_S)
 
     def _advertise(self, keys: list[str]) -> None:
         # NOTE: the same controller call Ray's @serve.multiplexed wrapper makes; we push on
@@ -108,13 +139,20 @@ class ModelHostDeployment:
             self._published_at = now
             self._directory.publish(self.host.status())
 
+    async def manage(self, command: HostCommand) -> HostReply:
+        """Run a management command (load, unload, pin, unpin) addressed to this replica."""
+        reply = await self.host.apply(command)
+        await asyncio.to_thread(self._directory.publish_now, self.host.status())
+        return reply
+
     def status(self) -> dict[str, Any]:
         """Budget, resident bytes and models of this replica."""
         return self.host.status()
 
     async def __del__(self) -> None:
-        self._pin_poller.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._pin_poller
+        for task in (self._pin_poller, self._pin_sync):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self._directory.close()
         await self.host.close()

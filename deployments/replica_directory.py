@@ -4,7 +4,11 @@ Model-host replicas publish what they hold (budget, resident bytes, models) unde
 `<app>/hosts/<replica_id>` for `GET /v1/replicas`; ingress replicas publish their stats
 snapshots under `<app>/ingress/<replica_id>` so `GET /v1/stats` can merge all of them.
 Entries are written on change and on a heartbeat; readers drop entries whose heartbeat is
-older than `STALE_S`, so a dead replica disappears on its own.
+older than `STALE_S`, so a dead replica disappears on its own. A replica that names its
+actor is also checked by name on `read_replicas(check_alive=True)`, so one killed without
+a goodbye (`ray.kill`) leaves such listings at once.
+
+`GcsKeyValue` is the same store behind `serve_app.pins.KeyValue`, for the pin store.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import ray
 from ray.experimental.internal_kv import (
     _internal_kv_del,
     _internal_kv_get,
     _internal_kv_list,
     _internal_kv_put,
 )
+from ray.serve._private.constants import SERVE_NAMESPACE
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +56,17 @@ class ReplicaPublisher:
         interval_s: float = HEARTBEAT_S,
         on_heartbeat: Callable[[], None] | None = None,
         put: Callable[[str, str], None] = _kv_put,
+        actor_name: str | None = None,
     ) -> None:
         """`source`, if given, is polled from the publishing thread every `interval_s`
         (it must be thread-safe); otherwise the owner calls `publish()` on changes.
         `on_heartbeat` (thread-safe) runs on the same beat. `put(key, json)` writes the
-        entry (Ray's GCS key-value store)."""
+        entry (Ray's GCS key-value store). `actor_name` (a Serve replica's actor, in
+        Serve's namespace) lets readers check liveness by name."""
         self._key = _prefix(app, kind) + replica_id
         self._put = put
+        self._actor = {"actor_name": actor_name, "namespace": SERVE_NAMESPACE} if actor_name else {}
+        self._write_lock = threading.Lock()
         self.failures = 0
         self._source = source
         self._on_heartbeat = on_heartbeat
@@ -73,6 +83,13 @@ class ReplicaPublisher:
         with self._lock:
             self._status = status
         self._dirty.set()
+
+    def publish_now(self, status: dict[str, Any]) -> None:
+        """Publish `status` and return once it is written (blocking: call from a thread),
+        so a caller that answers after this sees its change in every listing."""
+        with self._lock:
+            self._status = status
+        self._write()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -93,9 +110,15 @@ class ReplicaPublisher:
             self._on_heartbeat()
         if self._source is not None:
             self.publish(self._source())
-        with self._lock:
-            body = dict(self._status, heartbeat=time.time())
-        self._put(self._key, json.dumps(body))
+        self._write()
+
+    def _write(self) -> None:
+        # NOTE: one writer at a time, each writing the newest status, so a slower writer
+        # can never put an older status over a newer one.
+        with self._write_lock:
+            with self._lock:
+                body = dict(self._status, **self._actor, heartbeat=time.time())
+            self._put(self._key, json.dumps(body))
 
     def stop(self) -> None:
         """Stop publishing (the entry stays until it goes stale)."""
@@ -109,8 +132,14 @@ class ReplicaPublisher:
         _internal_kv_del(self._key, namespace=_NAMESPACE)
 
 
-def read_replicas(app: str, kind: str, exclude: str | None = None) -> list[dict[str, Any]]:
-    """Live replicas' published states (recent heartbeat), sorted by replica id."""
+def read_replicas(
+    app: str, kind: str, exclude: str | None = None, check_alive: bool = False
+) -> list[dict[str, Any]]:
+    """Live replicas' published states (recent heartbeat), sorted by replica id.
+
+    With `check_alive`, entries whose actor no longer exists are dropped at once (one GCS
+    lookup per replica) instead of after `STALE_S`: a killed replica never says goodbye.
+    """
     now = time.time()
     out = []
     for key in _internal_kv_list(_prefix(app, kind), namespace=_NAMESPACE):
@@ -120,6 +149,40 @@ def read_replicas(app: str, kind: str, exclude: str | None = None) -> list[dict[
         if raw is None:
             continue
         body = json.loads(raw)
-        if now - body.get("heartbeat", 0) <= STALE_S:
-            out.append(body)
+        if now - body.get("heartbeat", 0) > STALE_S:
+            continue
+        if check_alive and not _actor_alive(body):
+            continue
+        out.append(body)
     return sorted(out, key=lambda b: b.get("replica", ""))
+
+
+def _actor_alive(body: dict[str, Any]) -> bool:
+    name = body.get("actor_name")
+    if not name:
+        return True  # not published by a named actor: only the heartbeat can tell
+    try:
+        ray.get_actor(name, namespace=body.get("namespace"))
+    except ValueError:
+        return False
+    return True
+
+
+class GcsKeyValue:
+    """`serve_app.pins.KeyValue` over Ray's GCS internal KV (outlives every replica)."""
+
+    def get(self, key: str) -> bytes | None:
+        """The value at `key`, or None."""
+        return _internal_kv_get(key, namespace=_NAMESPACE)
+
+    def put(self, key: str, value: bytes) -> None:
+        """Write `value` at `key`."""
+        _internal_kv_put(key, value, overwrite=True, namespace=_NAMESPACE)
+
+    def delete(self, key: str) -> None:
+        """Remove `key`."""
+        _internal_kv_del(key, namespace=_NAMESPACE)
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key that starts with `prefix`."""
+        return [k.decode() for k in _internal_kv_list(prefix, namespace=_NAMESPACE)]

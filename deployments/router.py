@@ -13,6 +13,11 @@ timeout (1-2 s) when they reject the request (full), and places by model count, 
 The router ranks every replica at once by free memory budget (budget - resident - reserved,
 as the hosts publish it in the replica directory, refreshed off the request path), then by
 fewest models, and sends the request to the first that accepts it: that replica loads it.
+
+Management commands (`HostCommand`, first argument of `ModelHost.manage`) name the replica
+that must run them; the router offers only that replica. (Serve may still, rarely, hand the
+chosen replica to another pending request; the host then refuses a command that is not its
+own with `CommandMisrouted` and the ingress resends it.)
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequ
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RunningReplica
 
 from deployments.replica_directory import read_replicas
+from serve_app.schemas import HostCommand
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +70,20 @@ def free_bytes(status: dict[str, Any]) -> int:
 
 
 class ModelAffinityRouter(PowerOfTwoChoicesRequestRouter):
-    """Power-of-two-choices with multiplexing, plus marks for just-routed models and
-    immediate placement of cold models by free budget."""
+    """Power-of-two-choices with multiplexing, plus marks for just-routed models,
+    immediate placement of cold models by free budget, and replica-addressed management
+    commands."""
 
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        target = _command_target(pending_request)
+        if target is not None:
+            # NOTE: an empty answer makes Serve back off and retry; the sender's timeout
+            # bounds the wait when the replica is gone.
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
         model_key = pending_request.metadata.multiplexed_model_id if pending_request else ""
         if (
             pending_request is None
@@ -129,3 +141,10 @@ class ModelAffinityRouter(PowerOfTwoChoicesRequestRouter):
         if not hasattr(self, "_affinity_marks"):
             self._affinity_marks: dict[tuple[str, ReplicaID], float] = {}
         return self._affinity_marks
+
+
+def _command_target(pending_request: PendingRequest | None) -> str | None:
+    if pending_request is None or not pending_request.args:
+        return None
+    first = pending_request.args[0]
+    return first.replica if isinstance(first, HostCommand) else None

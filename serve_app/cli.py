@@ -4,8 +4,9 @@ fleetserve up [--count N]            start SeaweedFS + Ray + the fleet app, demo
 fleetserve down                      stop exactly what `up` started
 fleetserve publish PATH --model-id ID [--version V] [--task T]
 fleetserve demo-fleet --count N      publish the demo fleet
-fleetserve models                    list published models (from the running app)
+fleetserve models                    published models and where they are resident
 fleetserve predict MODEL_ID JSON     call a model, e.g. '["some text"]'
+fleetserve load MODEL_ID [--replicas N] | unload MODEL_ID | pin MODEL_ID [--remove]
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from serve_app.client import DEFAULT_URL, FleetClient, format_stats
+from serve_app.client import (
+    DEFAULT_URL,
+    FleetClient,
+    FleetClientError,
+    format_models,
+    format_stats,
+)
 from serve_app.config import load_config
 from serve_app.errors import FleetError
 from serve_app.store import ModelStore
@@ -75,15 +82,50 @@ def cmd_demo_fleet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> FleetClient:
+    return FleetClient(args.url, admin_key=args.admin_key)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    models = FleetClient(args.url).models()
-    for model in models:
-        print(
-            f"{model['model_id']:<28} v{model['latest_version']:<4} {model['task']:<24} "
-            f"{model['size_bytes'] / 1e6:8.1f} MB"
-        )
-    print(f"{len(models)} models", file=sys.stderr)
+    client = _client(args)
+    models = client.models()
+    try:
+        replicas: list | None = client.replicas()
+    except FleetClientError as exc:
+        # NOTE: management may be off or need a key; the registry listing still helps.
+        print(f"residency not shown: {exc}", file=sys.stderr)
+        replicas = None
+    print(format_models(models, replicas, time.time()))
     return 0
+
+
+def _print_action(result: dict) -> int:
+    for r in result["replicas"]:
+        state = (
+            f"resident={r['resident']} pinned={r['pinned']} {r['bytes'] / 1e6:.1f} MB"
+            if r["ok"]
+            else f"FAILED {r['code']}: {r['error']}"
+        )
+        print(
+            f"{result['action']} {result['model_id']} v{','.join(result['versions'])} "
+            f"on {r['replica']}: {state}"
+        )
+    return 0 if all(r["ok"] for r in result["replicas"]) else 1
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    return _print_action(_client(args).load(args.model_id, args.version, args.replicas))
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    return _print_action(_client(args).unload(args.model_id, args.version))
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.remove:
+        return _print_action(client.unpin(args.model_id, args.version))
+    return _print_action(client.pin(args.model_id, args.version))
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -146,7 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--count", type=int, default=50, help="fraud models to publish")
     demo.set_defaults(func=cmd_demo_fleet)
 
-    sub.add_parser("models", help="list published models").set_defaults(func=cmd_models)
+    parser.add_argument(
+        "--admin-key",
+        default=os.environ.get("FLEET_ADMIN_KEY"),
+        help="admin key for management calls (default: $FLEET_ADMIN_KEY)",
+    )
+    sub.add_parser("models", help="published models and where they are resident").set_defaults(
+        func=cmd_models
+    )
+    load = sub.add_parser("load", help="load (prewarm) a model on N replicas")
+    load.add_argument("model_id")
+    load.add_argument("--version", default=None, help="default: the latest")
+    load.add_argument("--replicas", type=int, default=1, help="how many replicas")
+    load.set_defaults(func=cmd_load)
+    unload = sub.add_parser("unload", help="unpin and evict a model from every replica")
+    unload.add_argument("model_id")
+    unload.add_argument("--version", default=None, help="default: every version")
+    unload.set_defaults(func=cmd_unload)
+    pin = sub.add_parser("pin", help="pin a model on every replica (--remove: unpin)")
+    pin.add_argument("model_id")
+    pin.add_argument("--version", default=None, help="default: the latest (unpin: all)")
+    pin.add_argument("--remove", action="store_true", help="release the pin instead")
+    pin.set_defaults(func=cmd_pin)
 
     stats = sub.add_parser("stats", help="per-model latency, hit rate, cold starts")
     stats.add_argument("--window", type=float, default=None, help="seconds (default: server's)")

@@ -173,6 +173,27 @@ class HostConfig(_Strict):
     )
 
 
+class ManagementConfig(_Strict):
+    """The management endpoints (load/unload/pin, residency, /v1/replicas, V2 repository)."""
+
+    enabled: bool = Field(True, description="False turns every management endpoint off (403).")
+    admin_key: SecretStr | None = Field(
+        None,
+        description="If set (or FLEET_ADMIN_KEY is), management calls need "
+        "`Authorization: Bearer <key>`.",
+    )
+
+    command_timeout_s: float = Field(
+        120.0, gt=0, description="How long a load/pin/unload waits for one replica."
+    )
+
+    def resolved_admin_key(self) -> str | None:
+        """The admin key from config, else from FLEET_ADMIN_KEY; None means no key needed."""
+        if self.admin_key is not None:
+            return self.admin_key.get_secret_value()
+        return os.environ.get("FLEET_ADMIN_KEY") or None
+
+
 class IngressConfig(_Strict):
     """The HTTP/handle front door: validation, registry, routing to the host pool."""
 
@@ -194,6 +215,9 @@ class IngressConfig(_Strict):
     )
     stats_window_s: float = Field(
         300.0, gt=0, description="Default window of GET /v1/stats (override with ?window_s=)."
+    )
+    management: ManagementConfig = Field(
+        ManagementConfig(), description="Management endpoints: on/off and admin key."
     )
 
 

@@ -82,6 +82,25 @@ class Unauthorized(FleetError):
     code = "unauthorized"
 
 
+class Forbidden(FleetError):
+    """The caller may not use this endpoint (403)."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class ManagementDisabled(Forbidden):
+    """The management endpoints are turned off in config (403)."""
+
+    code = "management_disabled"
+
+
+class NotSupported(BadRequest):
+    """A protocol feature fleetserve does not serve (400), e.g. Triton's model config."""
+
+    code = "not_supported"
+
+
 class ModelNotFound(FleetError):
     """No model with this id is published (404)."""
 
@@ -146,6 +165,26 @@ class NoRoom(LoadTimeout):
     """
 
     code = "no_room"
+    remember = False
+
+
+class ReplicaUnavailable(FleetError):
+    """A model-host replica did not answer a management command in time (503)."""
+
+    status_code = 503
+    code = "replica_unavailable"
+    remember = False
+
+
+class CommandMisrouted(FleetError):
+    """A management command reached another replica than the one it names (409).
+
+    The router sends commands to the replica they name; this guards the rare case where
+    Serve hands a request to another replica. The sender retries.
+    """
+
+    status_code = 409
+    code = "command_misrouted"
     remember = False
 
 

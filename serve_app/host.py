@@ -9,6 +9,8 @@ Threads: loads (fetch, verify, deserialise, build) run on a pool of `max_concurr
 threads and predictions on their own pool of `predict_threads`, so a warm request never
 queues behind a load. Concurrent requests for one model are batched (`serve_app.batching`):
 one forward pass per batch, one batch per model at a time, batches never mix models.
+It also executes management commands (`apply`: load, unload, pin, unpin) and applies the
+pin store's desired state (`reconcile_pins`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,21 @@ import torch
 from serve_app.batching import BatchPolicy, MicroBatcher
 from serve_app.cache import CacheEvent, ModelCache
 from serve_app.config import DEFAULT_POOL, HostConfig
-from serve_app.errors import FleetError, unwrap
+from serve_app.errors import CommandMisrouted, FleetError, unwrap
 from serve_app.loader import ModelLoader, memory_budget, resolve_device
 from serve_app.manifest import Manifest
 from serve_app.metrics import HostMetrics
+from serve_app.pins import PinRecord
 from serve_app.policy import make_policy
 from serve_app.predictor import Predictor
-from serve_app.schemas import BatchResult, PredictBatch, PredictCall, PredictResponse
+from serve_app.schemas import (
+    BatchResult,
+    HostCommand,
+    HostReply,
+    PredictBatch,
+    PredictCall,
+    PredictResponse,
+)
 from serve_app.store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -64,6 +74,7 @@ class ModelHost:
         store: ModelStore,
         *,
         replica: str = "local",
+        pool: str = DEFAULT_POOL,
         on_routing_change: Callable[[list[str]], None] | None = None,
         metrics: HostMetrics | None = None,
     ) -> None:
@@ -71,6 +82,13 @@ class ModelHost:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.config = config
         self.replica = replica
+        self.pool = pool
+        # NOTE: pins this host took from the pin store (or a pin command), as opposed to
+        # pins someone else set on the cache; only these are released by reconcile_pins().
+        self._store_pins: set[str] = set()
+        # NOTE: pins from the config's routing (`set_pins`); each path releases only its own.
+        self._config_pins: set[str] = set()
+        self._pin_errors: dict[str, str] = {}
         self.device = resolve_device(config.accelerator)
         self.loader = ModelLoader.from_config(store, config, self.device)
         self._on_routing_change = on_routing_change
@@ -135,9 +153,12 @@ class ModelHost:
         (PinRefused) and reported; the others still apply.
         """
         wanted = {m.key: m for m in manifests}
-        for key in self.cache.pinned_keys():
-            if key not in wanted:
+        # NOTE: only config pins are released here; pins from the management API (the pin
+        # store, `reconcile_pins`) are that path's to release.
+        for key in self._config_pins - wanted.keys():
+            if key not in self._store_pins:
                 self.cache.unpin(key)
+        self._config_pins = set(wanted)
         errors: dict[str, str] = {}
         loads = []
         for key, manifest in wanted.items():
@@ -234,7 +255,7 @@ class ModelHost:
         return {
             "replica": self.replica,
             "device": str(self.device),
-            "pool": getattr(self.config, "name", DEFAULT_POOL),
+            "pool": self.pool,
             "budget_bytes": self.cache.budget_bytes,
             "pinned": self.cache.pinned_keys(),
             "pinned_bytes": self.cache.pinned_bytes,
@@ -250,8 +271,9 @@ class ModelHost:
                     "leases": e.leases,
                     "hits": e.hits,
                     "load_s": round(e.load_seconds, 4),
-                    "loaded_at": round(e.loaded_at, 4),
                     "pinned": e.pinned,
+                    "loaded_at": round(_wall(e.loaded_at), 3),
+                    "last_used": round(_wall(e.last_used), 3),
                 }
                 for e in self.cache.entries()
             ],
@@ -267,6 +289,106 @@ class ModelHost:
             "largest_batch": self.batcher.stats.largest_batch,
         }
 
+    # ------------------------------------------------------------------ management
+    async def prewarm(self, manifest: Manifest) -> None:
+        """Make `manifest`'s model resident (a load without a request)."""
+        await self.cache.acquire(manifest.key, self._loader_for(manifest), manifest.weight_bytes)
+        self.cache.release(manifest.key)
+
+    async def pin(self, manifest: Manifest) -> None:
+        """Pin `manifest`'s model and load it; a failed load leaves it unpinned.
+
+        Raises:
+            PinRefused: the pinned models would not fit in the budget (507).
+            FleetError: the load failed.
+        """
+        key = manifest.key
+        was_pinned = self.cache.is_pinned(key)
+        self.cache.pin(key, manifest.weight_bytes)
+        try:
+            await self.prewarm(manifest)
+        except BaseException:
+            if not was_pinned:
+                self.cache.unpin(key)
+            raise
+        self._store_pins.add(key)
+
+    async def apply(self, command: HostCommand) -> HostReply:
+        """Execute a management command addressed to this replica.
+
+        Raises:
+            CommandMisrouted: the command names another replica (the sender retries).
+            FleetError: the typed reason a load or pin failed.
+        """
+        if command.replica != self.replica:
+            raise CommandMisrouted(
+                f"command for replica {command.replica} reached replica {self.replica}"
+            )
+        key = command.key
+        before = (key in self.cache, self.cache.is_pinned(key))
+        in_flight = next((e.leases for e in self.cache.entries() if e.key == key), 0)
+        if command.op in ("load", "pin"):
+            if command.manifest is None or command.manifest.key != key:
+                raise CommandMisrouted(f"{command.op} of {key} came without its manifest")
+            if command.op == "pin":
+                await self.pin(command.manifest)
+            else:
+                await self.prewarm(command.manifest)
+        elif command.op == "unpin":
+            self._store_pins.discard(key)
+            self.cache.unpin(key)
+        else:
+            self._store_pins.discard(key)
+            self.cache.unload(key)
+        return self._reply(key, before, in_flight)
+
+    def _reply(self, key: str, before: tuple[bool, bool], in_flight: int) -> HostReply:
+        entry = next((e for e in self.cache.entries() if e.key == key), None)
+        after = (entry is not None, self.cache.is_pinned(key))
+        return HostReply(
+            replica=self.replica,
+            key=key,
+            changed=after != before,
+            resident=after[0],
+            pinned=after[1],
+            bytes=entry.nbytes if entry is not None else 0,
+            in_flight=in_flight,
+        )
+
+    async def reconcile_pins(self, records: list[PinRecord]) -> None:
+        """Apply the pin store: pin and load what it lists, release what it dropped.
+
+        Failures are logged and retried on the next call (a failed load is remembered by
+        the cache for `failure_ttl_s`, so this does not hammer the store).
+        """
+        wanted = {r.key: r for r in records if r.pool == self.pool}
+        for key in sorted(self._store_pins - wanted.keys()):
+            self._store_pins.discard(key)
+            if key not in self._config_pins:
+                self.cache.unpin(key)
+            logger.info("pin released", extra={"key": key, "replica": self.replica})
+        for key, record in wanted.items():
+            if key in self._store_pins and key in self.cache:
+                continue
+            try:
+                await self.pin(record.manifest)
+            except FleetError as exc:
+                if self._pin_errors.get(key) == exc.code:
+                    continue  # NOTE: logged once per cause, not on every heartbeat
+                self._pin_errors[key] = exc.code
+                logger.warning(
+                    "pin not applied",
+                    extra={
+                        "key": key,
+                        "replica": self.replica,
+                        "code": exc.code,
+                        "error": str(exc),
+                    },
+                )
+            else:
+                self._pin_errors.pop(key, None)
+                logger.info("pin applied", extra={"key": key, "replica": self.replica})
+
     async def close(self) -> None:
         """Free every model and the private disk tier (replica shutdown)."""
         await self.batcher.close()
@@ -274,3 +396,8 @@ class ModelHost:
         self.loader.close()
         self._predict_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _wall(monotonic_at: float) -> float:
+    """A `time.monotonic()` reading as Unix time."""
+    return time.time() - (time.monotonic() - monotonic_at)

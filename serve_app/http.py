@@ -14,6 +14,8 @@ A model id may be `id`, `id@version` or an alias; on an alias, the header the ro
 config names (default `X-User-Id`) keeps a caller on one arm, and `X-Fleet-Arm` says
 which arm served.
     GET  /healthz                                        liveness + registry state
+Included routers: Open Inference Protocol v2 (`serve_app.inference_api`, /v2/...) and model
+management (`serve_app.management_api`: /v1/replicas, load/unload/pin).
 OpenAPI docs are served at /docs.
 """
 
@@ -32,6 +34,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
+from serve_app.config import ManagementConfig
 from serve_app.errors import (
     BadRequest,
     FleetError,
@@ -41,6 +44,9 @@ from serve_app.errors import (
     error_response,
 )
 from serve_app.gateway import Gateway, new_id
+from serve_app.inference_api import v2_router
+from serve_app.management import ModelManager
+from serve_app.management_api import ManagementGuard, management_router
 from serve_app.schemas import (
     ErrorBody,
     ModelDetail,
@@ -65,13 +71,28 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(gateway: Gateway, max_body_bytes: int, stats_window_s: float = 300.0) -> FastAPI:
-    """Build the FastAPI app for `gateway`, with the single error mapping installed."""
+def create_app(
+    gateway: Gateway,
+    max_body_bytes: int,
+    stats_window_s: float = 300.0,
+    manager: ModelManager | None = None,
+    management: ManagementConfig | None = None,
+) -> FastAPI:
+    """Build the FastAPI app for `gateway`, with the single error mapping installed.
+
+    Management routes exist when a `manager` is given (and `management` does not turn
+    them off); the V2 routes always do.
+    """
     app = FastAPI(
         title="fleetserve",
         version=__version__,
         description="Thousands of models from S3 behind one Ray Serve endpoint.",
     )
+    guard = ManagementGuard(management or ManagementConfig(), available=manager is not None)
+    # NOTE: before the /v1/models/{rest:path} catch-all below, which would shadow them.
+    app.include_router(v2_router(gateway, max_body_bytes, manager, guard))
+    if manager is not None:
+        app.include_router(management_router(manager, guard))
 
     @app.exception_handler(Exception)
     async def _any_error(request: Request, exc: Exception) -> JSONResponse:
@@ -182,9 +203,13 @@ def create_app(gateway: Gateway, max_body_bytes: int, stats_window_s: float = 30
         return gateway.list_models()
 
     @app.get("/v1/models/{model_id}", response_model=ModelDetail, responses=_ERRORS)
-    async def describe(model_id: str, version: str | None = None) -> ModelDetail:
-        """The manifest of `model_id` (latest version unless `?version=` is given)."""
-        return gateway.describe(model_id, version)
+    async def describe(model_id: str, request: Request, version: str | None = None) -> ModelDetail:
+        """The manifest of `model_id` (latest version unless `?version=` is given), and
+        where it is resident (when management is on and the caller may see it)."""
+        detail = gateway.describe(model_id, version)
+        if manager is not None and guard.allows(request):
+            detail = detail.model_copy(update={"residency": await manager.residency(model_id)})
+        return detail
 
     @app.post("/v1/models/{rest:path}", include_in_schema=False, responses=_ERRORS)
     async def invalid_model_path(rest: str) -> JSONResponse:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,6 +73,10 @@ class ModelDetail(BaseModel):
     model_id: str
     versions: list[str]
     manifest: Manifest
+    residency: list[Residency] | None = Field(
+        None,
+        description="Replicas holding any version of it (null when management is off).",
+    )
 
 
 class PredictCall(BaseModel):
@@ -84,6 +88,71 @@ class PredictCall(BaseModel):
     inputs: list[Any]
     request_id: str
     pool: str = Field("default", description="The model-host pool the call goes to.")
+
+
+class Residency(BaseModel):
+    """Where one version of a model is resident: a replica and what it holds of it."""
+
+    replica: str
+    pool: str
+    device: str
+    version: str
+    bytes: int = Field(description="Measured bytes on the device.")
+    loaded_at: float | None = Field(None, description="Unix time the load finished.")
+    last_used: float | None = Field(None, description="Unix time of the last request.")
+    load_s: float | None = None
+    pinned: bool = False
+    leases: int = Field(0, description="Requests using it right now.")
+
+
+class HostCommand(BaseModel):
+    """A management command for one model-host replica (the router delivers it there)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    op: Literal["load", "unload", "pin", "unpin"]
+    replica: str = Field(description="The replica that must execute it.")
+    key: str = Field(description="`model_id@version`.")
+    manifest: Manifest | None = Field(None, description="Needed for load and pin.")
+
+
+class HostReply(BaseModel):
+    """What a replica did with a `HostCommand`, and the model's state there afterwards."""
+
+    replica: str
+    key: str
+    changed: bool = Field(description="Whether the command changed anything.")
+    resident: bool
+    pinned: bool
+    bytes: int = 0
+    in_flight: int = Field(0, description="Requests holding the model when the command ran.")
+
+
+class ReplicaOutcome(BaseModel):
+    """One replica's part of a management action."""
+
+    replica: str
+    ok: bool
+    changed: bool = False
+    resident: bool = False
+    pinned: bool = False
+    bytes: int = 0
+    in_flight: int = Field(
+        0, description="Requests holding the model then (an unload waits for them)."
+    )
+    error: str | None = None
+    code: str | None = None
+
+
+class ManagementResult(BaseModel):
+    """Answer of `POST .../load|unload` and `PUT|DELETE .../pin`."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    versions: list[str]
+    action: str
+    replicas: list[ReplicaOutcome]
 
 
 @dataclass(frozen=True)

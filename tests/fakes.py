@@ -57,3 +57,18 @@ class FakeLoader:
                 self.running -= 1
 
         return load
+
+
+@dataclass
+class LocalHostControl:
+    """`HostControl` over in-process `ModelHost`s (real hosts, no Ray), keyed by replica."""
+
+    hosts: dict
+    delivered: list = field(default_factory=list)
+
+    def replicas(self) -> list[dict]:
+        return [host.status() for host in self.hosts.values()]
+
+    async def command(self, command):
+        self.delivered.append((command.replica, command.op, command.key))
+        return await self.hosts[command.replica].apply(command)
