@@ -4,7 +4,7 @@
 
 - Budget in bytes. A model's size is what `Servable.nbytes` reports after the load (measured
   on the device), not its file size. Before a load, room is made for a size hint (the
-  manifest's weight bytes), and the hint is *reserved* while the load runs, so concurrent
+  manifest's declared file bytes), and the hint is *reserved* while the load runs, so concurrent
   loads cannot jointly overshoot. After the load the reservation is swapped for the measured
   size; resident bytes never exceed the budget.
 - LRU eviction of idle models only: a model leased by an in-flight request is never freed.

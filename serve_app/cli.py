@@ -7,6 +7,7 @@ fleetserve demo-fleet --count N      publish the demo fleet
 fleetserve models                    published models and where they are resident
 fleetserve predict MODEL_ID JSON     call a model, e.g. '["some text"]'
 fleetserve load MODEL_ID [--replicas N] | unload MODEL_ID | pin MODEL_ID [--remove]
+fleetserve bench [NAMES...] [--runs N]  run benchmarks (bench/<name>.py) from a repo checkout
 """
 
 from __future__ import annotations
@@ -154,6 +155,39 @@ def cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_names(root: Path) -> list[str]:
+    """The benchmarks of a checkout: every `bench/<name>.py` but the shared helpers."""
+    return sorted(
+        p.stem for p in (root / "bench").glob("*.py") if p.stem not in {"__init__", "harness"}
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    root = Path.cwd()
+    available = bench_names(root)
+    if not available:
+        print("error: no bench/ folder here; run from a fleetserve checkout", file=sys.stderr)
+        return 2
+    chosen = []
+    for name in args.names or available:
+        # NOTE: a prefix picks a benchmark: `b1` runs bench/b1_cold_load.py.
+        matches = [b for b in available if b == name or b.startswith(f"{name}_")]
+        if len(matches) != 1:
+            print(
+                f"error: unknown benchmark {name!r}; have {', '.join(available)}", file=sys.stderr
+            )
+            return 2
+        chosen += matches
+    failed = 0
+    for name in chosen:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", f"bench.{name}", "--runs", str(args.runs)]
+        failed += subprocess.run(cmd, cwd=root, check=False).returncode != 0
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `fleetserve`."""
     parser = argparse.ArgumentParser(prog="fleetserve", description=__doc__.split("\n")[0])
@@ -222,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--limit", type=int, default=30, help="rows shown")
     top.add_argument("--iterations", type=int, default=None, help="stop after N refreshes")
     top.set_defaults(func=cmd_top)
+
+    bench = sub.add_parser("bench", help="run benchmarks from a repo checkout")
+    bench.add_argument("names", nargs="*", help="e.g. b1 b2 (default: all)")
+    bench.add_argument("--runs", type=int, default=5, help="repetitions (medians reported)")
+    bench.set_defaults(func=cmd_bench)
 
     pred = sub.add_parser("predict", help="call a model over HTTP")
     pred.add_argument("model_id")

@@ -71,10 +71,23 @@ class StoreConfig(_Strict):
     region: str | None = Field(None, description="Region; default: AWS_REGION or us-east-1.")
     access_key_id: SecretStr | None = Field(None, description="Default: AWS_ACCESS_KEY_ID.")
     secret_access_key: SecretStr | None = Field(None, description="Default: AWS_SECRET_ACCESS_KEY.")
-    max_concurrency: int = Field(4, ge=1, le=64, description="Parallel ranged GETs per file.")
-    chunk_bytes: ByteSize = Field(8 * 2**20, description="Size of one ranged GET.")
+    max_concurrency: int = Field(
+        4, ge=1, le=64, description="Ranged GETs in flight per replica (all loads share them)."
+    )
+    chunk_bytes: ByteSize = Field(
+        8 * 2**20, ge=1, description="Size of one ranged GET (8-16 MiB is typical)."
+    )
     connect_timeout_s: float = Field(3.0, gt=0, description="Connect timeout per S3 call.")
-    read_timeout_s: float = Field(60.0, gt=0, description="Read timeout per S3 call.")
+    read_timeout_s: float = Field(
+        60.0, gt=0, description="Longest silence of a socket during an S3 call."
+    )
+    download_timeout_s: float = Field(
+        600.0, gt=0, description="Most seconds one version's download may take (then 503)."
+    )
+    max_aux_file_bytes: ByteSize = Field(
+        64 * 2**20,
+        description="Largest non-weight file (config, tokenizer) a manifest may declare.",
+    )
     retries: int = Field(2, ge=0, le=10, description="Retries per S3 call on transient errors.")
 
     @property

@@ -140,7 +140,9 @@ class ModelHost:
     def _loader_for(self, manifest: Manifest) -> Callable[[], Awaitable[Predictor]]:
         async def load() -> Predictor:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._load_pool, self.loader.load, manifest)
+            return await loop.run_in_executor(
+                self._load_pool, self.loader.load, manifest, self.cache.budget_bytes
+            )
 
         return load
 
@@ -163,7 +165,7 @@ class ModelHost:
         loads = []
         for key, manifest in wanted.items():
             try:
-                self.cache.pin(key, manifest.weight_bytes)
+                self.cache.pin(key, manifest.total_bytes)
             except FleetError as exc:
                 errors[key] = str(exc)
                 continue
@@ -172,7 +174,7 @@ class ModelHost:
 
         async def load_pin(manifest: Manifest) -> None:
             lease = await self.cache.acquire(
-                manifest.key, self._loader_for(manifest), size_hint=manifest.weight_bytes
+                manifest.key, self._loader_for(manifest), size_hint=manifest.total_bytes
             )
             self.cache.release(lease.key, lease.model)
 
@@ -199,7 +201,9 @@ class ModelHost:
         slot (typed), a load failure is raised for all."""
         manifest = batch.manifest
         load = self._loader_for(manifest)
-        lease = await self.cache.acquire(manifest.key, load, size_hint=manifest.weight_bytes)
+        # NOTE: every file is in memory during a load, so all of them count against the
+        # budget (a manifest's declared sizes are untrusted; see ModelStore.check_sizes).
+        lease = await self.cache.acquire(manifest.key, load, size_hint=manifest.total_bytes)
         key = (manifest.key, lease.model)
         work = asyncio.gather(
             *(self._predict_rows(key, rows) for rows in batch.inputs), return_exceptions=True
@@ -292,8 +296,10 @@ class ModelHost:
     # ------------------------------------------------------------------ management
     async def prewarm(self, manifest: Manifest) -> None:
         """Make `manifest`'s model resident (a load without a request)."""
-        await self.cache.acquire(manifest.key, self._loader_for(manifest), manifest.weight_bytes)
-        self.cache.release(manifest.key)
+        lease = await self.cache.acquire(
+            manifest.key, self._loader_for(manifest), manifest.total_bytes
+        )
+        self.cache.release(lease.key, lease.model)
 
     async def pin(self, manifest: Manifest) -> None:
         """Pin `manifest`'s model and load it; a failed load leaves it unpinned.
@@ -304,7 +310,7 @@ class ModelHost:
         """
         key = manifest.key
         was_pinned = self.cache.is_pinned(key)
-        self.cache.pin(key, manifest.weight_bytes)
+        self.cache.pin(key, manifest.total_bytes)
         try:
             await self.prewarm(manifest)
         except BaseException:

@@ -1,4 +1,4 @@
-"""The loader: a manifest -> verified files on local disk -> a Predictor on the device.
+"""The loader: a manifest -> verified buffers (disk tier or S3) -> a Predictor on the device.
 
 Artifacts are safetensors only. Hugging Face directories load with
 `from_pretrained(local_files_only=True, trust_remote_code=False, use_safetensors=True)`;
@@ -9,10 +9,13 @@ weights with `load_state_dict(assign=True)`, so no random init runs and nothing 
 from __future__ import annotations
 
 import logging
+import mmap
 import shutil
 import tempfile
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +25,8 @@ from serve_app.config import HostConfig
 from serve_app.errors import ModelLoadFailed
 from serve_app.manifest import Manifest
 from serve_app.predictor import PREDICTORS, Predictor
-from serve_app.store import DiskTier, ModelStore
+from serve_app.staging import HostToDevice
+from serve_app.store import Buffer, DiskTier, ModelStore
 from serve_app.tensorfile import tensors_from_buffer
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ class ModelLoader:
         self.disk = disk
         self.device = device
         self.owns_disk = owns_disk
+        # NOTE: pinned staging buffers are allocated once per replica, not per load.
+        self._h2d = HostToDevice(device) if device.type == "cuda" else None
         # NOTE: importing transformers takes seconds; pay it at replica start, not in the
         # first cold request.
         import transformers
@@ -82,34 +88,50 @@ class ModelLoader:
         if self.owns_disk:
             shutil.rmtree(self.disk.root, ignore_errors=True)
 
-    def load(self, manifest: Manifest) -> Predictor:
+    def load(self, manifest: Manifest, limit_bytes: int | None = None) -> Predictor:
         """Fetch, verify and build `manifest`'s model on the device.
 
-        From the disk tier when it has the version (files re-verified); otherwise straight
-        from S3 into memory, verified there, with the weights written to the disk tier in
-        the background, off the request's path. Weights become tensors as zero-copy views
-        of the fetched bytes.
+        From the disk tier when it holds a verified copy (no S3 call at all, so it serves
+        while S3 is down); otherwise streamed from S3 into preallocated buffers, hashed as the
+        chunks arrive, and copied to the disk tier behind the request (`_write_behind`). Weights
+        become tensors as zero-copy views of those buffers, adopted by a module built on the
+        meta device (on a GPU, through pinned staging buffers).
 
         Raises:
+            ModelTooLarge: a declared file size is over its limit (`limit_bytes` for all
+                files together, `store.max_aux_file_bytes` for a non-weight file).
             ArtifactCorrupt: a file failed its sha256 check.
-            StorageUnavailable: the store could not be read.
+            StorageUnavailable: the store could not be read, or the download timed out.
             ModelLoadFailed: the artifact is not a loadable model.
         """
         predictor_cls = PREDICTORS.get(manifest.task)
         if predictor_cls is None:
             raise ModelLoadFailed(f"{manifest.key}: unsupported task {manifest.task!r}")
+        self.store.check_sizes(manifest, limit_bytes)
         started = time.perf_counter()
         weights = [f.path for f in manifest.files if f.path.endswith(".safetensors")]
+        others = [f.path for f in manifest.files if f.path not in weights]
         self.disk.touch(manifest)  # newest first: pruning by other loads takes it last
-        buffers = self._from_disk(manifest, weights) if self.disk.has(manifest) else None
         folder = self.disk.path_for(manifest)
-        source = "disk"
+        buffers = self.disk.read(manifest)
+        source, prepared = "disk", None
         if buffers is None:
-            buffers = self.store.fetch(manifest)
-            others = [f.path for f in manifest.files if f.path not in weights]
-            folder = self.disk.write(manifest, buffers, others)
-            self._write_behind(manifest, {w: buffers[w] for w in weights})
             source = "s3"
+            fetch = self.store.start_fetch(manifest, order=others)
+            behind = weights
+            if manifest.format == "hf-transformers":
+                # NOTE: transformers reads config and tokenizer from a folder: write them
+                # now and build them while the weights are still streaming in.
+                folder = self.disk.write(manifest, fetch.wait(others), others)
+                try:
+                    prepared = self._prepare(manifest, folder)
+                except BaseException:
+                    fetch.cancel()
+                    raise
+            else:
+                behind = weights + others
+            buffers = fetch.wait()
+            self._write_behind(manifest, {p: buffers[p] for p in behind})
         fetched = time.perf_counter()
         state: dict[str, torch.Tensor] = {}
         for path in weights:
@@ -118,7 +140,9 @@ class ModelLoader:
             module = self._torch_module(manifest, state)
             predictor = predictor_cls(manifest, module, self.device)
         else:
-            module, tokenizer = self._hf_model(manifest, folder, state)
+            if prepared is None:
+                prepared = self._prepare(manifest, folder)
+            module, tokenizer = self._hf_model(manifest, prepared, state)
             predictor = predictor_cls(manifest, module, self.device, tokenizer)  # type: ignore[call-arg]
         logger.info(
             "model built",
@@ -133,22 +157,25 @@ class ModelLoader:
         )
         return predictor
 
-    def _from_disk(self, manifest: Manifest, weights: list[str]) -> dict[str, bytearray] | None:
-        """The weights from the disk tier, every file re-verified; None if another load's
-        pruning removed the folder meanwhile (then the caller fetches from S3)."""
-        try:
-            folder = self.store.download(manifest, self.disk.path_for(manifest))
-            return {w: bytearray((folder / w).read_bytes()) for w in weights}
-        except FileNotFoundError:
-            return None
+    def _write_behind(self, manifest: Manifest, files: dict[str, Buffer]) -> None:
+        """Copy verified files into the disk tier from a background thread, then prune.
 
-    def _write_behind(self, manifest: Manifest, weights: dict[str, bytearray]) -> None:
-        """Copy verified weights into the disk tier from a background thread, then prune."""
+        The thread holds the buffers only weakly: if the model is evicted before its copy is
+        written, the copy is abandoned rather than keeping the model's memory alive past
+        its eviction (the budget counts resident models, not pending disk writes)."""
+        # NOTE: only weight buffers are kept alive by the model's tensors; the small other
+        # files (capped by store.max_aux_file_bytes) are held until written.
+        refs = {
+            path: _weak(buffer) if path.endswith(".safetensors") else _strong(buffer)
+            for path, buffer in files.items()
+        }
 
         def write() -> None:
             try:
-                folder = self.disk.write(manifest, weights, list(weights))
-                self.disk.prune(keep={folder})
+                if self.disk.write_weak(manifest, refs):
+                    self.disk.prune(keep={self.disk.path_for(manifest)})
+                else:
+                    logger.info("disk tier copy abandoned: evicted", extra={"key": manifest.key})
             except OSError:
                 # NOTE: the disk tier is an optimisation; a full disk only costs a refetch.
                 logger.warning("disk tier write failed", extra={"key": manifest.key})
@@ -160,35 +187,24 @@ class ModelLoader:
             raise ModelLoadFailed(f"{manifest.key}: torch-module manifest has no architecture")
         with torch.device("meta"):
             module = build_module(manifest.architecture)
+        if self._h2d is not None:
+            state = self._h2d.copy(state)
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
             raise ModelLoadFailed(f"{manifest.key}: weights do not match the architecture") from exc
         return module.to(self.device)
 
-    def _hf_model(
-        self, manifest: Manifest, folder: Path, state: dict[str, torch.Tensor]
-    ) -> tuple[torch.nn.Module, object]:
-        from transformers import (
-            AutoConfig,
-            AutoModel,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
+    def _prepare(self, manifest: Manifest, folder: Path) -> tuple[object, object] | None:
+        """For a transformers model: its config and tokenizer, from the version's folder."""
+        if manifest.format != "hf-transformers":
+            return None
+        from transformers import AutoConfig, AutoTokenizer
 
-        auto_cls = (
-            AutoModelForSequenceClassification
-            if manifest.task == "text-classification"
-            else AutoModel
-        )
         try:
             config = AutoConfig.from_pretrained(
                 str(folder), local_files_only=True, trust_remote_code=False
             )
-            # NOTE: the concrete class for this config (never remote code); it adopts the
-            # state dict, whose tensors are views of the fetched bytes.
-            model_cls = auto_cls._model_mapping[type(config)]
-            module = model_cls.from_pretrained(None, config=config, state_dict=state)
             tokenizer = AutoTokenizer.from_pretrained(
                 str(folder), local_files_only=True, trust_remote_code=False
             )
@@ -196,4 +212,46 @@ class ModelLoader:
             raise ModelLoadFailed(
                 f"{manifest.key}: not a loadable transformers model ({type(exc).__name__})"
             ) from exc
+        return config, tokenizer
+
+    def _hf_model(
+        self,
+        manifest: Manifest,
+        prepared: tuple[object, object],
+        state: dict[str, torch.Tensor],
+    ) -> tuple[torch.nn.Module, object]:
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        config, tokenizer = prepared
+        auto_cls = (
+            AutoModelForSequenceClassification
+            if manifest.task == "text-classification"
+            else AutoModel
+        )
+        try:
+            # NOTE: the concrete class for this config (never remote code); it adopts the
+            # state dict, whose tensors are views of the fetched bytes.
+            model_cls = auto_cls._model_mapping[type(config)]
+            module = model_cls.from_pretrained(None, config=config, state_dict=state)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadFailed(
+                f"{manifest.key}: not a loadable transformers model ({type(exc).__name__})"
+            ) from exc
+        if self._h2d is not None:
+            # NOTE: parameters and persistent buffers go through the pinned staging buffers;
+            # `.to()` below then only moves what the state dict does not hold.
+            module.load_state_dict(self._h2d.copy(module.state_dict()), assign=True)
         return module.eval().to(self.device), tokenizer
+
+
+def _weak(buffer: Buffer) -> Callable[[], Buffer | None]:
+    """A weak reference to a fetch buffer (an empty bytearray, which cannot be weakly
+    referenced, is simply held: it costs nothing)."""
+    if isinstance(buffer, mmap.mmap):
+        return weakref.ref(buffer)
+    return _strong(buffer)
+
+
+def _strong(buffer: Buffer) -> Callable[[], Buffer | None]:
+    """A reference-shaped callable that keeps `buffer` alive."""
+    return lambda: buffer

@@ -5,8 +5,9 @@ Layout under the store root (`s3://bucket/prefix`):
     <model_id>/<version>/manifest.json     written last: its presence publishes the version
     <model_id>/<version>/<file>            the files the manifest lists (size + sha256)
 
-Reads of large files use parallel ranged GETs written straight into place on local disk,
-and every file is checked against its sha256 before anything uses it.
+Model files are read with parallel ranged GETs streamed straight into preallocated buffers
+(`VersionFetch`) and hashed while they arrive; nothing unverified is handed out. Verified
+copies live in the local disk tier (`DiskTier`), which serves reloads without S3.
 """
 
 from __future__ import annotations
@@ -15,28 +16,34 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 import fsspec
+import urllib3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from serve_app.config import StoreConfig
-from serve_app.errors import ArtifactCorrupt, StorageUnavailable, VersionExists
-from serve_app.manifest import MANIFEST_NAME, FileEntry, Manifest, now_iso, sha256_file
+from serve_app.errors import ArtifactCorrupt, ModelTooLarge, StorageUnavailable, VersionExists
+from serve_app.manifest import MANIFEST_NAME, Manifest, now_iso
+from serve_app.ranged import FsspecRangeReader, RangeReader, S3RangeReader
 
 logger = logging.getLogger(__name__)
 
+_DISK_PIECE = 16 * 2**20
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 CLAIM_NAME = ".claim"  # created first, conditionally, by the one publisher of a version
 
-_STORAGE_ERRORS = (OSError, BotoCoreError, ClientError, TimeoutError)
+# NOTE: urllib3 errors come from reading S3 response bodies (serve_app.ranged).
+_STORAGE_ERRORS = (OSError, BotoCoreError, ClientError, TimeoutError, urllib3.exceptions.HTTPError)
 
 
 @contextlib.contextmanager
@@ -87,6 +94,9 @@ class ModelStore:
     def __init__(self, config: StoreConfig, fs: fsspec.AbstractFileSystem | None = None) -> None:
         self.config = config
         self.fs = fs if fs is not None else make_filesystem(config)
+        # NOTE: model bytes go through a reader that streams into preallocated buffers;
+        # listings, manifests and publishing stay on fsspec.
+        self.reader: RangeReader = S3RangeReader(config) if fs is None else FsspecRangeReader(fs)
         self.root = config.root
         # NOTE: one pool per store bounds the GETs in flight across concurrent loads.
         self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="s3-fetch")
@@ -218,112 +228,198 @@ class ModelStore:
         return True
 
     # ----------------------------------------------------------------- fetch
-    def download(self, manifest: Manifest, dest: Path) -> Path:
-        """Fetch every file of `manifest` into `dest`, verified by sha256; return `dest`.
+    def check_sizes(self, manifest: Manifest, limit_bytes: int | None = None) -> None:
+        """Refuse a manifest whose declared sizes would be unsafe to preallocate.
 
-        The ranged GETs of all missing files run on one pool (`store.max_concurrency`
-        at once), each written at its offset; then every file is hashed, in parallel.
-        Files already in `dest` with the right size (the local disk tier) are re-verified
-        instead of fetched. A file that fails its digest is deleted and raises
-        ArtifactCorrupt; nothing unverified is left behind.
+        Every file counts against `limit_bytes` (the replica's budget), and a non-weight file
+        (config, tokenizer) may not exceed `store.max_aux_file_bytes`: the manifest comes
+        from the bucket, which is untrusted input.
+
+        Raises:
+            ModelTooLarge: a file or the whole version is over its limit.
         """
-        dest.mkdir(parents=True, exist_ok=True)
-        base = self.version_dir(manifest.model_id, manifest.version)
+        cap = self.config.max_aux_file_bytes
         for entry in manifest.files:
-            inside(dest, entry.path)
-        missing = [
-            e
-            for e in manifest.files
-            if not ((dest / e.path).exists() and (dest / e.path).stat().st_size == e.size)
-        ]
-        suffix = f".part-{os.getpid()}-{threading.get_ident()}"
-        parts = {e.path: (dest / e.path).with_name((dest / e.path).name + suffix) for e in missing}
-        try:
-            self._fetch_files(base, missing, parts)
-            for entry in missing:
-                os.replace(parts[entry.path], dest / entry.path)
-        finally:
-            for part in parts.values():
-                part.unlink(missing_ok=True)
-        digests = list(self._pool.map(sha256_file, [dest / e.path for e in manifest.files]))
-        for entry, digest in zip(manifest.files, digests, strict=True):
-            if digest != entry.sha256:
-                (dest / entry.path).unlink(missing_ok=True)
-                raise ArtifactCorrupt(
-                    f"{manifest.model_id} version {manifest.version}: file {entry.path} has "
-                    f"sha256 {digest[:12]}…, manifest says {entry.sha256[:12]}…; not loaded"
+            if not entry.path.endswith(".safetensors") and entry.size > cap:
+                raise ModelTooLarge(
+                    f"{manifest.key}: {entry.path} declares {entry.size} bytes; non-weight "
+                    f"files are capped at {cap} bytes (store.max_aux_file_bytes)"
                 )
-        return dest
+        if limit_bytes is not None and manifest.total_bytes > limit_bytes:
+            raise ModelTooLarge(
+                f"{manifest.key}: its files declare {manifest.total_bytes} bytes, more than "
+                f"the {limit_bytes} bytes allowed"
+            )
 
-    def fetch(self, manifest: Manifest) -> dict[str, bytearray]:
-        """Every file of `manifest` in memory (path -> bytes), verified by sha256.
+    def start_fetch(
+        self, manifest: Manifest, order: list[str] | None = None, limit_bytes: int | None = None
+    ) -> VersionFetch:
+        """Start fetching every file of `manifest` into memory; see VersionFetch.
 
-        Ranged GETs of all files run on the shared pool, each copied into its file's
-        preallocated buffer; the buffers are hashed in parallel.
+        `order` lists file paths to fetch first (the rest follow in manifest order).
+
+        Raises:
+            ModelTooLarge: see check_sizes (checked before any buffer is allocated).
+        """
+        self.check_sizes(manifest, limit_bytes)
+        return VersionFetch(self, manifest, order or [])
+
+    def fetch(self, manifest: Manifest, limit_bytes: int | None = None) -> dict[str, Buffer]:
+        """Every file of `manifest` in memory (path -> buffer), verified by sha256.
+
+        Raises:
+            ModelTooLarge: a declared size is over its limit (nothing was allocated).
+            ArtifactCorrupt: a file does not match its manifest sha256.
+            StorageUnavailable: the store could not be read, or the download timed out.
+        """
+        return self.start_fetch(manifest, limit_bytes=limit_bytes).wait()
+
+    def close(self) -> None:
+        """Stop the fetch pool (in-flight GETs finish)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+Buffer = bytearray | mmap.mmap
+
+
+def host_buffer(size: int) -> Buffer:
+    """A writable buffer of `size` bytes for a model file, not yet touched.
+
+    Anonymous memory (`mmap`), not `bytearray`: a bytearray is zero-filled when created,
+    which faults in every page before the first byte arrives (a second full pass over the
+    model); mapped pages are faulted in as the download writes them, and go back to the OS
+    as soon as the last tensor view is dropped.
+    """
+    # NOTE: no MADV_HUGEPAGE: with the usual `defrag=madvise` the kernel compacts memory
+    # inside the page faults, which made reads about 2x slower on the bench machine.
+    return mmap.mmap(-1, size) if size else bytearray()
+
+
+class _StreamDigest:
+    """sha256 of one file whose chunks land in any order: each chunk is hashed as soon as
+    every byte before it has been hashed, by the thread that completed it or the one that
+    is hashing already (hashlib releases the GIL, so other chunks keep downloading)."""
+
+    def __init__(self, buffer: Buffer) -> None:
+        self._view = memoryview(buffer)
+        self._hash = hashlib.sha256()
+        self._next = 0
+        self._landed: dict[int, int] = {}
+        self._busy = False
+        self._lock = threading.Lock()
+
+    def landed(self, start: int, end: int) -> None:
+        """Bytes [start, end) are in the buffer; hash whatever is contiguous now."""
+        with self._lock:
+            self._landed[start] = end
+            if self._busy:
+                return
+            self._busy = True
+        while True:
+            with self._lock:
+                end = self._landed.pop(self._next, None)
+                if end is None:
+                    self._busy = False
+                    return
+                start = self._next
+            self._hash.update(self._view[start:end])
+            with self._lock:
+                self._next = end
+
+    def hexdigest(self) -> str:
+        """The digest of every byte landed so far (call once all chunks have landed)."""
+        return self._hash.hexdigest()
+
+    @property
+    def hashed_bytes(self) -> int:
+        """How many leading bytes have been hashed."""
+        return self._next
+
+
+class VersionFetch:
+    """The files of one version streaming from the store into preallocated buffers.
+
+    Ranged GETs of `store.chunk_bytes` run on the store's pool (`store.max_concurrency` in
+    flight, shared by every load of the replica), each read straight into its place in the
+    file's buffer; each file is hashed while its chunks arrive, so verification needs no
+    second pass. `wait(paths)` returns verified buffers for some files while the others
+    are still arriving (the loader builds the tokenizer meanwhile). The whole download is
+    bounded by `store.download_timeout_s`; the first failure cancels the remaining GETs.
+    """
+
+    def __init__(self, store: ModelStore, manifest: Manifest, order: list[str]) -> None:
+        self.manifest = manifest
+        self._store = store
+        self._deadline = time.monotonic() + store.config.download_timeout_s
+        self._cancelled = threading.Event()
+        self._error: BaseException | None = None
+        base = store.version_dir(manifest.model_id, manifest.version)
+        entries = {e.path: e for e in manifest.files}
+        paths = [p for p in order if p in entries] + [p for p in entries if p not in order]
+        self.buffers = {p: host_buffer(entries[p].size) for p in paths}
+        self._digests = {p: _StreamDigest(self.buffers[p]) for p in paths}
+        self._futures: dict[str, list[Future[None]]] = {p: [] for p in paths}
+        chunk = store.config.chunk_bytes
+        for path in paths:
+            view = memoryview(self.buffers[path])
+            for start in range(0, entries[path].size, chunk):
+                piece = view[start : start + chunk]
+                self._futures[path].append(
+                    store._pool.submit(self._read, path, f"{base}/{path}", start, piece)
+                )
+
+    def _read(self, path: str, key: str, start: int, view: memoryview) -> None:
+        if self._cancelled.is_set():
+            return
+        try:
+            self._store.reader.read_into(key, start, view, self._deadline)
+        except BaseException as exc:
+            if self._error is None:
+                self._error = exc
+            self._cancelled.set()
+            raise
+        self._digests[path].landed(start, start + len(view))
+
+    def wait(self, paths: list[str] | None = None) -> dict[str, Buffer]:
+        """Verified buffers of `paths` (default: every file) once they have arrived.
 
         Raises:
             ArtifactCorrupt: a file does not match its manifest sha256.
-            StorageUnavailable: the store could not be read.
+            StorageUnavailable: the store failed, or the download passed its deadline.
+            FileNotFoundError: a file of the manifest is missing from the store.
         """
-        base = self.version_dir(manifest.model_id, manifest.version)
-        chunk = self.config.chunk_bytes
-        buffers = {e.path: bytearray(e.size) for e in manifest.files}
-        jobs = [
-            (e.path, start, min(start + chunk, e.size))
-            for e in manifest.files
-            for start in range(0, e.size, chunk)
-        ]
-
-        def fetch(job: tuple[str, int, int]) -> None:
-            path, start, end = job
-            data = self.fs.cat_file(f"{base}/{path}", start=start, end=end)
-            if len(data) != end - start:
-                raise ArtifactCorrupt(f"short read of {manifest.key}/{path}")
-            memoryview(buffers[path])[start:end] = data
-
-        with storage_errors("downloading model files"):
-            for _ in self._pool.map(fetch, jobs):
-                pass
-        digests = self._pool.map(
-            lambda e: hashlib.sha256(buffers[e.path]).hexdigest(), manifest.files
-        )
-        for entry, digest in zip(manifest.files, digests, strict=True):
-            if digest != entry.sha256:
-                raise ArtifactCorrupt(
-                    f"{manifest.model_id} version {manifest.version}: file {entry.path} has "
-                    f"sha256 {digest[:12]}…, manifest says {entry.sha256[:12]}…; not loaded"
-                )
-        return buffers
-
-    def _fetch_files(self, base: str, entries: list[FileEntry], parts: dict[str, Path]) -> None:
-        """Ranged GETs of every entry, all on one pool, written at their offsets."""
-        chunk = self.config.chunk_bytes
-        fds: dict[str, int] = {}
-        try:
-            jobs = []
-            for entry in entries:
-                part = parts[entry.path]
-                part.parent.mkdir(parents=True, exist_ok=True)
-                fds[entry.path] = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.ftruncate(fds[entry.path], entry.size)
-                jobs += [
-                    (f"{base}/{entry.path}", fds[entry.path], start, min(start + chunk, entry.size))
-                    for start in range(0, entry.size, chunk)
-                ]
-
-            def fetch(job: tuple[str, int, int, int]) -> int:
-                path, fd, start, end = job
-                data = self.fs.cat_file(path, start=start, end=end)
-                if len(data) != end - start:
-                    raise ArtifactCorrupt(f"short read of {path.rsplit('/', 3)[-3:]}")
-                return os.pwrite(fd, data, start)
-
+        paths = list(self.buffers) if paths is None else paths
+        pending = [f for p in paths for f in self._futures[p]]
+        remaining = max(0.0, self._deadline - time.monotonic())
+        _, not_done = futures_wait(pending, timeout=remaining, return_when=FIRST_EXCEPTION)
+        if self._error is not None:
+            self.cancel()
             with storage_errors("downloading model files"):
-                for _ in self._pool.map(fetch, jobs):
-                    pass
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+                raise self._error
+        if not_done:
+            self.cancel()
+            raise StorageUnavailable(
+                f"download of {self.manifest.key} exceeded store.download_timeout_s",
+                retry_after_s=5.0,
+            )
+        entries = {e.path: e for e in self.manifest.files}
+        for path in paths:
+            digest = self._digests[path].hexdigest()
+            if digest != entries[path].sha256:
+                self.cancel()
+                raise ArtifactCorrupt(
+                    f"{self.manifest.model_id} version {self.manifest.version}: file {path} "
+                    f"has sha256 {digest[:12]}…, manifest says {entries[path].sha256[:12]}…; "
+                    "not loaded"
+                )
+        return {p: self.buffers[p] for p in paths}
+
+    def cancel(self) -> None:
+        """Stop issuing this version's GETs (those in flight finish or fail on their own)."""
+        self._cancelled.set()
+        for futures in self._futures.values():
+            for future in futures:
+                future.cancel()
 
 
 class DiskTier:
@@ -347,7 +443,37 @@ class DiskTier:
             for e in manifest.files
         )
 
-    def write(self, manifest: Manifest, buffers: dict[str, bytearray], paths: list[str]) -> Path:
+    def read(self, manifest: Manifest) -> dict[str, Buffer] | None:
+        """Every file of this version from disk, each read into a buffer of its size and
+        hashed in the same pass; None if a file is missing, short or fails its sha256 (a
+        corrupt copy is deleted). Needs no store: versions are immutable, so a verified disk
+        copy serves reloads while S3 is down (stale-if-error)."""
+        folder = self.path_for(manifest)
+        buffers: dict[str, Buffer] = {}
+        for entry in manifest.files:
+            try:
+                with inside(folder, entry.path).open("rb", buffering=0) as fh:
+                    buffer = host_buffer(entry.size)
+                    view, digest, done = memoryview(buffer), hashlib.sha256(), 0
+                    while done < entry.size:
+                        n = fh.readinto(view[done : done + _DISK_PIECE])
+                        if not n:
+                            break
+                        digest.update(view[done : done + n])
+                        done += n
+            except FileNotFoundError:
+                return None
+            if done != entry.size or digest.hexdigest() != entry.sha256:
+                logger.warning(
+                    "disk tier copy is corrupt; dropping it",
+                    extra={"key": manifest.key, "file": entry.path},
+                )
+                shutil.rmtree(folder, ignore_errors=True)
+                return None
+            buffers[entry.path] = buffer
+        return buffers
+
+    def write(self, manifest: Manifest, buffers: dict[str, Buffer], paths: list[str]) -> Path:
         """Write verified `buffers[path]` for `paths` into this version's folder (each
         through a temp file and a rename, so a half-written file is never taken as whole)."""
         folder = self.path_for(manifest)
@@ -361,6 +487,35 @@ class DiskTier:
             finally:
                 part.unlink(missing_ok=True)
         return folder
+
+    def write_weak(
+        self, manifest: Manifest, buffers: dict[str, Callable[[], Buffer | None]]
+    ) -> bool:
+        """Like `write`, for buffers held only through weak references (`buffers[path]()`
+        returns the buffer or None once it is gone): written piece by piece, and abandoned,
+        with nothing left behind, as soon as a buffer has been freed (its model evicted), so
+        the disk copy never keeps a model's memory alive. True if every file was written."""
+        folder = self.path_for(manifest)
+        for path, ref in buffers.items():
+            target = inside(folder, path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(f"{target.name}.part-{os.getpid()}-{threading.get_ident()}")
+            try:
+                with part.open("wb", buffering=0) as fh:
+                    done = 0
+                    while True:
+                        buffer = ref()
+                        if buffer is None:
+                            return False
+                        if done >= len(buffer):
+                            break
+                        with memoryview(buffer) as view:
+                            done += fh.write(view[done : done + _DISK_PIECE])
+                        del buffer
+                os.replace(part, target)
+            finally:
+                part.unlink(missing_ok=True)
+        return True
 
     def touch(self, manifest: Manifest) -> None:
         """Mark a version as just used (its folder's mtime orders pruning)."""

@@ -9,6 +9,7 @@ pickle, nothing executed.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 
 import torch
@@ -30,7 +31,9 @@ _DTYPES: dict[str, torch.dtype] = {
 _MAX_HEADER = 100 * 2**20
 
 
-def tensors_from_buffer(buf: bytearray, name: str = "weights") -> dict[str, torch.Tensor]:
+def tensors_from_buffer(
+    buf: bytearray | mmap.mmap, name: str = "weights"
+) -> dict[str, torch.Tensor]:
     """Views of every tensor in the safetensors bytes `buf` (which they keep alive).
 
     Raises:

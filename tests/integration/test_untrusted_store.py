@@ -80,6 +80,6 @@ def test_two_concurrent_publishers_of_one_version_publish_it_once(
     assert (len(winners), len(losers)) == (1, 1), outcomes
     # the stored version is the winner's, whole: every file matches its manifest digest
     assert store.read_manifest("race-model", "1") == winners[0]
-    store.download(winners[0], tmp_path / "check")
+    store.fetch(winners[0])  # raises ArtifactCorrupt unless every digest matches
     with pytest.raises(VersionExists):
         store.publish(sources[0], manifests[0])

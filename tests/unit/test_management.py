@@ -22,7 +22,9 @@ from serve_app.store import ModelStore
 from tests.fakes import LocalHostControl
 
 ROW = [0.1, -0.2, 0.3, 0.4]
-BUDGET = 500  # bytes: one tiny model (196 B) pinned leaves room for one more, not two pins
+BUDGET = (
+    800  # bytes: a tiny model declares 644 B of files (196 B measured); one pin fits, two do not
+)
 
 
 def make_host(store: ModelStore, tmp_path: Path, name: str) -> ModelHost:
@@ -251,6 +253,6 @@ async def test_reconcile_keeps_going_past_a_pin_that_cannot_fit(
     await host.reconcile_pins(pins.list())
     await host.reconcile_pins(pins.list())  # the refusal is retried quietly
     pinned = host.cache.pinned_keys()
-    assert 1 <= len(pinned) < 3  # not all three fit in 500 bytes; what fits is pinned
+    assert 1 <= len(pinned) < 3  # not all three fit in 800 bytes; what fits is pinned
     assert host.cache.pinned_bytes <= BUDGET
     assert all(k in host.cache for k in host.cache.pinned_keys())

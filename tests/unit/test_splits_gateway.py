@@ -136,7 +136,7 @@ async def test_host_pins_stay_resident_and_unpinned_ones_stay_loaded(
     await host.close()
     small = ModelHost(
         HostConfig(
-            memory_budget=int(a1.weight_bytes * 1.2),
+            memory_budget=int(a1.total_bytes * 1.2),  # every file counts (issue 6 #3)
             accelerator="cpu",
             disk_cache_dir=str(tmp_path / "d2"),
         ),
