@@ -1,130 +1,245 @@
-"""Warm-request overhead of the fleet vs a plain single-model Serve deployment (B4).
+"""B4: warm-request overhead of the fleet against single-model and multi-model baselines.
 
-Deploys, next to the running `fleet` app, a one-replica app `bench-plain` that holds
-minilm-embed (loaded with the same loader, so the model code is identical) and answers at
-`/bench-plain`. Then sends the same request `--n` times, sequentially, to both:
+One private stack (bench/local_stack.py) runs side by side, each with ONE replica of
+0.5 CPU holding minilm-embed (all-MiniLM-L6-v2), loaded with fleetserve's loader where the
+server is Ray:
 
-    fleet:  POST /v1/models/minilm-embed/predict   (ingress -> multiplexed host replica)
-    plain:  POST /bench-plain/                      (one deployment, no routing by model)
+    fleet        the `fleet` app: ingress -> model host (1 host replica)
+    fleet-nobatch  (with --nobatch) the same app with batching off
+    plain        an ordinary single-model Serve deployment (FastAPI, one hop)
+    multiplexed  Ray Serve's built-in `@serve.multiplexed` (model id in the header)
+    mlserver     MLServer 1.7 + mlserver-huggingface (feature-extraction pipeline), its own
+                 venv (bench/mlserver_env.py) and process, V2 REST `/v2/models/.../infer`
 
-and reports p50/p99 of each and their ratio. Run against the local stack:
-`make up`, then `.venv/bin/python -m bench.warm_overhead`.
+Per round (`--runs`, order rotated) each target gets `--n` sequential requests (warm p50 /
+p99) and `--seconds` of `--clients` closed-loop clients (throughput). Medians over rounds:
+
+    B4 p50 fleet/plain   goal <= 1.05 and <= 1 ms added
+    B4 p99 fleet/plain   goal <= 1.2
+    (reported) fleet/multiplexed, fleet/mlserver p50 and throughput ratios
+
+Run: `flock /tmp/fleet-heavy.lock .venv/bin/python -m bench.warm_overhead`.
+`--no-mlserver` skips MLServer; if it cannot be installed or started, the result says why.
 """
 
-# NOTE: no `from __future__ import annotations` here: FastAPI must see the real `Request`
-# annotation of the route defined inside build_plain_app.
+from __future__ import annotations
+
 import argparse
-import asyncio
 import json
-import os
+import shutil
 import statistics
-import sys
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from fastapi import Request
 
-from serve_app.client import DEFAULT_URL
-from serve_app.config import StoreConfig, load_config
+from bench.baselines import multiplexed_app, plain_app
+from bench.load import closed_loop, percentile, sequential
+from bench.local_stack import LocalStack, machine, say, wait_until
+from bench.mlserver_env import MLServerUnavailable, ensure_mlserver, write_model_settings
 
+MODEL = "minilm-embed"
 TEXT = ["the quick brown fox jumps over the lazy dog"]
+GOALS = {"B4 p50 fleet/plain": 1.05, "B4 p99 fleet/plain": 1.2}
+GOAL_ADDED_MS = 1.0
 
 
-def build_plain_app(store_config: StoreConfig) -> Any:
-    """A one-replica Serve app that serves minilm-embed, version 1, directly."""
-    from fastapi import FastAPI
-    from ray import serve
+class MLServerProcess:
+    """MLServer serving a local copy of minilm-embed on free loopback ports."""
 
-    api = FastAPI()
+    def __init__(self, root: Path, model_path: Path) -> None:
+        from serve_app.seaweed import find_free_port
 
-    @serve.deployment(name="Plain", ray_actor_options={"num_cpus": 0.5})
-    @serve.ingress(api)
-    class Plain:
-        def __init__(self, config: StoreConfig) -> None:
-            import tempfile
-
-            import torch
-
-            from serve_app.loader import ModelLoader
-            from serve_app.store import DiskTier, ModelStore
-
-            torch.set_num_threads(1)
-            store = ModelStore(config)
-            loader = ModelLoader(
-                store, DiskTier(Path(tempfile.mkdtemp()), 2**31), torch.device("cpu")
+        self.exe = ensure_mlserver()
+        self.root = root
+        self.port = find_free_port()
+        models = root / "models"
+        write_model_settings(models, MODEL, model_path)
+        (models / "settings.json").write_text(
+            json.dumps(
+                {
+                    "host": "127.0.0.1",
+                    "http_port": self.port,
+                    "grpc_port": find_free_port(),
+                    "metrics_port": find_free_port(),
+                    "parallel_workers": 0,
+                    "debug": False,
+                }
             )
-            self.model = loader.load(store.read_manifest("minilm-embed", "1"))
+        )
+        self.log = (root / "mlserver.log").open("w")
+        env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        import os
 
-        @api.post("/")
-        async def predict(self, request: Request) -> dict[str, Any]:
-            body = await request.json()
-            return {"outputs": await asyncio.to_thread(self.model.predict, body["inputs"])}
+        self.proc = subprocess.Popen(
+            [str(self.exe), "start", str(models)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+        self.url = f"http://127.0.0.1:{self.port}/v2/models/{MODEL}/infer"
+        try:
+            wait_until(self._ready, 240, "MLServer to load minilm-embed")
+        except TimeoutError as exc:
+            self.stop()
+            tail = (root / "mlserver.log").read_text()[-800:]
+            raise MLServerUnavailable(f"MLServer did not become ready: {tail}") from exc
 
-    return Plain.bind(store_config)
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            tail = (self.root / "mlserver.log").read_text()[-800:]
+            raise MLServerUnavailable(f"MLServer exited ({self.proc.returncode}): {tail}")
+        ready = f"http://127.0.0.1:{self.port}/v2/models/{MODEL}/ready"
+        return httpx.get(ready, timeout=5).status_code == 200
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
 
 
-def measure(url: str, n: int) -> list[float]:
-    samples = []
-    with httpx.Client(timeout=120) as http:
-        for _ in range(5):  # warm-up: loads the model where needed, fills connections
-            http.post(url, json={"inputs": TEXT}).raise_for_status()
-        for _ in range(n):
-            started = time.perf_counter()
-            http.post(url, json={"inputs": TEXT}).raise_for_status()
-            samples.append((time.perf_counter() - started) * 1000)
-    return samples
-
-
-def summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
+def v2_body() -> dict[str, Any]:
     return {
-        "p50_ms": round(statistics.median(ordered), 2),
-        "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 2),
+        "inputs": [
+            {
+                "name": "args",
+                "shape": [len(TEXT)],
+                "datatype": "BYTES",
+                "data": TEXT,
+                "parameters": {"content_type": "str"},
+            }
+        ]
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--url", default=DEFAULT_URL)
-    parser.add_argument("--config", default="config.yaml")
-    parser.add_argument("--state-dir", default=".state")
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--out", default="bench/results/warm_overhead.json")
+    parser.add_argument("--runs", type=int, default=5, help="rounds (medians)")
+    parser.add_argument("--n", type=int, default=100, help="sequential requests per round")
+    parser.add_argument("--clients", type=int, default=8, help="clients for throughput")
+    parser.add_argument("--seconds", type=float, default=5.0, help="throughput window")
+    parser.add_argument("--no-mlserver", action="store_true")
+    parser.add_argument("--nobatch", action="store_true", help="also the fleet, batching off")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/warm_overhead.json"))
     args = parser.parse_args()
-    from serve_app.stack import RAY_AUTH_ENV, RAY_LOOPBACK_ENV, load_stack_env
 
-    os.environ.update({**RAY_AUTH_ENV, **RAY_LOOPBACK_ENV})
-    if not os.environ.get("AWS_ENDPOINT_URL"):
-        os.environ.update(load_stack_env(Path(args.state_dir)))
-    import ray
-    from ray import serve
+    from serve_app.demo import minilm_dir
+    from serve_app.publisher import publish_path
 
-    ray.init(address="auto", logging_level="ERROR")
-    store_config = load_config(args.config).store
-    serve.run(build_plain_app(store_config), name="bench-plain", route_prefix="/bench-plain")
-    try:
-        rounds = []
-        for _ in range(3):  # interleave so drift hits both alike
-            fleet = measure(f"{args.url}/v1/models/minilm-embed/predict", args.n // 3)
-            plain = measure(f"{args.url}/bench-plain/", args.n // 3)
-            rounds.append((fleet, plain))
-        fleet_all = [x for f, _ in rounds for x in f]
-        plain_all = [x for _, p in rounds for x in p]
-        result = {
-            "fleet": summary(fleet_all),
-            "plain": summary(plain_all),
-            "n": len(fleet_all),
+    mlserver: MLServerProcess | None = None
+    mlserver_note = "skipped (--no-mlserver)" if args.no_mlserver else ""
+    samples: dict[str, list[dict[str, Any]]] = {}
+    with LocalStack() as stack:
+        assert stack.store is not None
+        assert stack.store_config is not None
+        publish_path(stack.store, minilm_dir(), MODEL, "1")
+        host = {"num_replicas": 1, "num_cpus": 0.5, "memory_budget": "1GiB"}
+        stack.deploy_fleet(stack.fleet_config(host), [MODEL])
+        targets: dict[str, tuple[str, dict[str, Any], dict[str, str] | None]] = {
+            "fleet": (f"{stack.url}/v1/models/{MODEL}/predict", {"inputs": TEXT}, None),
         }
-        result["p50_ratio"] = round(result["fleet"]["p50_ms"] / result["plain"]["p50_ms"], 2)
-        result["p99_ratio"] = round(result["fleet"]["p99_ms"] / result["plain"]["p99_ms"], 2)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
-    finally:
-        serve.delete("bench-plain")
-        print("removed bench-plain", file=sys.stderr)
+        if args.nobatch:
+            from deployments.builder import build_app
+
+            nobatch = stack.fleet_config({**host, "batching": {"max_batch_size": 1}})
+            base = stack.run_app(build_app(nobatch), "fleet-nobatch", "/fleet-nobatch")
+            targets["fleet-nobatch"] = (f"{base}/v1/models/{MODEL}/predict", {"inputs": TEXT}, None)
+        plain = stack.run_app(plain_app(stack.store_config, MODEL, "1", 1, 0.5), "plain", "/plain")
+        targets["plain"] = (plain + "/", {"inputs": TEXT}, None)
+        mux = stack.run_app(multiplexed_app(stack.store_config, 1, 0.5), "mux", "/mux")
+        targets["multiplexed"] = (
+            mux + "/",
+            {"inputs": TEXT},
+            {"serve_multiplexed_model_id": f"{MODEL}@1"},
+        )
+        if not args.no_mlserver:
+            try:
+                model_copy = stack.tmp / "minilm"
+                shutil.copytree(minilm_dir(), model_copy)
+                say("starting MLServer (installs its venv on first use)")
+                mlserver = MLServerProcess(stack.tmp / "mlserver", model_copy)
+                targets["mlserver"] = (mlserver.url, v2_body(), None)
+            except MLServerUnavailable as exc:
+                mlserver_note = str(exc)
+                say(f"MLServer unavailable: {exc}")
+        try:
+            samples = {name: [] for name in targets}
+            names = list(targets)
+            for run in range(args.runs):
+                for name in names[run % len(names) :] + names[: run % len(names)]:
+                    url, body, headers = targets[name]
+                    lat = sequential(url, body, args.n, headers)
+                    tput = closed_loop(url, body, args.clients, args.seconds, headers=headers)
+                    row = {
+                        "p50_ms": round(statistics.median(lat), 3),
+                        "p99_ms": round(percentile(lat, 0.99), 3),
+                        "rps": tput["rps"],
+                    }
+                    samples[name].append(row)
+                    say(
+                        f"run {run + 1}/{args.runs} {name:12s} p50 {row['p50_ms']:.1f} ms  "
+                        f"p99 {row['p99_ms']:.1f} ms  {row['rps']:.0f} req/s"
+                    )
+        finally:
+            if mlserver is not None:
+                mlserver.stop()
+
+    medians = {
+        name: {
+            k: round(statistics.median(r[k] for r in rows), 3) for k in ("p50_ms", "p99_ms", "rps")
+        }
+        for name, rows in samples.items()
+    }
+    fleet, plain_m = medians["fleet"], medians["plain"]
+    ratios: dict[str, float] = {
+        "B4 p50 fleet/plain": round(fleet["p50_ms"] / plain_m["p50_ms"], 3),
+        "B4 p99 fleet/plain": round(fleet["p99_ms"] / plain_m["p99_ms"], 3),
+        "B4 p50 added ms": round(fleet["p50_ms"] - plain_m["p50_ms"], 3),
+    }
+    for other in ("multiplexed", "mlserver"):
+        if other in medians:
+            ratios[f"p50 fleet/{other}"] = round(fleet["p50_ms"] / medians[other]["p50_ms"], 3)
+            ratios[f"throughput fleet/{other}"] = round(fleet["rps"] / medians[other]["rps"], 3)
+    ratios["throughput fleet/plain"] = round(fleet["rps"] / plain_m["rps"], 3)
+    goals = {
+        "B4 p50 fleet/plain": "<= 1.05",
+        "B4 p99 fleet/plain": "<= 1.2",
+        "B4 p50 added ms": "<= 1.0",
+    }
+    passed = {
+        "B4 p50 fleet/plain": ratios["B4 p50 fleet/plain"] <= GOALS["B4 p50 fleet/plain"],
+        "B4 p99 fleet/plain": ratios["B4 p99 fleet/plain"] <= GOALS["B4 p99 fleet/plain"],
+        "B4 p50 added ms": ratios["B4 p50 added ms"] <= GOAL_ADDED_MS,
+    }
+    for name, value in ratios.items():
+        verdict = (
+            f" (goal {goals[name]}) {'PASS' if passed[name] else 'FAIL'}" if name in goals else ""
+        )
+        print(f"{name} = {value:.2f}{verdict}")
+    for name, values in medians.items():
+        print(f"  {name}: {values}")
+    if mlserver_note:
+        print(f"  mlserver: {mlserver_note}")
+    result = {
+        "bench": "warm_overhead",
+        "machine": machine(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "params": {k: str(v) for k, v in vars(args).items()},
+        "samples": samples,
+        "medians": medians,
+        "ratios": ratios,
+        "goals": goals,
+        "mlserver": mlserver_note or "measured",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    say(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import logging
 
 import ray
 from ray.serve import Application
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.config import RequestRouterConfig
 
 from deployments.ingress import Ingress
@@ -34,6 +35,13 @@ def _host_gpus(host: HostConfig) -> float:
     if host.accelerator == "auto" and ray.is_initialized():
         return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     return 0
+
+
+def _router_class(pool: HostConfig) -> type:
+    """`router: ray` selects Ray's stock router (the benchmarks' baseline)."""
+    if pool.router == "ray":
+        return PowerOfTwoChoicesRequestRouter
+    return ModelAffinityRouter
 
 
 def check_routing(config: AppConfig) -> None:
@@ -68,7 +76,7 @@ def build_app(args: AppConfig | dict) -> Application:
             "name": pool.deployment_name,
             "max_ongoing_requests": pool.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": _host_gpus(pool)},
-            "request_router_config": RequestRouterConfig(request_router_class=ModelAffinityRouter),
+            "request_router_config": RequestRouterConfig(request_router_class=_router_class(pool)),
         }
         if pool.autoscaling is not None:
             options["autoscaling_config"] = dict(pool.autoscaling)  # Serve validates it
@@ -77,6 +85,7 @@ def build_app(args: AppConfig | dict) -> Application:
         pools[pool.name] = ModelHostDeployment.options(**options).bind(pool, config.store)
     return Ingress.options(
         num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
         user_config=config.routing.model_dump(mode="json"),
     ).bind(pools, config.pool_configs(), config.ingress, config.store)

@@ -26,8 +26,10 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.replica_directory import GcsKeyValue, ReplicaPublisher, read_replicas
 from deployments.routing_board import post_pins, read_accepted, save_accepted
+from serve_app.batching import BatchPolicy, MicroBatcher
 from serve_app.config import (
     DEFAULT_POOL,
+    BatchingConfig,
     IngressConfig,
     PoolConfig,
     RoutingConfig,
@@ -50,7 +52,14 @@ from serve_app.metrics import ArmMetrics, IngressMetrics, ModelLabels
 from serve_app.pins import PinStore
 from serve_app.registry import Registry
 from serve_app.routing import RoutingTable
-from serve_app.schemas import HostCommand, HostReply, PredictCall, PredictResponse
+from serve_app.schemas import (
+    BatchResult,
+    HostCommand,
+    HostReply,
+    PredictBatch,
+    PredictCall,
+    PredictResponse,
+)
 from serve_app.stats import StatsRecorder
 from serve_app.store import ModelStore
 
@@ -107,6 +116,9 @@ class ServeHostControl:
         )
 
 
+Outcome = PredictResponse | BaseException
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
@@ -120,6 +132,14 @@ class Ingress:
         store_config: StoreConfig,
     ) -> None:
         configure_logging()
+        # NOTE: concurrent requests for one model travel to the host pool together, one
+        # handle call per batch (the host batches again across ingress replicas); up to
+        # `max(2, the pool's replicas)` batches of a model are in flight so every holder
+        # stays busy. Batching settings are each pool's own.
+        self._pool_by_name = {p.name: p for p in pool_configs}
+        self._batcher: MicroBatcher[tuple[str, str], PredictCall, Outcome] = MicroBatcher(
+            self._send_batch, self._batch_policy
+        )
         context = serve.get_replica_context()
         self._pools = pools
         self._pool_configs = pool_configs
@@ -223,8 +243,34 @@ class Ingress:
             await self._post_pins()
 
     async def _dispatch(self, call: PredictCall) -> PredictResponse:
-        handle = self._pools[call.pool].options(multiplexed_model_id=call.manifest.key)
-        return await handle.predict.remote(call)
+        key = (call.pool, call.manifest.key)
+        if self._batching(call.pool).for_model(call.manifest.model_id).max_batch_size <= 1:
+            (outcome,) = await self._send_batch(key, [call])
+        else:
+            outcome = await self._batcher.submit(key, call, rows=len(call.inputs))
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _batching(self, pool: str) -> BatchingConfig:
+        config = self._pool_by_name.get(pool)
+        return config.batching if config is not None else BatchingConfig()
+
+    def _batch_policy(self, key: tuple[str, str]) -> BatchPolicy:
+        pool, model_key = key
+        config = self._batching(pool).for_model(model_key.split("@", 1)[0])
+        replicas = getattr(self._pool_by_name.get(pool), "num_replicas", 1)
+        return BatchPolicy(config.max_batch_size, config.max_wait_ms, max(2, replicas))
+
+    async def _send_batch(
+        self, key: tuple[str, str], calls: list[PredictCall]
+    ) -> list[PredictResponse | BaseException]:
+        pool, model_key = key
+        manifest = calls[0].manifest
+        batch = PredictBatch(manifest, [c.inputs for c in calls], [c.request_id for c in calls])
+        handle = self._pools[pool].options(multiplexed_model_id=model_key)
+        result: BatchResult = await handle.predict_batch.remote(batch)
+        return [result.outcome(manifest, i) for i in range(len(calls))]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(

@@ -29,7 +29,14 @@ from serve_app.host import ModelHost
 from serve_app.logs import configure_logging
 from serve_app.metrics import HostMetrics, ModelLabels
 from serve_app.pins import PinStore
-from serve_app.schemas import HostCommand, HostReply, PredictCall, PredictResponse
+from serve_app.schemas import (
+    BatchResult,
+    HostCommand,
+    HostReply,
+    PredictBatch,
+    PredictCall,
+    PredictResponse,
+)
 from serve_app.store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -116,11 +123,21 @@ class ModelHostDeployment:
         try:
             return await self.host.predict(call)
         finally:
-            # NOTE: residency changes publish at once (_advertise); counters at most 1/s.
-            now = time.monotonic()
-            if now - self._published_at >= 1.0:
-                self._published_at = now
-                self._directory.publish(self.host.status())
+            self._maybe_publish()
+
+    async def predict_batch(self, batch: PredictBatch) -> BatchResult:
+        """Predict several requests for one model version (the ingress's batches)."""
+        try:
+            return await self.host.predict_batch(batch)
+        finally:
+            self._maybe_publish()
+
+    def _maybe_publish(self) -> None:
+        # NOTE: residency changes publish at once (_advertise); counters at most 1/s.
+        now = time.monotonic()
+        if now - self._published_at >= 1.0:
+            self._published_at = now
+            self._directory.publish(self.host.status())
 
     async def manage(self, command: HostCommand) -> HostReply:
         """Run a management command (load, unload, pin, unpin) addressed to this replica."""

@@ -109,6 +109,34 @@ class StoreConfig(_Strict):
         )
 
 
+class BatchPolicyConfig(_Strict):
+    """Dynamic batching of one model: concurrent requests run as one forward pass."""
+
+    max_batch_size: int = Field(
+        32, ge=1, le=65536, description="Most input rows in one batch; 1 turns batching off."
+    )
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="How long a batch may wait to fill; 0: never wait, batch what queued up.",
+    )
+
+
+class BatchingConfig(BatchPolicyConfig):
+    """Batching defaults for every model, with per-model overrides (by model id)."""
+
+    models: dict[str, BatchPolicyConfig] = Field(
+        default_factory=dict, description="Per-model-id overrides of the defaults."
+    )
+
+    def for_model(self, model_id: str) -> BatchPolicyConfig:
+        """The policy of `model_id`: its override, else the defaults."""
+        return self.models.get(model_id) or BatchPolicyConfig(
+            max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms
+        )
+
+
 class HostConfig(_Strict):
     """The model-host pool: replicas that hold models in a byte-budgeted cache."""
 
@@ -133,6 +161,20 @@ class HostConfig(_Strict):
     load_timeout_s: float = Field(300.0, gt=0, description="Max wait for a load or for room.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica.")
     max_ongoing_requests: int = Field(16, ge=1, description="Concurrent requests per replica.")
+    predict_threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Prediction threads per replica (loads have their own).",
+    )
+    router: Literal["affinity", "ray"] = Field(
+        "affinity",
+        description="affinity: fleetserve's router (cold models placed at once by free "
+        "budget); ray: Ray Serve's stock multiplexed power-of-two router.",
+    )
+    batching: BatchingConfig = Field(
+        default_factory=BatchingConfig, description="Per-model dynamic batching."
+    )
     disk_cache_dir: str | None = Field(
         None, description="Local disk tier for downloaded artifacts; default: a temp folder."
     )
@@ -170,6 +212,12 @@ class IngressConfig(_Strict):
 
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
     num_cpus: float = Field(0.25, gt=0, description="CPUs each ingress replica reserves.")
+    max_ongoing_requests: int = Field(
+        256,
+        ge=1,
+        description="Concurrent requests per ingress replica (it only awaits the hosts; "
+        "Serve's default of 5 would queue a 16-client load in the proxy).",
+    )
     registry_refresh_s: float = Field(
         2.0, gt=0, description="Seconds between background refreshes of the model registry."
     )

@@ -4,6 +4,11 @@
 `ModelCache` (byte budget, LRU, leases), runs loads and inference in worker threads so the
 event loop keeps serving, and reports the set of resident (and loading) models through the
 `on_routing_change` callback so the router's view matches what the replica really holds.
+
+Threads: loads (fetch, verify, deserialise, build) run on a pool of `max_concurrent_loads`
+threads and predictions on their own pool of `predict_threads`, so a warm request never
+queues behind a load. Concurrent requests for one model are batched (`serve_app.batching`):
+one forward pass per batch, one batch per model at a time, batches never mix models.
 It also executes management commands (`apply`: load, unload, pin, unpin) and applies the
 pin store's desired state (`reconcile_pins`).
 """
@@ -12,12 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from serve_app.batching import BatchPolicy, MicroBatcher
 from serve_app.cache import CacheEvent, ModelCache
 from serve_app.config import DEFAULT_POOL, HostConfig
 from serve_app.errors import CommandMisrouted, FleetError, unwrap
@@ -27,10 +37,32 @@ from serve_app.metrics import HostMetrics
 from serve_app.pins import PinRecord
 from serve_app.policy import make_policy
 from serve_app.predictor import Predictor
-from serve_app.schemas import HostCommand, HostReply, PredictCall, PredictResponse
+from serve_app.schemas import (
+    BatchResult,
+    HostCommand,
+    HostReply,
+    PredictBatch,
+    PredictCall,
+    PredictResponse,
+)
 from serve_app.store import ModelStore
 
 logger = logging.getLogger(__name__)
+
+# NOTE: a load thread deserialising a model holds the GIL for long stretches; with the
+# default 5 ms switch interval every warm request on the event loop waits behind it. 1 ms
+# hands the GIL back five times as often, and load threads (and the fetch threads they
+# start, which inherit it) run at a lower OS priority, so warm requests keep flowing.
+GIL_SWITCH_INTERVAL_S = 0.001
+LOAD_THREAD_NICE = 10
+
+
+def _lower_priority() -> None:
+    """ThreadPoolExecutor initializer: lower this thread's OS scheduling priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_THREAD_NICE)
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted
+        logger.debug("could not lower the load thread's priority", extra={"error": str(exc)})
 
 
 class ModelHost:
@@ -47,6 +79,7 @@ class ModelHost:
         metrics: HostMetrics | None = None,
     ) -> None:
         torch.set_num_threads(config.torch_threads)
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.config = config
         self.replica = replica
         self.pool = pool
@@ -60,6 +93,13 @@ class ModelHost:
         self.loader = ModelLoader.from_config(store, config, self.device)
         self._on_routing_change = on_routing_change
         self.metrics = metrics
+        self._load_pool = ThreadPoolExecutor(
+            config.max_concurrent_loads, "fleet-load", initializer=_lower_priority
+        )
+        self._predict_pool = ThreadPoolExecutor(config.predict_threads, "fleet-predict")
+        self.batcher: MicroBatcher[tuple[str, Predictor], list[Any], list[Any]] = MicroBatcher(
+            self._run_batch, self._batch_policy
+        )
         self.pin_errors: dict[str, str] = {}
         self.cache: ModelCache[Predictor] = ModelCache(
             memory_budget(config, self.device),
@@ -99,7 +139,10 @@ class ModelHost:
 
     def _loader_for(self, manifest: Manifest) -> Callable[[], Awaitable[Predictor]]:
         async def load() -> Predictor:
-            return await asyncio.to_thread(self.loader.load, manifest, self.cache.budget_bytes)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._load_pool, self.loader.load, manifest, self.cache.budget_bytes
+            )
 
         return load
 
@@ -147,25 +190,68 @@ class ModelHost:
 
     async def predict(self, call: PredictCall) -> PredictResponse:
         """Predict with `call.manifest`'s model, loading it first if it is not resident."""
-        manifest = call.manifest
+        batch = PredictBatch(call.manifest, [call.inputs], [call.request_id])
+        return (await self.predict_batch(batch)).response(call.manifest, 0)
+
+    async def predict_batch(self, batch: PredictBatch) -> BatchResult:
+        """Predict every request of `batch` (one model version), loading it on a miss.
+
+        The model stays leased until every prediction's thread is done. Each request's
+        rows join the model's dynamic batches; a request's own failure is returned in its
+        slot (typed), a load failure is raised for all."""
+        manifest = batch.manifest
         load = self._loader_for(manifest)
         # NOTE: every file is in memory during a load, so all of them count against the
         # budget (a manifest's declared sizes are untrusted; see ModelStore.check_sizes).
         lease = await self.cache.acquire(manifest.key, load, size_hint=manifest.total_bytes)
-        outputs = await self.cache.call_in_thread(lease, lambda model: model.predict(call.inputs))
+        key = (manifest.key, lease.model)
+        work = asyncio.gather(
+            *(self._predict_rows(key, rows) for rows in batch.inputs), return_exceptions=True
+        )
+        try:
+            results = await asyncio.shield(work)
+        finally:
+            # NOTE: the lease ends when the predictions end, not when the caller stops
+            # waiting: a cancelled request cannot let the model be closed under its thread.
+            if work.done():
+                self.cache.release(lease.key, lease.model)
+            else:
+                work.add_done_callback(lambda _: self.cache.release(lease.key, lease.model))
         if not lease.hit and self.metrics is not None:
             self.metrics.observe_wait(
                 manifest.model_id, manifest.version, lease.wait_seconds * 1000
             )
-        return PredictResponse(
-            model_id=manifest.model_id,
-            version=manifest.version,
-            task=manifest.task,
-            outputs=outputs,
+        return BatchResult(
+            outputs=list(results),
             resident=lease.hit,
             load_wait_ms=round(lease.wait_seconds * 1000, 3),
             replica=self.replica,
         )
+
+    async def _predict_rows(self, key: tuple[str, Predictor], rows: list[Any]) -> list[Any]:
+        policy = self._batch_policy(key)
+        if policy.max_batch_size <= 1:  # batching off: every request is its own forward pass
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._predict_pool, key[1].predict, rows)
+        return await self.batcher.submit(key, rows, rows=len(rows))
+
+    def _batch_policy(self, key: tuple[str, Predictor]) -> BatchPolicy:
+        config = self.config.batching.for_model(key[1].manifest.model_id)
+        return BatchPolicy(config.max_batch_size, config.max_wait_ms, max_in_flight=1)
+
+    async def _run_batch(
+        self, key: tuple[str, Predictor], requests: list[list[Any]]
+    ) -> list[list[Any]]:
+        """One forward pass over the rows of several requests for one model."""
+        model = key[1]
+        rows = [row for request in requests for row in request]
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self._predict_pool, model.predict, rows)
+        split, start = [], 0
+        for request in requests:
+            split.append(outputs[start : start + len(request)])
+            start += len(request)
+        return split
 
     def status(self) -> dict[str, Any]:
         """What this replica holds: budget, resident bytes, models and counters."""
@@ -202,6 +288,9 @@ class ModelHost:
             "load_failures": stats.load_failures,
             "evictions": stats.evictions,
             "evicted": list(stats.evicted_keys[-100:]),
+            "batches": self.batcher.stats.batches,
+            "batched_requests": self.batcher.stats.items,
+            "largest_batch": self.batcher.stats.largest_batch,
         }
 
     # ------------------------------------------------------------------ management
@@ -308,8 +397,11 @@ class ModelHost:
 
     async def close(self) -> None:
         """Free every model and the private disk tier (replica shutdown)."""
+        await self.batcher.close()
         await self.cache.close()
         self.loader.close()
+        self._predict_pool.shutdown(wait=False, cancel_futures=True)
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _wall(monotonic_at: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -152,3 +153,47 @@ class ManagementResult(BaseModel):
     versions: list[str]
     action: str
     replicas: list[ReplicaOutcome]
+
+
+@dataclass(frozen=True)
+class PredictBatch:
+    """What the ingress sends a model host: several requests for one model version.
+
+    A dataclass, not a pydantic model: it crosses a Ray actor boundary on every request, and
+    the manifest is pickled once per batch instead of once per request."""
+
+    manifest: Manifest
+    inputs: list[list[Any]]  # validated rows, one list per request
+    request_ids: list[str]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A host's answer to a `PredictBatch`: per request its outputs or its typed error."""
+
+    outputs: list[list[Any] | BaseException]
+    resident: bool
+    load_wait_ms: float
+    replica: str
+
+    def outcome(self, manifest: Manifest, index: int) -> PredictResponse | BaseException:
+        """Request `index`'s `PredictResponse`, or its error."""
+        outputs = self.outputs[index]
+        if isinstance(outputs, BaseException):
+            return outputs
+        return PredictResponse(
+            model_id=manifest.model_id,
+            version=manifest.version,
+            task=manifest.task,
+            outputs=outputs,
+            resident=self.resident,
+            load_wait_ms=self.load_wait_ms,
+            replica=self.replica,
+        )
+
+    def response(self, manifest: Manifest, index: int) -> PredictResponse:
+        """Request `index`'s `PredictResponse`; raises that request's error."""
+        outcome = self.outcome(manifest, index)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
