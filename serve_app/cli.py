@@ -155,10 +155,16 @@ def cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
+# NOTE: modules of bench/ that other benchmarks import; not benchmarks themselves.
+BENCH_HELPER_MODULES = frozenset(
+    {"__init__", "harness", "baselines", "load", "local_stack", "mlserver_env"}
+)
+
+
 def bench_names(root: Path) -> list[str]:
     """The benchmarks of a checkout: every `bench/<name>.py` but the shared helpers."""
     return sorted(
-        p.stem for p in (root / "bench").glob("*.py") if p.stem not in {"__init__", "harness"}
+        p.stem for p in (root / "bench").glob("*.py") if p.stem not in BENCH_HELPER_MODULES
     )
 
 
