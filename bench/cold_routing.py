@@ -28,7 +28,6 @@ Run: `flock /tmp/fleet-heavy.lock .venv/bin/python -m bench.cold_routing`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,7 @@ from typing import Any
 import httpx
 
 from bench.load import percentile
-from bench.local_stack import LocalStack, machine, say, wait_until
+from bench.local_stack import LocalStack, machine, save_result, say, wait_until
 
 MODEL_INDEX = 2  # a ~4 MB fraud MLP: the load itself is short, routing delays stand out
 OVERHEAD_GOAL_MS = 250.0
@@ -163,9 +162,7 @@ def main() -> None:
         "ratios": ratios,
         "goals": goals,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    say(f"wrote {args.out}")
+    save_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ need here, on free loopback ports, so they never touch (or depend on) a stack st
 
 from __future__ import annotations
 
+import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -27,6 +27,7 @@ import httpx
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from bench.harness import machine  # noqa: F401  (re-exported for the benches)
 from serve_app.config import AppConfig, StoreConfig
 from serve_app.seaweed import SeaweedServer, find_free_port
 from serve_app.store import ModelStore, wait_for_store
@@ -37,17 +38,11 @@ def say(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import torch
-
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+def save_result(out: Path, result: dict[str, Any]) -> None:
+    """Write a benchmark's result JSON (machine, samples, medians, ratios, goals) to `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    say(f"wrote {out}")
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:

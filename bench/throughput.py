@@ -21,7 +21,6 @@ Run: `flock /tmp/fleet-heavy.lock .venv/bin/python -m bench.throughput`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 
 from bench.baselines import plain_app
 from bench.load import closed_loop
-from bench.local_stack import LocalStack, machine, say
+from bench.local_stack import LocalStack, machine, save_result, say
 
 MODEL_ID = "fraud-bench"
 FRAUD_INDEX = 41  # the demo fleet's largest fraud MLP (~19 MB)
@@ -206,9 +205,7 @@ def main() -> None:
         "ratios": ratios,
         "goals": goals,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    say(f"wrote {args.out}")
+    save_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import httpx
 
 from bench.baselines import multiplexed_app, plain_app
 from bench.load import closed_loop, percentile, sequential
-from bench.local_stack import LocalStack, machine, say, wait_until
+from bench.local_stack import LocalStack, machine, save_result, say, wait_until
 from bench.mlserver_env import MLServerUnavailable, ensure_mlserver, write_model_settings
 
 MODEL = "minilm-embed"
@@ -237,9 +237,7 @@ def main() -> None:
         "goals": goals,
         "mlserver": mlserver_note or "measured",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    say(f"wrote {args.out}")
+    save_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Run: `flock /tmp/fleet-heavy.lock .venv/bin/python -m bench.warm_under_load`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import Any
 import httpx
 
 from bench.load import closed_loop
-from bench.local_stack import LocalStack, machine, say
+from bench.local_stack import LocalStack, machine, save_result, say
 
 WARM_ID = "warm-fraud"
 GOAL = 1.5
@@ -123,9 +122,7 @@ def main() -> None:
         "ratios": {"B7 warm p99 loaded/quiet": ratio, "warm p50 loaded/quiet": p50_ratio},
         "goals": {"B7 warm p99 loaded/quiet": f"<= {GOAL}"},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result_doc, indent=2))
-    say(f"wrote {args.out}")
+    save_result(args.out, result_doc)
 
 
 if __name__ == "__main__":
