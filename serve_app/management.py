@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from serve_app.config import DEFAULT_POOL
 from serve_app.errors import FleetError, ModelNotFound, PinRefused, ReplicaUnavailable, unwrap
@@ -143,15 +143,7 @@ class ModelManager:
 
     async def unload(self, model_id: str, version: str | None = None) -> ManagementResult:
         """Unpin and evict the model (all versions unless `version`) on every replica."""
-        keys = self._keys(model_id, version)
-        for key in keys:
-            await asyncio.to_thread(self.pins.delete, key)
-        names = [r["replica"] for r in await self._live()]
-        outcomes = []
-        for key in keys:
-            outcomes.extend(await self._run_on(names, "unload", key, None))
-        _raise_if_all_failed(outcomes)
-        return _result(model_id, [k.split("@", 1)[1] for k in keys], "unload", outcomes)
+        return await self._everywhere("unload", model_id, version)
 
     async def pin(self, model_id: str, version: str | None = None) -> ManagementResult:
         """Pin the model version on every replica, now and after restarts.
@@ -178,14 +170,23 @@ class ModelManager:
 
     async def unpin(self, model_id: str, version: str | None = None) -> ManagementResult:
         """Release the pin (all pinned versions unless `version`) on every replica."""
+        return await self._everywhere("unpin", model_id, version)
+
+    async def _everywhere(
+        self, op: Literal["unload", "unpin"], model_id: str, version: str | None
+    ) -> ManagementResult:
+        """Drop the stored pins, then run `op` for each version on every live replica
+        (unload also fails when every replica failed; unpin never does)."""
         keys = self._keys(model_id, version)
         for key in keys:
             await asyncio.to_thread(self.pins.delete, key)
         names = [r["replica"] for r in await self._live()]
         outcomes = []
         for key in keys:
-            outcomes.extend(await self._run_on(names, "unpin", key, None))
-        return _result(model_id, [k.split("@", 1)[1] for k in keys], "unpin", outcomes)
+            outcomes.extend(await self._run_on(names, op, key, None))
+        if op == "unload":
+            _raise_if_all_failed(outcomes)
+        return _result(model_id, [k.split("@", 1)[1] for k in keys], op, outcomes)
 
     # ------------------------------------------------------------------ helpers
     def _keys(self, model_id: str, version: str | None) -> list[str]:
