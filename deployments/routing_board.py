@@ -1,9 +1,11 @@
 """Where the ingress posts routing state for other replicas: Ray's GCS key-value store.
 
-- `<app>/pins/<pool>`: the pinned manifests of a pool. The routing (and so the pin list) is
-  Serve `user_config` of the Ingress; model hosts of a pool read their key when they start
-  and poll it after, so a `serve deploy` that changes pins reaches every host replica
-  without restarting any of them. The value holds the manifests (hosts have no registry).
+- `<app>/config-pins/<pool>`: the pinned manifests of a pool (config pins; the management
+  API's pins live apart, under `<app>/pins/`, see serve_app.pins). The routing (and so the
+  pin list) is Serve `user_config` of the Ingress; model hosts of a pool read their key
+  when they start and poll it after, so a `serve deploy` that changes pins reaches every
+  host replica without restarting any of them. The value holds the manifests (hosts
+  have no registry).
 - `<app>/routing/accepted`: the last routing config an ingress accepted, so an ingress
   replica started later with a refused config keeps serving the accepted one.
 """
@@ -21,7 +23,7 @@ _NAMESPACE = "fleetserve"
 
 
 def _key(app: str, pool: str) -> str:
-    return f"{app}/pins/{pool}"
+    return f"{app}/config-pins/{pool}"
 
 
 def post_pins(app: str, pool: str, manifests: list[Manifest]) -> str:

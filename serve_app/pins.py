@@ -13,6 +13,7 @@ A pinned model is resident on every replica of the pool; `source` says who asked
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from typing import Literal, Protocol
@@ -21,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.config import DEFAULT_POOL
 from serve_app.manifest import Manifest
+
+logger = logging.getLogger(__name__)
 
 
 class KeyValue(Protocol):
@@ -114,6 +117,11 @@ class PinStore:
         records = []
         for key in self._kv.keys(self._prefix):
             raw = self._kv.get(key)
-            if raw is not None:
+            if raw is None:
+                continue
+            try:
                 records.append(PinRecord.model_validate(json.loads(raw)))
+            except ValueError:
+                # NOTE: one bad record must not stop every other pin from applying.
+                logger.warning("skipping unreadable pin record", extra={"key": key})
         return sorted(records, key=lambda r: (r.pinned_at, r.key))

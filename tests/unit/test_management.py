@@ -256,3 +256,24 @@ async def test_reconcile_keeps_going_past_a_pin_that_cannot_fit(
     assert 1 <= len(pinned) < 3  # not all three fit in 800 bytes; what fits is pinned
     assert host.cache.pinned_bytes <= BUDGET
     assert all(k in host.cache for k in host.cache.pinned_keys())
+
+
+def test_pin_store_skips_records_it_cannot_read() -> None:
+    from serve_app.manifest import Manifest
+    from serve_app.pins import PinRecord
+
+    kv = MemoryKeyValue()
+    store = PinStore(kv, "app")
+    kv.put("app/pins/not-a-record", b"[]")
+    manifest = Manifest.model_validate(
+        {
+            "model_id": "m",
+            "version": "1",
+            "format": "torch-module",
+            "task": "tabular-classification",
+            "files": [{"path": "model.safetensors", "size": 1, "sha256": "0" * 64}],
+            "created_at": "2026-01-01T00:00:00+00:00",
+        }
+    )
+    store.put(PinRecord(manifest=manifest))
+    assert [r.key for r in store.list()] == ["m@1"]
