@@ -97,6 +97,9 @@ class ModelHostDeployment:
                 await self._apply_pins()
             except Exception:  # NOTE: the poller must outlive a bad read; logged
                 logger.exception("applying pins failed", extra={"pool": self._pool})
+            # NOTE: request counters publish at most once a second from the request path;
+            # this tick publishes the last ones once traffic stops.
+            self._maybe_publish()
 
     async def _sync_pins_forever(self) -> None:
         while True:
