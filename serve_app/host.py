@@ -54,13 +54,24 @@ logger = logging.getLogger(__name__)
 # hands the GIL back five times as often, and load threads (and the fetch threads they
 # start, which inherit it) run at a lower OS priority, so warm requests keep flowing.
 GIL_SWITCH_INTERVAL_S = 0.001
-LOAD_THREAD_NICE = 10
+# NOTE: the priority is lowered *relative* to the thread that starts the pool. Ray runs
+# its worker processes (every Serve replica) at nice 15 (`RAY_worker_niceness`); an absolute
+# nice 10 would have given the loads three times the CPU weight of the serving threads.
+LOAD_THREAD_NICE_STEP = 10
+MAX_NICE = 19
+
+
+def load_thread_nice(current: int) -> int:
+    """The nice value for a load thread started by a thread at `current`."""
+    return min(MAX_NICE, current + LOAD_THREAD_NICE_STEP)
 
 
 def _lower_priority() -> None:
-    """ThreadPoolExecutor initializer: lower this thread's OS scheduling priority."""
+    """ThreadPoolExecutor initializer: run this thread below the thread that started it
+    (a new thread inherits its creator's nice value)."""
+    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_THREAD_NICE)
+        os.setpriority(os.PRIO_PROCESS, tid, load_thread_nice(os.getpriority(os.PRIO_PROCESS, tid)))
     except (AttributeError, OSError) as exc:  # not Linux, or not permitted
         logger.debug("could not lower the load thread's priority", extra={"error": str(exc)})
 
