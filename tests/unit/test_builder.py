@@ -34,6 +34,14 @@ def test_one_deployment_per_pool_with_its_own_options() -> None:
     assert set(deployments({})) == {"ModelHost", "Ingress"}  # the default config: unchanged
 
 
+def test_access_lines_are_written_at_the_ingress_only() -> None:
+    built = deployments({"pools": POOLS})
+    for host in ("ModelHost-a", "ModelHost-b"):
+        assert built[host]._deployment_config.logging_config["enable_access_log"] is False
+    ingress_logging = built["Ingress"]._deployment_config.logging_config
+    assert ingress_logging is None or ingress_logging["enable_access_log"] is True
+
+
 def test_routing_changes_only_the_ingress_user_config() -> None:
     first = deployments({"pools": POOLS, "routing": {"pins": []}})
     second = deployments(
