@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -51,21 +52,58 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- ports
+# NOTE: a port taken by binding to port 0 comes from the kernel's ephemeral range, the
+# same range outgoing connections draw their source ports from. Between choosing it and the
+# server binding it, any new connection on the box (Ray opens many) can take it: the Serve
+# proxy then died with "Address already in use". Ports are drawn from outside that range
+# instead, and outside Ray's default worker ports (10002-19999).
+LISTEN_PORTS_LOW = 20000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def listen_port_range() -> range:
+    """The ports servers here listen on: [20000, start of the ephemeral range), or above its
+    end, whichever is larger; empty when neither leaves room (then bind to port 0)."""
+    try:
+        low, high = (int(x) for x in _EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):  # not Linux: no range to avoid is known
+        return range(0)
+    below = range(LISTEN_PORTS_LOW, low)
+    above = range(max(high + 1, LISTEN_PORTS_LOW), 65536)
+    best = max(below, above, key=len)
+    return best if len(best) >= 1000 else range(0)
+
+
+def _bind_free(sock: socket.socket, taken: set[int], candidates: range) -> int:
+    for _ in range(200 if candidates else 0):
+        port = random.choice(candidates)
+        if port in taken:
+            continue
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            continue
+        return port
+    sock.bind((HOST, 0))
+    return int(sock.getsockname()[1])
+
+
 def find_free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (bind to port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that is free right now and that outgoing connections do not
+    draw from (see `listen_port_range`)."""
+    return find_free_ports(1)[0]
 
 
 def find_free_ports(count: int) -> list[int]:
     """`count` distinct free ports on 127.0.0.1, all held open until every one is chosen."""
+    candidates = listen_port_range()
     socks: list[socket.socket] = []
+    ports: set[int] = set()
     try:
         for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             socks.append(sock)
-            sock.bind((HOST, 0))
+            ports.add(_bind_free(sock, ports, candidates))
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for sock in socks:

@@ -43,6 +43,20 @@ def test_free_ports_are_distinct_loopback_ports() -> None:
     assert 0 < find_free_port() < 65536
 
 
+def test_free_ports_avoid_the_ephemeral_range() -> None:
+    """Outgoing connections take source ports from the ephemeral range; a listen port chosen
+    there can be gone by the time the server binds it."""
+    candidates = process.listen_port_range()
+    if not candidates:
+        pytest.skip("no ephemeral port range to avoid on this system")
+    low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert not set(candidates) & set(range(low, high + 1))
+    assert not set(candidates) & set(range(10002, 20000))  # Ray's worker ports
+    for port in find_free_ports(20):
+        assert port in candidates
+        assert not process.port_is_open(port)
+
+
 def test_seaweed_reexports_what_other_modules_import() -> None:
     from serve_app import seaweed
 
