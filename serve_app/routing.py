@@ -128,7 +128,7 @@ class RoutingTable:
             return problems
         for pool, manifests in self.pins_by_pool().items():
             budget = self.pools[pool].memory_budget
-            need = sum(m.weight_bytes for m in manifests)
+            need = sum(m.total_bytes for m in manifests)
             if budget is not None and need > budget:
                 problems.append(
                     f"pins for pool {pool!r} need {need / 1e6:.1f} MB "

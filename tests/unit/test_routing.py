@@ -149,14 +149,19 @@ def test_bad_routing_is_refused_with_what_to_fix(
 
 
 def test_pins_that_do_not_fit_the_pool_budget_are_refused(registry: Registry) -> None:
-    size = registry.resolve("m-a", "1").weight_bytes
-    pools = [PoolConfig(name="default", memory_budget=size + 1)]
+    manifest = registry.resolve("m-a", "1")
+    pools = [PoolConfig(name="default", memory_budget=manifest.total_bytes + 1)]
     config = RoutingConfig(pins=["m-a@1", "m-a@2"])
     with pytest.raises(
         InvalidRouting, match=r"pins for pool 'default' need .* more than its memory budget"
     ):
         RoutingTable(config, pools, registry)
     RoutingTable(RoutingConfig(pins=["m-a@1"]), pools, registry)  # one fits
+    # the cache reserves every file's bytes for a pin, not just the weights': so does this
+    assert manifest.weight_bytes < manifest.total_bytes
+    tight = [PoolConfig(name="default", memory_budget=manifest.weight_bytes + 1)]
+    with pytest.raises(InvalidRouting):
+        RoutingTable(RoutingConfig(pins=["m-a@1"]), tight, registry)
 
 
 def test_app_config_rejects_pool_without_budget_and_rules_to_unknown_pools() -> None:
