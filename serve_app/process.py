@@ -74,11 +74,11 @@ def listen_port_range() -> range:
     return best if len(best) >= 1000 else range(0)
 
 
-def _bind_free(sock: socket.socket, taken: set[int], candidates: range) -> int:
+def _bind_free(sock: socket.socket, candidates: range) -> int:
+    """Bind `sock` to a random free port among `candidates` (a port bound by another socket,
+    ours included, fails to bind), else to any free port."""
     for _ in range(200 if candidates else 0):
         port = random.choice(candidates)
-        if port in taken:
-            continue
         try:
             sock.bind((HOST, port))
         except OSError:
@@ -98,12 +98,11 @@ def find_free_ports(count: int) -> list[int]:
     """`count` distinct free ports on 127.0.0.1, all held open until every one is chosen."""
     candidates = listen_port_range()
     socks: list[socket.socket] = []
-    ports: set[int] = set()
     try:
         for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             socks.append(sock)
-            ports.add(_bind_free(sock, ports, candidates))
+            _bind_free(sock, candidates)
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for sock in socks:
