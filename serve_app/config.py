@@ -181,6 +181,12 @@ class HostConfig(_Strict):
     disk_cache_bytes: ByteSize = Field(
         8 * 2**30, description="Bytes the local disk tier may hold before pruning."
     )
+    ram_cache_bytes: ByteSize = Field(
+        0,
+        description="Host-RAM tier for GPU replicas: verified weights of recently loaded "
+        "versions kept in host memory (LRU), so reloading a model evicted from the device is "
+        "a host-to-device copy, not a fetch. 0 (default): off.",
+    )
     max_model_labels: int = Field(
         200, ge=1, description="Distinct model label values in metrics; the rest: __other__."
     )

@@ -302,6 +302,7 @@ class ModelHost:
             "batches": self.batcher.stats.batches,
             "batched_requests": self.batcher.stats.items,
             "largest_batch": self.batcher.stats.largest_batch,
+            "ram_tier": self.loader.ram.status() if self.loader.ram is not None else None,
         }
 
     # ------------------------------------------------------------------ management

@@ -25,6 +25,7 @@ from serve_app.config import HostConfig
 from serve_app.errors import ModelLoadFailed
 from serve_app.manifest import Manifest
 from serve_app.predictor import PREDICTORS, Predictor
+from serve_app.ram_tier import RamTier
 from serve_app.staging import HostToDevice
 from serve_app.store import Buffer, DiskTier, ModelStore
 from serve_app.tensorfile import tensors_from_buffer
@@ -57,10 +58,16 @@ class ModelLoader:
     """Loads model versions from the store onto one device (blocking; call from a thread)."""
 
     def __init__(
-        self, store: ModelStore, disk: DiskTier, device: torch.device, owns_disk: bool = False
+        self,
+        store: ModelStore,
+        disk: DiskTier,
+        device: torch.device,
+        owns_disk: bool = False,
+        ram: RamTier | None = None,
     ) -> None:
         self.store = store
         self.disk = disk
+        self.ram = ram
         self.device = device
         self.owns_disk = owns_disk
         # NOTE: pinned staging buffers are allocated once per replica, not per load.
@@ -75,13 +82,14 @@ class ModelLoader:
     def from_config(
         cls, store: ModelStore, config: HostConfig, device: torch.device
     ) -> ModelLoader:
-        """A loader with the disk tier the host config names (or a private temp folder)."""
+        """A loader with the disk tier the host config names (or a private temp folder) and
+        the host-RAM tier if `ram_cache_bytes` is set."""
+        ram = RamTier(config.ram_cache_bytes) if config.ram_cache_bytes else None
         if config.disk_cache_dir:
-            return cls(
-                store, DiskTier(Path(config.disk_cache_dir), config.disk_cache_bytes), device
-            )
+            disk = DiskTier(Path(config.disk_cache_dir), config.disk_cache_bytes)
+            return cls(store, disk, device, ram=ram)
         root = Path(tempfile.mkdtemp(prefix="fleetserve-disk-"))
-        return cls(store, DiskTier(root, config.disk_cache_bytes), device, owns_disk=True)
+        return cls(store, DiskTier(root, config.disk_cache_bytes), device, owns_disk=True, ram=ram)
 
     def close(self) -> None:
         """Remove the disk tier if it is this loader's private temp folder."""
@@ -91,11 +99,13 @@ class ModelLoader:
     def load(self, manifest: Manifest, limit_bytes: int | None = None) -> Predictor:
         """Fetch, verify and build `manifest`'s model on the device.
 
-        From the disk tier when it holds a verified copy (no S3 call at all, so it serves
-        while S3 is down); otherwise streamed from S3 into preallocated buffers, hashed as the
-        chunks arrive, and copied to the disk tier behind the request (`_write_behind`). Weights
-        become tensors as zero-copy views of those buffers, adopted by a module built on the
-        meta device (on a GPU, through pinned staging buffers).
+        From the host-RAM tier when it holds the version (verified buffers still in memory:
+        on a GPU a reload is one host-to-device copy); else from the disk tier when it holds
+        a verified copy (no S3 call at all, so it serves while S3 is down); otherwise
+        streamed from S3 into preallocated buffers, hashed as the chunks arrive, and copied
+        to the disk tier behind the request (`_write_behind`). Weights become tensors as
+        zero-copy views of those buffers, adopted by a module built on the meta device (on a
+        GPU, through pinned staging buffers).
 
         Raises:
             ModelTooLarge: a declared file size is over its limit (`limit_bytes` for all
@@ -113,8 +123,15 @@ class ModelLoader:
         others = [f.path for f in manifest.files if f.path not in weights]
         self.disk.touch(manifest)  # newest first: pruning by other loads takes it last
         folder = self.disk.path_for(manifest)
-        buffers = self.disk.read(manifest)
-        source, prepared = "disk", None
+        source, prepared = "ram", None
+        buffers = self.ram.get(manifest.key) if self.ram is not None else None
+        if buffers is not None:
+            if manifest.format == "hf-transformers" and not self.disk.has(manifest, others):
+                # NOTE: transformers reads config and tokenizer from a folder
+                folder = self.disk.write(manifest, buffers, others)
+        else:
+            source = "disk"
+            buffers = self.disk.read(manifest)
         if buffers is None:
             source = "s3"
             fetch = self.store.start_fetch(manifest, order=others)
@@ -132,6 +149,8 @@ class ModelLoader:
                 behind = weights + others
             buffers = fetch.wait()
             self._write_behind(manifest, {p: buffers[p] for p in behind})
+        if self.ram is not None and source != "ram":
+            self.ram.put(manifest.key, buffers)
         fetched = time.perf_counter()
         state: dict[str, torch.Tensor] = {}
         for path in weights:

@@ -269,7 +269,7 @@ class ModelStore:
 
         Raises:
             ModelTooLarge: a declared size is over its limit (nothing was allocated).
-            ArtifactCorrupt: a file does not match its manifest sha256.
+            ArtifactCorrupt: a file does not match its manifest sha256, or is missing.
             StorageUnavailable: the store could not be read, or the download timed out.
         """
         return self.start_fetch(manifest, limit_bytes=limit_bytes).wait()
@@ -384,9 +384,9 @@ class VersionFetch:
         """Verified buffers of `paths` (default: every file) once they have arrived.
 
         Raises:
-            ArtifactCorrupt: a file does not match its manifest sha256.
+            ArtifactCorrupt: a file does not match its manifest sha256, or is missing from
+                the store (the manifest is there, so the artifact is incomplete).
             StorageUnavailable: the store failed, or the download passed its deadline.
-            FileNotFoundError: a file of the manifest is missing from the store.
         """
         paths = list(self.buffers) if paths is None else paths
         pending = [f for p in paths for f in self._futures[p]]
@@ -394,6 +394,10 @@ class VersionFetch:
         _, not_done = futures_wait(pending, timeout=remaining, return_when=FIRST_EXCEPTION)
         if self._error is not None:
             self.cancel()
+            if isinstance(self._error, FileNotFoundError):
+                raise ArtifactCorrupt(
+                    f"{self.manifest.key}: a file of its manifest is missing from the store"
+                ) from self._error
             with storage_errors("downloading model files"):
                 raise self._error
         if not_done:
@@ -435,12 +439,14 @@ class DiskTier:
         """The folder that holds this version's files."""
         return inside(self.root, manifest.model_id, manifest.version)
 
-    def has(self, manifest: Manifest) -> bool:
-        """Whether every file of this version is on disk with its manifest size."""
+    def has(self, manifest: Manifest, paths: list[str] | None = None) -> bool:
+        """Whether every file of this version (or those in `paths`) is on disk with its
+        manifest size."""
         folder = self.path_for(manifest)
         return all(
             inside(folder, e.path).is_file() and inside(folder, e.path).stat().st_size == e.size
             for e in manifest.files
+            if paths is None or e.path in paths
         )
 
     def read(self, manifest: Manifest) -> dict[str, Buffer] | None:

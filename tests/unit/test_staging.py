@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,3 +28,39 @@ def test_copies_match_and_shared_storage_stays_shared() -> None:
         assert out[name].device.type == "cuda"
         assert torch.equal(out[name].cpu(), tensor), name
     assert out["big"].data_ptr() == out["tied"].data_ptr()
+
+
+def test_a_reload_from_the_ram_tier_is_a_copy_to_the_device(tmp_path: Path) -> None:
+    """On a GPU replica, a model evicted from the device comes back from host RAM."""
+    import fsspec
+
+    from serve_app.architectures import input_width
+    from serve_app.config import HostConfig, StoreConfig
+    from serve_app.demo import write_fraud_model
+    from serve_app.loader import ModelLoader
+    from serve_app.publisher import publish_path
+    from serve_app.store import ModelStore
+
+    store = ModelStore(
+        StoreConfig(url="s3://fleet/gpu-ram-tier"),
+        fs=fsspec.filesystem("memory", skip_instance_cache=True),
+    )
+    publish_path(store, write_fraud_model(tmp_path / "m", 0, 1), "m", "1")
+    config = HostConfig(
+        memory_budget="1GB", disk_cache_dir=str(tmp_path / "disk"), ram_cache_bytes="1GB"
+    )
+    loader = ModelLoader.from_config(store, config, torch.device("cuda", 0))
+    manifest = store.read_manifest("m", "1")
+    width = input_width(manifest.architecture)
+    assert width is not None
+    rows = [[0.5] * width]
+    first = loader.load(manifest)
+    expected = first.predict(rows)
+    first.close()
+    store.fs.rm("fleet/gpu-ram-tier", recursive=True)
+    again = loader.load(manifest)
+    assert again.module is not None
+    assert next(again.module.parameters()).device.type == "cuda"
+    assert again.predict(rows) == pytest.approx(expected)
+    assert loader.ram is not None
+    assert loader.ram.stats.hits == 1
