@@ -22,7 +22,7 @@ reject a cold request).
     cold burst p50 fleet/stock     goal: < 1 (reported)
     routing overhead p99 fleet     goal: < 250 ms (well under the 1 s matching timeout)
 
-Run: `flock /tmp/fleet-heavy.lock .venv/bin/python -m bench.cold_routing`.
+Run: `.venv/bin/python -m bench.cold_routing` (it needs the machine to itself).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ and the medians across rounds give the ratios:
     throughput fleet/plain          goal >= 0.8   (issue 6 item 12)
     throughput fleet/fleet-nobatch  batching's gain (reported; goal > 1.0)
 
-Run: `flock /tmp/fleet-heavy.lock .venv/bin/python -m bench.throughput`.
+Run: `.venv/bin/python -m bench.throughput` (it needs the machine to itself).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ p99) and `--seconds` of `--clients` closed-loop clients (throughput). Medians ov
     B4 p99 fleet/plain   goal <= 1.2
     (reported) fleet/multiplexed, fleet/mlserver p50 and throughput ratios
 
-Run: `flock /tmp/fleet-heavy.lock .venv/bin/python -m bench.warm_overhead`.
+Run: `.venv/bin/python -m bench.warm_overhead` (it needs the machine to itself).
 `--no-mlserver` skips MLServer; if it cannot be installed or started, the result says why.
 """
 

@@ -11,7 +11,7 @@ minilm-embed (~91 MB). Each round has two windows of `--seconds`:
 
 Window order alternates per round; ratios use the medians over `--runs` rounds.
 
-Run: `flock /tmp/fleet-heavy.lock .venv/bin/python -m bench.warm_under_load`.
+Run: `.venv/bin/python -m bench.warm_under_load` (it needs the machine to itself).
 """
 
 from __future__ import annotations
