@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 
 from bench.load import percentile
-from bench.local_stack import LocalStack, machine, save_result, say, wait_until
+from bench.local_stack import LocalStack, save_result, say, wait_until
 
 MODEL_INDEX = 2  # a ~4 MB fraud MLP: the load itself is short, routing delays stand out
 OVERHEAD_GOAL_MS = 250.0
@@ -152,17 +152,14 @@ def main() -> None:
     for name, phases in medians.items():
         for phase, values in phases.items():
             print(f"  {name} {phase}: {values}")
-    result = {
-        "bench": "cold_routing",
-        "machine": machine(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "params": {k: str(v) for k, v in vars(args).items()},
-        "samples": samples,
-        "medians": medians,
-        "ratios": ratios,
-        "goals": goals,
-    }
-    save_result(args.out, result)
+    save_result(
+        "cold_routing",
+        args,
+        samples=samples,
+        medians=medians,
+        ratios=ratios,
+        goals=goals,
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ need here, on free loopback ports, so they never touch (or depend on) a stack st
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ import httpx
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.harness import machine  # noqa: F401  (re-exported for the benches)
+from bench.harness import machine
 from serve_app.config import AppConfig, StoreConfig
 from serve_app.seaweed import SeaweedServer, find_free_port
 from serve_app.store import ModelStore, wait_for_store
@@ -38,8 +39,17 @@ def say(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def save_result(out: Path, result: dict[str, Any]) -> None:
-    """Write a benchmark's result JSON (machine, samples, medians, ratios, goals) to `out`."""
+def save_result(bench: str, args: argparse.Namespace, **fields: Any) -> None:
+    """Write a benchmark's result JSON to `args.out`: its name, the machine, a timestamp and
+    its parameters, then `fields` (samples, medians, ratios, goals, ...)."""
+    result = {
+        "bench": bench,
+        "machine": machine(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "params": {k: str(v) for k, v in vars(args).items()},
+        **fields,
+    }
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     say(f"wrote {out}")

@@ -24,13 +24,12 @@ import argparse
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.baselines import plain_app
 from bench.load import closed_loop
-from bench.local_stack import LocalStack, machine, save_result, say
+from bench.local_stack import LocalStack, save_result, say
 
 MODEL_ID = "fraud-bench"
 FRAUD_INDEX = 41  # the demo fleet's largest fraud MLP (~19 MB)
@@ -194,18 +193,15 @@ def main() -> None:
     }
     for name, ratio in ratios.items():
         print(f"{name} = {ratio:.2f} (goal {goals[name]}) {'PASS' if passed[name] else 'FAIL'}")
-    result = {
-        "bench": "throughput",
-        "machine": machine(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "params": {k: str(v) for k, v in vars(args).items()},
-        "model": {"id": MODEL_ID, "bytes": manifest.weight_bytes},
-        "samples": samples,
-        "medians": medians,
-        "ratios": ratios,
-        "goals": goals,
-    }
-    save_result(args.out, result)
+    save_result(
+        "throughput",
+        args,
+        model={"id": MODEL_ID, "bytes": manifest.weight_bytes},
+        samples=samples,
+        medians=medians,
+        ratios=ratios,
+        goals=goals,
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import json
 import shutil
 import statistics
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import httpx
 
 from bench.baselines import multiplexed_app, plain_app
 from bench.load import closed_loop, percentile, sequential
-from bench.local_stack import LocalStack, machine, save_result, say, wait_until
+from bench.local_stack import LocalStack, save_result, say, wait_until
 from bench.mlserver_env import MLServerUnavailable, ensure_mlserver, write_model_settings
 
 MODEL = "minilm-embed"
@@ -226,18 +225,15 @@ def main() -> None:
         print(f"  {name}: {values}")
     if mlserver_note:
         print(f"  mlserver: {mlserver_note}")
-    result = {
-        "bench": "warm_overhead",
-        "machine": machine(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "params": {k: str(v) for k, v in vars(args).items()},
-        "samples": samples,
-        "medians": medians,
-        "ratios": ratios,
-        "goals": goals,
-        "mlserver": mlserver_note or "measured",
-    }
-    save_result(args.out, result)
+    save_result(
+        "warm_overhead",
+        args,
+        samples=samples,
+        medians=medians,
+        ratios=ratios,
+        goals=goals,
+        mlserver=mlserver_note or "measured",
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from bench.load import closed_loop
-from bench.local_stack import LocalStack, machine, save_result, say
+from bench.local_stack import LocalStack, save_result, say
 
 WARM_ID = "warm-fraud"
 GOAL = 1.5
@@ -112,17 +112,14 @@ def main() -> None:
     print(f"   warm p50 loaded/quiet = {p50_ratio:.2f} (reported)")
     for window, values in medians.items():
         print(f"  {window}: {values}")
-    result_doc = {
-        "bench": "warm_under_load",
-        "machine": machine(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "params": {k: str(v) for k, v in vars(args).items()},
-        "samples": samples,
-        "medians": medians,
-        "ratios": {"B7 warm p99 loaded/quiet": ratio, "warm p50 loaded/quiet": p50_ratio},
-        "goals": {"B7 warm p99 loaded/quiet": f"<= {GOAL}"},
-    }
-    save_result(args.out, result_doc)
+    save_result(
+        "warm_under_load",
+        args,
+        samples=samples,
+        medians=medians,
+        ratios={"B7 warm p99 loaded/quiet": ratio, "warm p50 loaded/quiet": p50_ratio},
+        goals={"B7 warm p99 loaded/quiet": f"<= {GOAL}"},
+    )
 
 
 if __name__ == "__main__":
