@@ -251,3 +251,57 @@ def test_admin_key_on_a_second_app(
         client.close()
     finally:
         serve.delete("fleet-locked")
+
+
+def test_management_switched_off_on_a_third_app(app: FleetApp) -> None:
+    """An app deployed with `ingress.management.enabled: false`: every management call is
+    403 `management_disabled` (HTTP and the V2 repository extension); inference works."""
+    import tritonclient.http as triton
+    from ray import serve
+    from tritonclient.utils import InferenceServerException
+
+    from deployments.builder import build_app
+    from serve_app.config import AppConfig
+
+    config = AppConfig.model_validate(
+        {
+            "store": app.config.store.model_dump(),
+            "host": {**app.config.host.model_dump(), "num_replicas": 1},
+            "ingress": {**app.config.ingress.model_dump(), "management": {"enabled": False}},
+        }
+    )
+    serve.run(build_app(config), name="fleet-off", route_prefix="/off", blocking=False)
+    url = f"{app.url}/off"
+    model = fraud_ids()[13]
+    try:
+        wait_for(
+            lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200,
+            180,
+            "the app with management off",
+            every_s=0.5,
+        )
+        calls = [
+            ("GET", "/v1/replicas"),
+            ("POST", f"/v1/models/{model}/load"),
+            ("POST", f"/v1/models/{model}/unload"),
+            ("PUT", f"/v1/models/{model}/pin"),
+            ("DELETE", f"/v1/models/{model}/pin"),
+            ("POST", "/v2/repository/index"),
+        ]
+        for method, path in calls:
+            response = httpx.request(method, f"{url}{path}", timeout=30)
+            assert response.status_code == 403, (method, path)
+            assert response.json()["code"] == "management_disabled", (method, path)
+        client = triton.InferenceServerClient(url=url.removeprefix("http://"))
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model(model)
+        assert caught.value.status() == "403"
+        client.close()
+        assert httpx.get(f"{url}/v1/models/{model}", timeout=30).json()["residency"] is None
+        response = httpx.post(
+            f"{url}/v1/models/{model}/predict", json={"inputs": inputs_for(model)}, timeout=60
+        )
+        assert response.status_code == 200
+        assert response.headers["X-Fleet-Cache"] == "miss"  # the refused load loaded nothing
+    finally:
+        serve.delete("fleet-off")
