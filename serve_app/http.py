@@ -40,11 +40,10 @@ from serve_app.errors import (
     FleetError,
     InvalidModelId,
     MalformedBody,
-    PayloadTooLarge,
     error_response,
 )
 from serve_app.gateway import Gateway, new_id
-from serve_app.inference_api import v2_router
+from serve_app.inference_api import read_limited_body, v2_router
 from serve_app.management import ModelManager
 from serve_app.management_api import ManagementGuard, management_router
 from serve_app.schemas import (
@@ -113,14 +112,7 @@ def create_app(
         return JSONResponse({"error": str(exc.detail), "code": code}, status_code=exc.status_code)
 
     async def read_body(request: Request) -> PredictRequest:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise PayloadTooLarge(f"request body over the {max_body_bytes}-byte limit")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw.extend(chunk)
-            if len(raw) > max_body_bytes:
-                raise PayloadTooLarge(f"request body over the {max_body_bytes}-byte limit")
+        raw = await read_limited_body(request, max_body_bytes)
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

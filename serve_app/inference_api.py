@@ -107,7 +107,7 @@ def v2_router(
         request_id = given_id or new_id()
         manifest: Manifest | None = None
         try:
-            raw = await _read_limited(request, max_body_bytes)
+            raw = await read_limited_body(request, max_body_bytes)
             raw = decompress(raw, request.headers.get("content-encoding"), max_body_bytes)
             parsed = parse_infer_request(raw, request.headers.get(HEADER_LENGTH))
             manifest = registry.resolve(model, version)
@@ -179,7 +179,9 @@ def _manager(manager: ModelManager | None) -> ModelManager:
     return manager
 
 
-async def _read_limited(request: Request, max_bytes: int) -> bytes:
+async def read_limited_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it (or its Content-Length) passes
+    `max_bytes`; shared by the V2 routes and the native predict routes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"request body over the {max_bytes}-byte limit")
@@ -194,7 +196,7 @@ async def _read_limited(request: Request, max_bytes: int) -> bytes:
 async def _optional_json(request: Request, max_bytes: int) -> dict[str, Any]:
     """A JSON object body, where an empty body (tritonclient sends one) means `{}`."""
     raw = decompress(
-        await _read_limited(request, max_bytes),
+        await read_limited_body(request, max_bytes),
         request.headers.get("content-encoding"),
         max_bytes,
     )
