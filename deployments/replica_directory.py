@@ -109,7 +109,12 @@ class ReplicaPublisher:
         if self._on_heartbeat is not None:
             self._on_heartbeat()
         if self._source is not None:
-            self.publish(self._source())
+            # NOTE: not `publish()`: that sets the dirty flag, and the loop would beat
+            # again at once and spin (two ingress replicas each took ~0.4 cores, and
+            # Ray's GCS another 0.4, writing stats snapshots back to back).
+            status = self._source()
+            with self._lock:
+                self._status = status
         self._write()
 
     def _write(self) -> None:

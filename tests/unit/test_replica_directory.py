@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 from deployments.replica_directory import ReplicaPublisher
 from tests.integration.conftest import wait_for
@@ -36,3 +37,22 @@ def test_heartbeat_keeps_going_after_failures() -> None:
         publisher.stop()
     assert publisher.failures == 3
     assert written[-1]["models"] == ["m@1"]
+
+
+def test_a_polled_source_is_written_once_per_interval_not_back_to_back() -> None:
+    """A publisher with a `source` used to re-arm itself on every beat and spin."""
+    writes: list[float] = []
+    publisher = ReplicaPublisher(
+        "app",
+        "ingress",
+        "r1",
+        source=lambda: {"replica": "r1", "models": {}},
+        interval_s=0.2,
+        put=lambda key, value: writes.append(time.monotonic()),
+    )
+    try:
+        wait_for(lambda: len(writes) >= 3, 10, "three heartbeats")
+    finally:
+        publisher.stop()
+    gaps = [b - a for a, b in zip(writes, writes[1:], strict=False)]
+    assert min(gaps) >= 0.15, gaps
