@@ -151,15 +151,6 @@ class Ingress:
         self.registry = Registry(ModelStore(store_config), config.registry_refresh_s)
         self.registry.start()
         self.recorder = StatsRecorder()
-        # NOTE: with one ingress replica there is nobody to share stats with; publishing
-        # would only cost GIL time on the request path.
-        self._stats_publisher = (
-            ReplicaPublisher(
-                self._app, "ingress", self._replica, source=self.recorder.snapshot, interval_s=2.0
-            )
-            if config.num_replicas > 1
-            else None
-        )
         self.gateway = Gateway(
             self.registry,
             self._dispatch,
@@ -169,6 +160,15 @@ class Ingress:
             peer_stats=lambda: read_replicas(self._app, "ingress", exclude=self._replica),
             routing=RoutingTable(RoutingConfig(), pool_configs, self.registry),
             arm_metrics=ArmMetrics(),
+        )
+        # NOTE: with one ingress replica there is nobody to share stats with; publishing
+        # would only cost GIL time on the request path.
+        self._stats_publisher = (
+            ReplicaPublisher(
+                self._app, "ingress", self._replica, source=self.gateway.published, interval_s=2.0
+            )
+            if config.num_replicas > 1
+            else None
         )
         self._accepted = False
         self.manager = ModelManager(

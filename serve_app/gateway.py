@@ -65,7 +65,7 @@ class Gateway:
     def set_routing(self, routing: RoutingTable) -> None:
         """Swap in a new routing table (requests already resolved keep their route)."""
         if routing.config.aliases != self.routing.config.aliases:
-            self.arm_stats.reset()
+            self.arm_stats.reset(routing.config.model_dump(mode="json")["aliases"])
         self.routing = routing
         self.rejected = None
 
@@ -79,7 +79,7 @@ class Gateway:
             "active": self.routing.config.model_dump(),
             "pools": list(self.routing.pools),
             "rejected": self.rejected,
-            "arms": self.arm_stats.snapshot(),
+            "arms": self.arm_stats.snapshot(peer.get("arms") or {} for peer in self._peers()),
         }
 
     def resolve(self, name: str, version: str | None = None, key: str | None = None) -> Route:
@@ -227,10 +227,15 @@ class Gateway:
 
     def stats(self, window_s: float) -> StatsReport:
         """Per-model stats over the last `window_s` seconds, across all ingress replicas."""
-        snapshots = [self.recorder.snapshot()]
-        if self._peer_stats is not None:
-            snapshots.extend(self._peer_stats())
-        return summarise(snapshots, window_s)
+        return summarise([self.recorder.snapshot(), *self._peers()], window_s)
+
+    def _peers(self) -> list[dict[str, Any]]:
+        """The other ingress replicas' published snapshots (stats and arm counters)."""
+        return [] if self._peer_stats is None else self._peer_stats()
+
+    def published(self) -> dict[str, Any]:
+        """What this replica publishes for its peers: stats snapshot plus arm counters."""
+        return {**self.recorder.snapshot(), "arms": self.arm_stats.export()}
 
     async def predict_table(
         self, model_id: str, table: pa.Table, version: str | None = None

@@ -1,9 +1,10 @@
 """Versions, A/B splits, pins and isolated pools on real Ray Serve, deployed like an operator
 does it: `serve deploy <config.yaml>` against the session cluster's dashboard.
 
-The `pools` app (route /pools) has two pools: `tabular` (fraud models, the default pool) and
-`text` (text classifiers, and models tagged `pool-text`). Its routing (Ingress user_config)
-splits `fraud-ab` 90/10 with a shadow arm and pins the split's arms and one classifier.
+The `pools` app (route /pools) has two ingress replicas and two pools: `tabular` (fraud
+models, the default pool) and `text` (text classifiers, and models tagged `pool-text`). Its
+routing (Ingress user_config) splits `fraud-ab` 90/10 with a shadow arm and pins the split's
+arms and one classifier.
 Tests run in file order: the last ones redeploy the app.
 """
 
@@ -72,7 +73,9 @@ def write_config(
                         {"name": "tabular", "memory_budget": TABULAR_BUDGET, **host},
                         {"name": "text", **text, **host},
                     ],
-                    "ingress": {"num_cpus": 0.1, "registry_refresh_s": 1.0},
+                    # two ingress replicas: splits stay sticky and /v1/routing's per-arm
+                    # counters are merged across them
+                    "ingress": {"num_cpus": 0.1, "registry_refresh_s": 1.0, "num_replicas": 2},
                 },
                 "deployments": [{"name": "Ingress", "user_config": route}],
             }
@@ -200,10 +203,23 @@ def test_split_is_sticky_names_its_arm_and_shadows(
         assert seen.setdefault(f"user-{i % 60}", arm) == arm  # sticky
         assert_same(arm, body["outputs"], expected(body["model_id"], rows))
     assert set(seen.values()) == {ARM_A, ARM_B}
-    report = pools.routing()
-    rows_by_role = {(a["arm"], a["role"]): a for a in report["arms"]}
-    served = rows_by_role[(ARM_A, "serve")]["requests"] + rows_by_role[(ARM_B, "serve")]["requests"]
-    assert served == 120
+
+    def served() -> int:
+        rows = {(a["arm"], a["role"]): a["requests"] for a in pools.routing()["arms"]}
+        return rows.get((ARM_A, "serve"), 0) + rows.get((ARM_B, "serve"), 0)
+
+    # the proxy spreads requests over both ingress replicas; each merges the other's
+    # counters as last published (every 2 s), so soon either one reports all 120
+    wait_for(
+        lambda: httpx.get(f"{pools.url}/v1/stats", timeout=30).json()["replicas"] == 2,
+        30,
+        "both ingress replicas publishing",
+    )
+    wait_for(
+        lambda: all(served() == 120 for _ in range(6)),
+        30,
+        "per-arm counts merged across ingress replicas",
+    )
     # the handle API (Ray jobs) takes the sticky key as an argument
     from ray import serve
 

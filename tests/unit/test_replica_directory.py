@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -54,5 +55,5 @@ def test_a_polled_source_is_written_once_per_interval_not_back_to_back() -> None
         wait_for(lambda: len(writes) >= 3, 10, "three heartbeats")
     finally:
         publisher.stop()
-    gaps = [b - a for a, b in zip(writes, writes[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(writes)]
     assert min(gaps) >= 0.15, gaps
