@@ -24,6 +24,7 @@ from ray.serve.context import _get_global_client
 
 from deployments.replica_directory import GcsKeyValue, ReplicaPublisher
 from deployments.routing_board import read_pins
+from serve_app.coalescer import Coalescer
 from serve_app.config import PoolConfig, StoreConfig
 from serve_app.host import ModelHost
 from serve_app.logs import configure_logging
@@ -42,6 +43,7 @@ from serve_app.store import ModelStore
 logger = logging.getLogger(__name__)
 PIN_POLL_S = 1.0
 PIN_SYNC_S = 2.0
+ADVERTISE_EVERY_S = 0.1  # as often as Ray's @serve.multiplexed pushes model ids
 
 
 @serve.deployment(name="ModelHost")
@@ -55,6 +57,9 @@ class ModelHostDeployment:
         self._pool = config.name
         self._replica_id = context.replica_id
         replica = self._replica_id.unique_id
+        self._advertiser: Coalescer[list[str]] = Coalescer(
+            self._push_routing_info, ADVERTISE_EVERY_S, asyncio.get_running_loop()
+        )
         self.host = ModelHost(
             config,
             ModelStore(store_config),
@@ -112,9 +117,16 @@ class ModelHostDeployment:
             await asyncio.sleep(PIN_SYNC_S)
 
     def _advertise(self, keys: list[str]) -> None:
-        # NOTE: the same controller call Ray's @serve.multiplexed wrapper makes; we push on
-        # every change (load start, load end, eviction) so an evicted model stops
-        # attracting traffic to this replica at once.
+        # NOTE: called on every residency change (load start, load end, eviction). The
+        # first change after a quiet spell is pushed at once; a storm's changes are pushed
+        # at most every ADVERTISE_EVERY_S, so the controller's rebroadcasts (and the work
+        # they cause in every ingress replica, shared with the other pools) stay bounded.
+        # The router marks a replica as holding a model the moment it accepts a request
+        # for it, so a coalesced push does not cause duplicate loads.
+        self._advertiser.submit(keys)
+
+    def _push_routing_info(self, keys: list[str]) -> None:
+        # NOTE: the same controller call Ray's @serve.multiplexed wrapper makes.
         _get_global_client().record_request_routing_info(
             RequestRoutingInfo(replica_id=self._replica_id, multiplexed_model_ids=keys)
         )

@@ -263,6 +263,7 @@ def test_split_is_sticky_names_its_arm_and_shadows(
     assert any(f'arm="{ARM_A}"' in x and 'role="serve"' in x for x in series), series
 
 
+# Two closed-loop clients cycling through `ids` (7 apart) until `stop` exists.
 STORM = """
 import json, sys, threading, pathlib, httpx
 url, stop, ids = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3:]
@@ -282,50 +283,65 @@ print(json.dumps(codes))
 """
 
 
+def traffic(pools: Pools, stop_file: Path, ids: list[str]) -> subprocess.Popen:
+    """Start STORM in its own process, so its client threads do not compete with the
+    measuring client for this interpreter's GIL."""
+    return subprocess.Popen(
+        [sys.executable, "-c", STORM, pools.url, str(stop_file), *ids],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, stop_file: Path) -> Counter[int]:
+    stop_file.touch()
+    out, _ = process.communicate(timeout=120)
+    return Counter({int(k): v for k, v in json.loads(out).items()})
+
+
+def warm_latencies(pools: Pools, client: httpx.Client, n: int) -> list[float]:
+    """`n` sequential warm requests to the text pool; milliseconds each."""
+    model = "text-clf-sentiment"
+    inputs = inputs_for(model)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        response = client.post(f"{pools.url}/v1/models/{model}/predict", json={"inputs": inputs})
+        out.append((time.perf_counter() - t0) * 1000)
+        assert response.status_code == 200
+        assert response.json()["resident"] is True
+    return out
+
+
+def p99(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=100)[98]
+
+
 def storm_against_warm(pools: Pools, tmp_path: Path, samples: int) -> float:
     """Cold requests over 40 fraud models in `tabular` while timing warm requests in `text`.
 
     Asserts the memory isolation (nothing evicted in `text`, pins kept in `tabular`) and
     returns the text pool's warm p99 under the storm over its quiet p99.
     """
-    warm = "text-clf-sentiment"
-    inputs = inputs_for(warm)
     client = httpx.Client(timeout=60)
-
-    def warm_latencies(n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            response = client.post(f"{pools.url}/v1/models/{warm}/predict", json={"inputs": inputs})
-            out.append((time.perf_counter() - t0) * 1000)
-            assert response.status_code == 200
-            assert response.json()["resident"] is True
-        return out
-
-    warm_latencies(20)
+    warm_latencies(pools, client, 20)
     text_before = pools.hosts()["text"]
     tabular_before = pools.hosts()["tabular"]
-    quiet = warm_latencies(samples)
-    # NOTE: the storm runs in its own process, so its client threads do not compete with
-    # the measuring client for this interpreter's GIL.
+    quiet = warm_latencies(pools, client, samples)
     stop_file = tmp_path / "stop"
-    storm = subprocess.Popen(
-        [sys.executable, "-c", STORM, pools.url, str(stop_file), *fraud_ids()],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    storm = traffic(pools, stop_file, fraud_ids())
+    started = time.monotonic()
     try:
         wait_for(
             lambda: pools.hosts()["tabular"]["misses"] >= tabular_before["misses"] + 3,
             60,
             "the storm to be under way",
         )
-        stormy = warm_latencies(samples)
+        stormy = warm_latencies(pools, client, samples)
     finally:
-        stop_file.touch()
-        out, _ = storm.communicate(timeout=120)
+        storm_codes = finish(storm, stop_file)
         client.close()
-    storm_codes = Counter({int(k): v for k, v in json.loads(out).items()})
+    rate = sum(storm_codes.values()) / (time.monotonic() - started)
     text_after = pools.hosts()["text"]
     tabular_after = pools.hosts()["tabular"]
     assert set(storm_codes) == {200}, storm_codes
@@ -335,16 +351,14 @@ def storm_against_warm(pools: Pools, tmp_path: Path, samples: int) -> float:
     assert {m["key"] for m in text_after["models"]} >= {m["key"] for m in text_before["models"]}
     assert set(pools.hosts()["tabular"]["pinned"]) == {ARM_A, ARM_B}
     assert {ARM_A, ARM_B} <= set(pools.resident("tabular"))  # pins survived the storm
-    p99_quiet = statistics.quantiles(quiet, n=100)[98]
-    p99_storm = statistics.quantiles(stormy, n=100)[98]
     print(
-        f"\nisolation: {sum(storm_codes.values())} storm requests, "
+        f"\nisolation: {sum(storm_codes.values())} storm requests ({rate:.1f}/s), "
         f"{tabular_after['evictions'] - tabular_before['evictions']} evictions in tabular, "
         f"0 in text; text warm p50 {statistics.median(quiet):.1f} -> "
-        f"{statistics.median(stormy):.1f} ms, p99 {p99_quiet:.1f} -> {p99_storm:.1f} ms "
-        f"({p99_storm / p99_quiet:.2f}x)"
+        f"{statistics.median(stormy):.1f} ms, p99 {p99(quiet):.1f} -> {p99(stormy):.1f} ms "
+        f"({p99(stormy) / p99(quiet):.2f}x)"
     )
-    return p99_storm / p99_quiet
+    return p99(stormy) / p99(quiet)
 
 
 def test_storm_in_one_pool_evicts_nothing_in_the_other(pools: Pools, tmp_path: Path) -> None:
@@ -355,9 +369,10 @@ def test_storm_in_one_pool_evicts_nothing_in_the_other(pools: Pools, tmp_path: P
 
 @pytest.mark.slow
 def test_storm_keeps_the_other_pools_warm_p99_within_1_5x(pools: Pools, tmp_path: Path) -> None:
-    """The issue's latency criterion. On the 2-core dev VM the storm's loads (S3 server,
-    hashing, torch) take the CPU the shared ingress needs, and this measured 1.34x-2.37x;
-    run it where pools get their own cores."""
+    """The issue's latency criterion. On the 2-vCPU dev box this measured 1.34x-2.64x: the
+    closed-loop storm takes whatever CPU the shared proxy and ingress and its own host leave
+    (every cost removed here raised its rate, 20 -> 29 req/s), and the text pool's requests
+    share those two cores. Run it where the gateway and the pools get their own cores."""
     assert storm_against_warm(pools, tmp_path, samples=600) <= 1.5
 
 
