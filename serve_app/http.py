@@ -222,8 +222,9 @@ def create_app(
     @app.get("/v1/routing")
     async def routing() -> dict[str, Any]:
         """The active routing (aliases, default versions, pool rules, pins), the last
-        refused routing config with the reason, and per-arm request counters."""
-        return gateway.routing_report()
+        refused routing config with the reason, and per-arm request counters (merged
+        across ingress replicas: reading the peers' is a GCS call, off the event loop)."""
+        return await asyncio.to_thread(gateway.routing_report)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
