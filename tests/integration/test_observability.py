@@ -77,10 +77,12 @@ def test_stats_agree_with_the_client(app: FleetApp, measured: dict) -> None:
             want = nearest_rank(client, q)
             assert row[key] <= want, (model_id, key, row[key], want)
             assert row[key] + hop == pytest.approx(want, rel=rel, abs=slack), (model_id, key, hop)
-        # p99 of 31 samples is the cold request; its load wait is most of it (the proxy
-        # hop of one request varies by more than its median on 2 busy cores)
+        # p99 of 31 samples is the cold request; its load wait is most of it. It is ONE
+        # request, and one request's proxy hop on 2 busy cores ranges far past the median
+        # hop (a clean-clone CI run saw server 60 ms + hop vs client 83 ms), so the lower
+        # bound is loose; the upper bound (the server never overstates) stays exact.
         assert row["p99_ms"] <= max(client)
-        assert row["p99_ms"] + hop == pytest.approx(max(client), rel=0.25, abs=20)
+        assert row["p99_ms"] + hop == pytest.approx(max(client), rel=0.4, abs=20)
         warm = statistics.median(client[1:])
         assert row["warm_p50_ms"] + hop == pytest.approx(warm, rel=0.3, abs=4)
         assert 0 < row["load_p50_ms"] <= row["p99_ms"]
