@@ -33,6 +33,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from serve_app.config import StoreConfig
 from serve_app.errors import ArtifactCorrupt, ModelTooLarge, StorageUnavailable, VersionExists
+from serve_app.listing import ListingFailed, S3Lister
 from serve_app.manifest import MANIFEST_NAME, Manifest, now_iso
 from serve_app.ranged import FsspecRangeReader, RangeReader, S3RangeReader
 
@@ -97,6 +98,8 @@ class ModelStore:
         # NOTE: model bytes go through a reader that streams into preallocated buffers;
         # listings, manifests and publishing stay on fsspec.
         self.reader: RangeReader = S3RangeReader(config) if fs is None else FsspecRangeReader(fs)
+        # NOTE: the registry lists the whole store every few seconds; see serve_app.listing.
+        self._lister: S3Lister | None = S3Lister(config) if fs is None else None
         self.root = config.root
         # NOTE: one pool per store bounds the GETs in flight across concurrent loads.
         self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="s3-fetch")
@@ -121,7 +124,7 @@ class ModelStore:
         """Every published manifest under the root, from one recursive listing."""
         with storage_errors("listing models"):
             try:
-                paths = self.fs.find(self.root)
+                paths = self._list_root()
             except FileNotFoundError:
                 return []
         out = []
@@ -131,6 +134,26 @@ class ModelStore:
             if len(rel) == 3 and rel[2] == MANIFEST_NAME:
                 out.append(path)
         return sorted(out)
+
+    def _list_root(self) -> list[str]:
+        """`bucket/key` of every object under the root: the lean S3 lister when this store
+        owns its S3 client, s3fs otherwise (an injected filesystem, or a store the lister
+        could not list: a redirect to another region, say, which s3fs follows)."""
+        if self._lister is None:
+            return self.fs.find(self.root)
+        bucket, _, prefix = self.root.partition("/")
+        try:
+            keys = self._lister.keys(bucket, f"{prefix}/" if prefix else "")
+        except ListingFailed as exc:
+            if exc.status >= 500:
+                raise  # the store is in trouble, not our request: StorageUnavailable
+            logger.warning(
+                "lean listing refused; listing through s3fs from now on",
+                extra={"status": exc.status, "code": exc.code},
+            )
+            self._lister = None
+            return self.fs.find(self.root)
+        return [f"{bucket}/{key}" for key in keys]
 
     def read_manifests(self, paths: list[str]) -> dict[str, Manifest]:
         """Read many manifests concurrently; unreadable or vanished ones are left out."""
