@@ -456,7 +456,9 @@ def test_bad_routing_is_refused_and_the_app_keeps_serving(
         "the second refusal",
     )
     assert pools.routing()["active"] == active
-    assert app_status()[0] == "RUNNING"
+    # the other ingress replica may still be applying (and refusing) it: DEPLOYING till then
+    wait_for(lambda: app_status()[0] == "RUNNING", 60, "the app to settle as RUNNING")
+    assert pools.routing()["active"] == active
 
 
 def test_bad_pool_config_fails_the_build_and_the_app_keeps_serving(
