@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import fsspec
 
@@ -46,31 +46,39 @@ def _deadline_passed(path: str) -> StorageUnavailable:
     )
 
 
+def s3_client(config: StoreConfig, **options: Any) -> Any:
+    """A plain (thread-safe) botocore S3 client for `config`: its endpoint, region and keys
+    (or the AWS_* variables), with `options` for botocore's `Config`."""
+    import botocore.session
+    from botocore.config import Config
+
+    key = config.access_key_id.get_secret_value() if config.access_key_id else None
+    secret = config.secret_access_key.get_secret_value() if config.secret_access_key else None
+    endpoint = config.resolved_endpoint()
+    return botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=config.region or os.environ.get("AWS_REGION") or "us-east-1",
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        config=Config(
+            # NOTE: S3-compatible servers on an endpoint (SeaweedFS, MinIO) want paths.
+            s3={"addressing_style": "path"} if endpoint else {},
+            **options,
+        ),
+    )
+
+
 class S3RangeReader:
     """Ranged GETs with botocore, bodies streamed into the caller's buffer."""
 
     def __init__(self, config: StoreConfig) -> None:
-        import botocore.session
-        from botocore.config import Config
-
-        key = config.access_key_id.get_secret_value() if config.access_key_id else None
-        secret = config.secret_access_key.get_secret_value() if config.secret_access_key else None
-        endpoint = config.resolved_endpoint()
-        session = botocore.session.get_session()
-        self._client = session.create_client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name=config.region or os.environ.get("AWS_REGION") or "us-east-1",
-            aws_access_key_id=key,
-            aws_secret_access_key=secret,
-            config=Config(
-                connect_timeout=config.connect_timeout_s,
-                read_timeout=config.read_timeout_s,
-                retries={"max_attempts": config.retries + 1, "mode": "standard"},
-                max_pool_connections=max(10, config.max_concurrency * 2),
-                # NOTE: S3-compatible servers on an endpoint (SeaweedFS, MinIO) want paths.
-                s3={"addressing_style": "path"} if endpoint else {},
-            ),
+        self._client = s3_client(
+            config,
+            connect_timeout=config.connect_timeout_s,
+            read_timeout=config.read_timeout_s,
+            retries={"max_attempts": config.retries + 1, "mode": "standard"},
+            max_pool_connections=max(10, config.max_concurrency * 2),
         )
 
     def read_into(self, path: str, start: int, view: memoryview, deadline: float) -> None:
