@@ -1,4 +1,4 @@
-"""The model store: immutable model versions in S3 (s3fs), published and fetched by manifest.
+"""The model store: immutable model versions in S3, published and fetched by manifest.
 
 Layout under the store root (`s3://bucket/prefix`):
 
@@ -95,8 +95,8 @@ class ModelStore:
     def __init__(self, config: StoreConfig, fs: fsspec.AbstractFileSystem | None = None) -> None:
         self.config = config
         self.fs = fs if fs is not None else make_filesystem(config)
-        # NOTE: model bytes go through a reader that streams into preallocated buffers;
-        # listings, manifests and publishing stay on fsspec.
+        # NOTE: model bytes go through a reader that streams into preallocated buffers,
+        # listings through a lean lister; manifests and publishing stay on fsspec.
         self.reader: RangeReader = S3RangeReader(config) if fs is None else FsspecRangeReader(fs)
         # NOTE: the registry lists the whole store every few seconds; see serve_app.listing.
         self._lister: S3Lister | None = S3Lister(config) if fs is None else None
