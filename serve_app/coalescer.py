@@ -30,17 +30,14 @@ class Coalescer(Generic[T]):
         flush: Callable[[T], None],
         every_s: float,
         loop: asyncio.AbstractEventLoop,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._flush = flush
         self.every_s = every_s
         self._loop = loop
-        self._clock = clock
         self._lock = threading.Lock()
         self._pending: list[T] = []  # at most one: the newest value not yet flushed
         self._scheduled = False
         self._last_flush = float("-inf")
-        self.flushes = 0
 
     def submit(self, value: T) -> None:
         """Queue `value` (replacing any unflushed one); safe from any thread."""
@@ -52,7 +49,7 @@ class Coalescer(Generic[T]):
         self._loop.call_soon_threadsafe(self._schedule)
 
     def _schedule(self) -> None:
-        delay = max(0.0, self._last_flush + self.every_s - self._clock())
+        delay = max(0.0, self._last_flush + self.every_s - time.monotonic())
         self._loop.call_later(delay, self._run)
 
     def _run(self) -> None:
@@ -61,8 +58,7 @@ class Coalescer(Generic[T]):
             if not self._pending:
                 return
             value = self._pending.pop()
-        self._last_flush = self._clock()
-        self.flushes += 1
+        self._last_flush = time.monotonic()
         # NOTE: a failing flush is logged; the next change tries again.
         try:
             self._flush(value)
