@@ -49,7 +49,8 @@ class S3Lister:
 
         Raises:
             FileNotFoundError: the bucket does not exist.
-            ListingFailed: any other error answer (a wrong region, a refused key, ...).
+            ListingFailed: any other error answer (a wrong region, a refused key, ...), or
+                an answer that is not an S3 listing at all.
             urllib3.exceptions.HTTPError: the store could not be reached.
         """
         keys: list[str] = []
@@ -62,14 +63,15 @@ class S3Lister:
                 "list_objects_v2", Params=params, ExpiresIn=PRESIGN_EXPIRES_S
             )
             response = self._http.request("GET", url)
-            root = ET.fromstring(response.data) if response.data else None
+            root = _parse(response.data)
             ns = _namespace(root)
             if response.status != 200:
                 code = root.findtext(f"{ns}Code") if root is not None else None
                 if code == "NoSuchBucket":
                     raise FileNotFoundError(bucket)
                 raise ListingFailed(response.status, code)
-            assert root is not None  # a 200 listing always has a body
+            if root is None:  # NOTE: a proxy or a broken store: no S3 XML in a 200
+                raise ListingFailed(200, "NotAListing")
             # NOTE: botocore asks for encoding-type=url (keys may hold any character);
             # botocore's own parser decodes them with unquote_plus, and so do we.
             keys.extend(urllib.parse.unquote_plus(e.text or "") for e in root.iter(f"{ns}Key"))
@@ -78,6 +80,16 @@ class S3Lister:
             token = root.findtext(f"{ns}NextContinuationToken")
             if not token:
                 raise ListingFailed(200, "TruncatedWithoutToken")
+
+
+def _parse(body: bytes) -> ET.Element | None:
+    """The XML document in `body`, or None when there is none (empty, HTML, truncated)."""
+    if not body:
+        return None
+    try:
+        return ET.fromstring(body)
+    except ET.ParseError:
+        return None
 
 
 def _namespace(root: ET.Element | None) -> str:
