@@ -24,7 +24,7 @@ def main() -> None:
     args = harness.parse_args(__doc__.split("\n")[0])
     import s3fs
 
-    from serve_app.publisher import publish_path
+    from serve_app.storage.publisher import publish_path
 
     result = harness.Result("b2_fetch", args.runs)
     work = Path(tempfile.mkdtemp(prefix="fleet-b2-"))

@@ -1,10 +1,10 @@
 """B5: cache-policy efficiency: LRU, GDSF and Ray's count-based LRU vs the offline optimum.
 
-Offline replay (serve_app/cache_simulation.py, the same policy objects ModelCache uses) of
+Offline replay (bench/cache_simulation.py, the same policy objects ModelCache uses) of
 seeded traces over the demo fleet's real sizes:
 
 - catalogue: the demo fleet of `fleetserve up --count N` (minilm-embed, 4 text classifiers,
-  N fraud MLPs; sizes measured from the files serve_app/demo.py writes). N defaults to 500,
+  N fraud MLPs; sizes measured from the files devstack/demo_fleet.py writes). N defaults to 500,
   the smallest round count for which the largest model (text-clf-toxicity, 216 MB) fits in
   10% of the fleet's bytes: with the default 50 it would be a 507 at every budget tried;
 - load cost of a model: FIXED_S + bytes / BYTES_PER_S, fitted to the replica's measured
@@ -46,8 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve_app.cache import CacheEntry
-from serve_app.cache_simulation import (
+from bench.cache_simulation import (
     OptimumBounds,
     SimulationResult,
     TraceRequest,
@@ -55,7 +54,8 @@ from serve_app.cache_simulation import (
     simulate,
     zipf_trace,
 )
-from serve_app.policy import GDSFPolicy, LRUPolicy
+from serve_app.cache.model_cache import CacheEntry
+from serve_app.cache.policy import GDSFPolicy, LRUPolicy
 
 FIXED_S = 0.022  # seconds a load costs beyond moving bytes (fit: see module docstring)
 BYTES_PER_S = 263e6  # effective load rate inside a replica (fetch + verify + build)
@@ -121,8 +121,7 @@ def load_cost(nbytes: int, fixed_s: float, bytes_per_s: float) -> float:
 
 def fleet_models(count: int, fixed_s: float, bytes_per_s: float) -> list[Model]:
     """The demo fleet's models with their real weight bytes and modelled load costs."""
-    from serve_app.architectures import build_mlp
-    from serve_app.demo import (
+    from devstack.demo_fleet import (
         EMBEDDER_ID,
         TEXT_CLASSIFIERS,
         fraud_model_ids,
@@ -130,6 +129,7 @@ def fleet_models(count: int, fixed_s: float, bytes_per_s: float) -> list[Model]:
         minilm_dir,
         write_text_classifier,
     )
+    from serve_app.loading.architectures import build_mlp
 
     sizes: dict[str, int] = {
         EMBEDDER_ID: sum(f.stat().st_size for f in minilm_dir().glob("*.safetensors"))

@@ -42,8 +42,8 @@ def wait_listed(url: str, model_id: str) -> None:
 
 def main() -> None:
     args = harness.parse_args(__doc__.split("\n")[0])
-    from serve_app.demo import minilm_dir, write_fraud_model
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import minilm_dir, write_fraud_model
+    from serve_app.storage.publisher import publish_path
 
     result = harness.Result("b6_cold_request", args.runs)
     work = Path(tempfile.mkdtemp(prefix="fleet-b6-"))

@@ -38,8 +38,8 @@ def main() -> None:
     args = harness.parse_args(
         __doc__.split("\n")[0], lambda p: p.add_argument("--requests", type=int, default=120)
     )
-    from serve_app.demo import fraud_model_ids, write_fraud_model
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import fraud_model_ids, write_fraud_model
+    from serve_app.storage.publisher import publish_path
 
     result = harness.Result("b8_churn", args.runs)
     work = Path(tempfile.mkdtemp(prefix="fleet-b8-"))
@@ -127,9 +127,9 @@ async def reclaim(store, work: Path, run: int) -> float:  # type: ignore[no-unty
     import torch
 
     from serve_app.config import HostConfig
-    from serve_app.host import ModelHost
-    from serve_app.publisher import publish_path
+    from serve_app.host.model_host import ModelHost
     from serve_app.schemas import PredictCall
+    from serve_app.storage.publisher import publish_path
 
     torch.set_num_threads(1)
     manifest = publish_path(

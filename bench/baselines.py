@@ -28,8 +28,8 @@ def _loader(config: StoreConfig) -> Any:
 
     import torch
 
-    from serve_app.loader import ModelLoader
-    from serve_app.store import DiskTier, ModelStore
+    from serve_app.loading.loader import ModelLoader
+    from serve_app.storage.store import DiskTier, ModelStore
 
     torch.set_num_threads(1)
     store = ModelStore(config)

@@ -45,7 +45,7 @@ OVERHEAD_GOAL_MS = 250.0
 
 def burst(url: str, model_id: str, size: int) -> dict[str, float]:
     """`size` concurrent first requests for `model_id`; the slowest one's numbers."""
-    from serve_app.demo import FRAUD_FEATURES
+    from devstack.demo_fleet import FRAUD_FEATURES
 
     body = {"inputs": [[0.1] * FRAUD_FEATURES]}
 
@@ -75,8 +75,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from deployments.builder import build_app
-    from serve_app.demo import write_fraud_model
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import write_fraud_model
+    from serve_app.storage.publisher import publish_path
 
     samples: dict[str, list[dict[str, Any]]] = {"fleet": [], "fleet-stock": []}
     with LocalStack() as stack:

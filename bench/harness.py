@@ -153,9 +153,9 @@ def load_results(directory: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
 @contextlib.contextmanager
 def local_s3() -> Iterator[Any]:
     """A fresh SeaweedFS on loopback (AWS_* env pointed at it) and an empty store on it."""
+    from devstack.seaweed import SeaweedServer
     from serve_app.config import StoreConfig
-    from serve_app.seaweed import SeaweedServer
-    from serve_app.store import ModelStore, wait_for_store
+    from serve_app.storage.store import ModelStore, wait_for_store
 
     root = Path(tempfile.mkdtemp(prefix="fleet-bench-s3-"))
     server = SeaweedServer(root)
@@ -279,8 +279,8 @@ def trim_heap() -> None:
 
 def write_mlp(dest: Path, megabytes: int, seed: int = 0) -> Path:
     """A torch-module MLP of about `megabytes` MB of float32 weights (real, servable)."""
-    from serve_app.architectures import MlpSpec
-    from serve_app.demo import write_fraud_model
+    from devstack.demo_fleet import write_fraud_model
+    from serve_app.loading.architectures import MlpSpec
 
     hidden = 2048
     # NOTE: n hidden layers hold n - 1 hidden x hidden matrices (the rest is small)
@@ -299,8 +299,8 @@ def serve_stack(store: Any, host: dict[str, Any], mux_models_per_replica: int | 
     from ray import serve
 
     from deployments.builder import build_app
+    from devstack.seaweed import find_free_port
     from serve_app.config import AppConfig
-    from serve_app.seaweed import find_free_port
 
     temp_dir = tempfile.mkdtemp(prefix="fleet-bench-ray-")
     progress("starting Ray and Serve")
@@ -385,8 +385,8 @@ def _mux_app(config: Any, max_models: int) -> Any:
         def __init__(self, app_config: Any) -> None:
             import torch
 
-            from serve_app.loader import ModelLoader
-            from serve_app.store import ModelStore
+            from serve_app.loading.loader import ModelLoader
+            from serve_app.storage.store import ModelStore
 
             torch.set_num_threads(1)
             self.store = ModelStore(app_config.store)

@@ -30,7 +30,7 @@ def main() -> None:
         __doc__.split("\n")[0],
         lambda p: p.add_argument("--models", type=int, default=1000, help="versions stored"),
     )
-    from serve_app.listing import S3Lister
+    from serve_app.storage.listing import S3Lister
 
     result = harness.Result("listing", args.runs)
     with harness.local_s3() as store:

@@ -29,9 +29,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.harness import machine
+from devstack.seaweed import SeaweedServer, find_free_port
 from serve_app.config import AppConfig, StoreConfig
-from serve_app.seaweed import SeaweedServer, find_free_port
-from serve_app.store import ModelStore, wait_for_store
+from serve_app.storage.store import ModelStore, wait_for_store
 
 
 def say(message: str) -> None:

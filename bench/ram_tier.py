@@ -38,10 +38,10 @@ def main() -> None:
     args = harness.parse_args(__doc__.split("\n")[0])
     import torch
 
+    from devstack.demo_fleet import EMBEDDER_ID, _copy_minilm
     from serve_app.config import HostConfig
-    from serve_app.demo import EMBEDDER_ID, _copy_minilm
-    from serve_app.loader import ModelLoader
-    from serve_app.publisher import publish_path
+    from serve_app.loading.loader import ModelLoader
+    from serve_app.storage.publisher import publish_path
 
     torch.set_num_threads(1)
     result = harness.Result("ram_tier", args.runs)

@@ -37,7 +37,7 @@ GOAL_VS_PLAIN = 0.8
 
 
 def _row() -> list[float]:
-    from serve_app.demo import FRAUD_FEATURES
+    from devstack.demo_fleet import FRAUD_FEATURES
 
     return [((i * 37) % 11) / 10 - 0.5 for i in range(FRAUD_FEATURES)]
 
@@ -118,8 +118,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"))
     args = parser.parse_args()
 
-    from serve_app.demo import write_fraud_model
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import write_fraud_model
+    from serve_app.storage.publisher import publish_path
 
     with LocalStack() as stack:
         assert stack.store is not None

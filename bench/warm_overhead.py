@@ -49,7 +49,7 @@ class MLServerProcess:
     """MLServer serving a local copy of minilm-embed on free loopback ports."""
 
     def __init__(self, root: Path, model_path: Path) -> None:
-        from serve_app.seaweed import find_free_port
+        from devstack.seaweed import find_free_port
 
         self.exe = ensure_mlserver()
         self.root = root
@@ -128,8 +128,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/warm_overhead.json"))
     args = parser.parse_args()
 
-    from serve_app.demo import minilm_dir
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import minilm_dir
+    from serve_app.storage.publisher import publish_path
 
     mlserver: MLServerProcess | None = None
     mlserver_note = "skipped (--no-mlserver)" if args.no_mlserver else ""

@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/warm_under_load.json"))
     args = parser.parse_args()
 
-    from serve_app.demo import FRAUD_FEATURES, minilm_dir, write_fraud_model
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import FRAUD_FEATURES, minilm_dir, write_fraud_model
+    from serve_app.storage.publisher import publish_path
 
     samples: dict[str, list[dict[str, Any]]] = {"quiet": [], "loaded": []}
     with LocalStack() as stack:

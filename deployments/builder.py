@@ -21,9 +21,9 @@ from deployments.model_host import ModelHostDeployment
 from deployments.router import ModelAffinityRouter
 from serve_app.config import AppConfig, HostConfig
 from serve_app.errors import InvalidRouting, StorageUnavailable
-from serve_app.registry import Registry
-from serve_app.routing import RoutingTable
-from serve_app.store import ModelStore
+from serve_app.gateway.routing_table import RoutingTable
+from serve_app.storage.registry import Registry
+from serve_app.storage.store import ModelStore
 
 logger = logging.getLogger(__name__)
 

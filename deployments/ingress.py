@@ -1,6 +1,6 @@
-"""Ingress deployment: the FastAPI app and the handle API, over `serve_app.gateway.Gateway`.
+"""Ingress deployment: the FastAPI app and the handle API, over `serve_app.gateway.gateway.Gateway`.
 
-HTTP routes come from `serve_app.http.create_app`; Ray jobs call the methods below through
+HTTP routes come from `serve_app.api.app.create_app`; Ray jobs call the methods below through
 `serve.get_app_handle("fleet")`. Management commands reach host replicas through
 `ServeHostControl` (see deployments/router.py for how a command finds its replica).
 
@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.replica_directory import GcsKeyValue, ReplicaPublisher, read_replicas
 from deployments.routing_board import post_pins, read_accepted, save_accepted
-from serve_app.batching import BatchPolicy, MicroBatcher
+from serve_app.api.app import create_app
 from serve_app.config import (
     DEFAULT_POOL,
     BatchingConfig,
@@ -44,14 +44,14 @@ from serve_app.errors import (
     StorageUnavailable,
     unwrap,
 )
-from serve_app.gateway import Gateway
-from serve_app.http import create_app
-from serve_app.logs import configure_logging
-from serve_app.management import ModelManager
-from serve_app.metrics import ArmMetrics, IngressMetrics, ModelLabels
-from serve_app.pins import PinStore
-from serve_app.registry import Registry
-from serve_app.routing import RoutingTable
+from serve_app.gateway.gateway import Gateway
+from serve_app.gateway.routing_table import RoutingTable
+from serve_app.host.batching import BatchPolicy, MicroBatcher
+from serve_app.management.manager import ModelManager
+from serve_app.management.pins import PinStore
+from serve_app.observability.logs import configure_logging
+from serve_app.observability.metrics import ArmMetrics, IngressMetrics, ModelLabels
+from serve_app.observability.stats import StatsRecorder
 from serve_app.schemas import (
     BatchResult,
     HostCommand,
@@ -60,15 +60,15 @@ from serve_app.schemas import (
     PredictCall,
     PredictResponse,
 )
-from serve_app.stats import StatsRecorder
-from serve_app.store import ModelStore
+from serve_app.storage.registry import Registry
+from serve_app.storage.store import ModelStore
 
 logger = logging.getLogger(__name__)
 MISROUTE_ATTEMPTS = 5
 
 
 class ServeHostControl:
-    """`serve_app.management.HostControl` over Serve: the replica directory for state,
+    """`serve_app.management.manager.HostControl` over Serve: the replica directory for state,
     the pools' host handles for commands (the router delivers each to the replica it
     names, through the handle of that replica's pool)."""
 

@@ -1,4 +1,4 @@
-"""Model-host deployment: one replica of a pool, delegating to `serve_app.host.ModelHost`.
+"""Model-host deployment: one replica of a pool, over `serve_app.host.model_host.ModelHost`.
 
 Each pool is one Serve deployment of this class (`ModelHost` for the default pool,
 `ModelHost-<pool>` for others). Its config pins come from the routing board (see
@@ -24,12 +24,12 @@ from ray.serve.context import _get_global_client
 
 from deployments.replica_directory import GcsKeyValue, ReplicaPublisher
 from deployments.routing_board import read_pins
-from serve_app.coalescer import Coalescer
 from serve_app.config import PoolConfig, StoreConfig
-from serve_app.host import ModelHost
-from serve_app.logs import configure_logging
-from serve_app.metrics import HostMetrics, ModelLabels
-from serve_app.pins import PinStore
+from serve_app.host.coalescer import Coalescer
+from serve_app.host.model_host import ModelHost
+from serve_app.management.pins import PinStore
+from serve_app.observability.logs import configure_logging
+from serve_app.observability.metrics import HostMetrics, ModelLabels
 from serve_app.schemas import (
     BatchResult,
     HostCommand,
@@ -38,7 +38,7 @@ from serve_app.schemas import (
     PredictCall,
     PredictResponse,
 )
-from serve_app.store import ModelStore
+from serve_app.storage.store import ModelStore
 
 logger = logging.getLogger(__name__)
 PIN_POLL_S = 1.0

@@ -8,7 +8,7 @@ older than `STALE_S`, so a dead replica disappears on its own. A replica that na
 actor is also checked by name on `read_replicas(check_alive=True)`, so one killed without
 a goodbye (`ray.kill`) leaves such listings at once.
 
-`GcsKeyValue` is the same store behind `serve_app.pins.KeyValue`, for the pin store.
+`GcsKeyValue` is the same store behind `serve_app.management.pins.KeyValue`, for the pin store.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def _actor_alive(body: dict[str, Any]) -> bool:
 
 
 class GcsKeyValue:
-    """`serve_app.pins.KeyValue` over Ray's GCS internal KV (outlives every replica)."""
+    """`serve_app.management.pins.KeyValue` over Ray's GCS internal KV (outlives every replica)."""
 
     def get(self, key: str) -> bytes | None:
         """The value at `key`, or None."""

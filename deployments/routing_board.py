@@ -1,7 +1,7 @@
 """Where the ingress posts routing state for other replicas: Ray's GCS key-value store.
 
 - `<app>/config-pins/<pool>`: the pinned manifests of a pool (config pins; the management
-  API's pins live apart, under `<app>/pins/`, see serve_app.pins). The routing (and so the
+  API's pins live apart, under `<app>/pins/`, see serve_app.management.pins). The routing (and so the
   pin list) is Serve `user_config` of the Ingress; model hosts of a pool read their key
   when they start and poll it after, so a `serve deploy` that changes pins reaches every
   host replica without restarting any of them. The value holds the manifests (hosts
@@ -17,7 +17,7 @@ from typing import Any
 
 from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 
-from serve_app.manifest import Manifest
+from serve_app.storage.manifest import Manifest
 
 _NAMESPACE = "fleetserve"
 

@@ -1,4 +1,8 @@
-"""The `fleetserve` command line: local stack, publishing, and calls to a running fleet.
+"""The `fleetserve` command line: publishing, and calls to a running fleet.
+
+The local stack's commands (`up`, `down`, `demo-fleet`, `bench`) come from `devstack.cli`
+through the `fleetserve.cli` entry point; without the `local` extra they print how to
+install it.
 
 fleetserve up [--count N]            start SeaweedFS + Ray + the fleet app, demo fleet in S3
 fleetserve down                      stop exactly what `up` started
@@ -19,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from serve_app.client import (
+from importlib.metadata import entry_points
+
+from serve_app.api.client import (
     DEFAULT_URL,
     FleetClient,
     FleetClientError,
@@ -28,16 +34,21 @@ from serve_app.client import (
 )
 from serve_app.config import load_config
 from serve_app.errors import FleetError
-from serve_app.store import ModelStore
+from serve_app.storage.store import ModelStore
+
+# NOTE: the local stack (devstack/) adds its commands through this entry-point group, so the
+# serving package never imports it; `pip install .` alone gets the serving commands only.
+PLUGIN_GROUP = "fleetserve.cli"
+LOCAL_COMMANDS = ("up", "down", "demo-fleet", "bench")
 
 
-def _store(args: argparse.Namespace) -> ModelStore:
+def store_from_args(args: argparse.Namespace) -> ModelStore:
+    """The model store the global options name (the local stack's S3 by default)."""
     if not os.environ.get("AWS_ENDPOINT_URL"):
-        from serve_app.stack import load_stack_env
-
         # NOTE: default to the local stack's S3 when no endpoint is configured.
-        for key, value in load_stack_env(Path(args.state_dir)).items():
-            os.environ.setdefault(key, value)
+        for plugin in args.plugins:
+            for key, value in plugin.default_env(Path(args.state_dir)).items():
+                os.environ.setdefault(key, value)
     config = load_config(args.config).store
     if args.store_url:
         config = config.model_copy(update={"url": args.store_url})
@@ -46,25 +57,11 @@ def _store(args: argparse.Namespace) -> ModelStore:
     return store
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from serve_app import stack
-
-    stack.up(Path(args.config), Path(args.state_dir), args.count, args.prometheus)
-    return 0
-
-
-def cmd_down(args: argparse.Namespace) -> int:
-    from serve_app import stack
-
-    stack.down(Path(args.state_dir))
-    return 0
-
-
 def cmd_publish(args: argparse.Namespace) -> int:
-    from serve_app.publisher import print_progress, publish_path
+    from serve_app.storage.publisher import print_progress, publish_path
 
     manifest = publish_path(
-        _store(args),
+        store_from_args(args),
         Path(args.path),
         args.model_id,
         args.version,
@@ -72,14 +69,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
         progress=print_progress(args.model_id),
     )
     print(json.dumps({"model_id": manifest.model_id, "version": manifest.version}))
-    return 0
-
-
-def cmd_demo_fleet(args: argparse.Namespace) -> int:
-    from serve_app.demo import publish_demo_fleet
-
-    published = publish_demo_fleet(_store(args), args.count, progress=True)
-    print(f"published {len(published)} model versions", file=sys.stderr)
     return 0
 
 
@@ -155,45 +144,6 @@ def cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
-# NOTE: modules of bench/ that other benchmarks import; not benchmarks themselves.
-BENCH_HELPER_MODULES = frozenset(
-    {"__init__", "harness", "baselines", "load", "local_stack", "mlserver_env"}
-)
-
-
-def bench_names(root: Path) -> list[str]:
-    """The benchmarks of a checkout: every `bench/<name>.py` but the shared helpers."""
-    return sorted(
-        p.stem for p in (root / "bench").glob("*.py") if p.stem not in BENCH_HELPER_MODULES
-    )
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    import subprocess
-
-    root = Path.cwd()
-    available = bench_names(root)
-    if not available:
-        print("error: no bench/ folder here; run from a fleetserve checkout", file=sys.stderr)
-        return 2
-    chosen = []
-    for name in args.names or available:
-        # NOTE: a prefix picks a benchmark: `b1` runs bench/b1_cold_load.py.
-        matches = [b for b in available if b == name or b.startswith(f"{name}_")]
-        if len(matches) != 1:
-            print(
-                f"error: unknown benchmark {name!r}; have {', '.join(available)}", file=sys.stderr
-            )
-            return 2
-        chosen += matches
-    failed = 0
-    for name in chosen:
-        print(f"== {name}", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", f"bench.{name}", "--runs", str(args.runs)]
-        failed += subprocess.run(cmd, cwd=root, check=False).returncode != 0
-    return 1 if failed else 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `fleetserve`."""
     parser = argparse.ArgumentParser(prog="fleetserve", description=__doc__.split("\n")[0])
@@ -207,12 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=DEFAULT_URL, help="fleet HTTP API (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start the local stack and serve the demo fleet")
-    up.add_argument("--count", type=int, default=50, help="fraud models in the demo fleet")
-    up.add_argument("--prometheus", action="store_true", help="also start Prometheus")
-    up.set_defaults(func=cmd_up)
-    sub.add_parser("down", help="stop what `up` started").set_defaults(func=cmd_down)
-
     pub = sub.add_parser("publish", help="publish a model folder as a new version")
     pub.add_argument("path")
     pub.add_argument("--model-id", required=True)
@@ -223,10 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["tabular-classification", "text-classification", "text-embedding"],
     )
     pub.set_defaults(func=cmd_publish)
-
-    demo = sub.add_parser("demo-fleet", help="publish the demo fleet")
-    demo.add_argument("--count", type=int, default=50, help="fraud models to publish")
-    demo.set_defaults(func=cmd_demo_fleet)
 
     parser.add_argument(
         "--admin-key",
@@ -263,17 +203,53 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--iterations", type=int, default=None, help="stop after N refreshes")
     top.set_defaults(func=cmd_top)
 
-    bench = sub.add_parser("bench", help="run benchmarks from a repo checkout")
-    bench.add_argument("names", nargs="*", help="e.g. b1 b2 (default: all)")
-    bench.add_argument("--runs", type=int, default=5, help="repetitions (medians reported)")
-    bench.set_defaults(func=cmd_bench)
-
     pred = sub.add_parser("predict", help="call a model over HTTP")
     pred.add_argument("model_id")
     pred.add_argument("inputs", help="JSON list, e.g. '[\"hello\"]' or '[[0.1, 0.2, ...]]'")
     pred.add_argument("--version", default=None)
     pred.set_defaults(func=cmd_predict)
+
+    plugins = []
+    for entry_point in entry_points(group=PLUGIN_GROUP):
+        try:
+            plugin = entry_point.load()
+        except ImportError as exc:
+            # NOTE: the local stack's code or its extra is not installed: its commands
+            # still appear, and say how to get them.
+            plugin = _MissingExtra(entry_point.name, exc)
+        plugin.register(sub)
+        plugins.append(plugin)
+    if not plugins:
+        _MissingExtra("local", None).register(sub)
+    parser.set_defaults(plugins=plugins)
     return parser
+
+
+class _MissingExtra:
+    """Stands in for a plugin that cannot load: its commands print how to install it."""
+
+    def __init__(self, extra: str, error: ImportError | None) -> None:
+        self.extra = extra
+        self.error = error
+
+    def register(self, sub: argparse._SubParsersAction) -> None:
+        for name in LOCAL_COMMANDS:
+            if name not in sub.choices:
+                command = sub.add_parser(name, help=f"(needs the `{self.extra}` extra)")
+                command.add_argument("rest", nargs=argparse.REMAINDER)
+                command.set_defaults(func=self.hint)
+
+    def hint(self, args: argparse.Namespace) -> int:
+        missing = f" ({self.error.name} is missing)" if self.error and self.error.name else ""
+        print(
+            f"error: `fleetserve {args.command}` needs the local stack{missing}: "
+            f"pip install 'fleetserve[{self.extra}]'",
+            file=sys.stderr,
+        )
+        return 2
+
+    def default_env(self, state_dir: Path) -> dict[str, str]:
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:

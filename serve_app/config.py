@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from serve_app.policy import PolicyName
+from serve_app.cache.policy import PolicyName
 
 _UNITS = {
     "": 1,

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.manifest import Manifest
+from serve_app.storage.manifest import Manifest
 
 
 class PredictRequest(BaseModel):

@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
+from devstack.demo_fleet import TEXT_CLASSIFIERS, fraud_model_ids, publish_demo_fleet
+from devstack.seaweed import SeaweedServer, find_free_port
 from serve_app.config import AppConfig, StoreConfig
-from serve_app.demo import TEXT_CLASSIFIERS, fraud_model_ids, publish_demo_fleet
-from serve_app.manifest import Manifest
-from serve_app.seaweed import SeaweedServer, find_free_port
-from serve_app.store import ModelStore, wait_for_store
+from serve_app.storage.manifest import Manifest
+from serve_app.storage.store import ModelStore, wait_for_store
 
 BUDGET = 95 * 10**6  # per host replica: minilm-embed (~91 MB) fits, little else beside it
 FRAUD_COUNT = 40
@@ -80,8 +80,8 @@ def fleet(store: ModelStore) -> dict[str, Manifest]:
     manifests = publish_demo_fleet(store, FRAUD_COUNT, progress=False, classifiers=CLASSIFIERS)
     by_key = {m.key: m for m in manifests}
     # a second version of the embedder: same weights, its own cache key and ~91 MB
-    from serve_app.demo import minilm_dir
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import minilm_dir
+    from serve_app.storage.publisher import publish_path
 
     v2 = publish_path(store, minilm_dir(), "minilm-embed", "2", description="same weights, v2")
     by_key[v2.key] = v2
@@ -181,8 +181,8 @@ def publish_fresh_models(
 ) -> None:
     """Publish small fraud-style models under new ids (no other test's traffic), version 1,
     and wait until the app's registry lists them all."""
-    from serve_app.demo import write_fraud_model
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import write_fraud_model
+    from serve_app.storage.publisher import publish_path
 
     for i, model_id in enumerate(ids):
         publish_path(store, write_fraud_model(root / model_id, first_index + i), model_id, "1")

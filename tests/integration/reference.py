@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from serve_app.demo import (
+from devstack.demo_fleet import (
     DEFAULT_SEED,
     FRAUD_FEATURES,
     TEXT_CLASSIFIERS,
@@ -44,8 +44,8 @@ def inputs_for(model_id: str) -> list[Any]:
 def _fraud_module(index: int) -> torch.nn.Module:
     from safetensors.torch import load_file
 
-    from serve_app.architectures import build_mlp
-    from serve_app.demo import fraud_spec
+    from devstack.demo_fleet import fraud_spec
+    from serve_app.loading.architectures import build_mlp
 
     folder = write_fraud_model(_ROOT / f"fraud-{index}", index, DEFAULT_SEED)
     module = build_mlp(fraud_spec(index, DEFAULT_SEED))

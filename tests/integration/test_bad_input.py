@@ -11,10 +11,10 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from serve_app.architectures import MlpSpec
-from serve_app.http import MODEL_ID_HEADER
-from serve_app.seaweed import SeaweedServer
-from serve_app.store import ModelStore
+from devstack.seaweed import SeaweedServer
+from serve_app.api.app import MODEL_ID_HEADER
+from serve_app.loading.architectures import MlpSpec
+from serve_app.storage.store import ModelStore
 from tests.integration.conftest import FleetApp, fraud_ids, wait_for
 from tests.integration.reference import inputs_for
 
@@ -107,8 +107,8 @@ def test_oversized_body(app: FleetApp) -> None:
 
 
 def test_model_larger_than_budget(app: FleetApp, store: ModelStore, tmp_path) -> None:
-    from serve_app.demo import write_fraud_model
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import write_fraud_model
+    from serve_app.storage.publisher import publish_path
 
     width = 5200  # 2 x 5200^2 floats ~ 216 MB > the 95 MB budget
     spec = MlpSpec(input_dim=32, hidden_dims=[width, width], output_dim=1)
@@ -122,8 +122,8 @@ def test_model_larger_than_budget(app: FleetApp, store: ModelStore, tmp_path) ->
 
 
 def test_corrupt_artifact(app: FleetApp, store: ModelStore, tmp_path) -> None:
-    from serve_app.demo import write_fraud_model
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import write_fraud_model
+    from serve_app.storage.publisher import publish_path
 
     src = write_fraud_model(tmp_path / "corrupt", 5)
     manifest = publish_path(store, src, "corrupt-model", "1")
@@ -139,8 +139,8 @@ def test_corrupt_artifact(app: FleetApp, store: ModelStore, tmp_path) -> None:
 
 
 def test_storage_unreachable(app: FleetApp, s3: SeaweedServer, store: ModelStore, tmp_path) -> None:
-    from serve_app.demo import write_fraud_model
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import write_fraud_model
+    from serve_app.storage.publisher import publish_path
 
     resident = fraud_ids()[2]
     assert app.predict(resident, inputs_for(resident)).status_code == 200

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from devstack.demo_fleet import write_fraud_model
 from serve_app.cli import main
 from serve_app.config import StoreConfig
-from serve_app.demo import write_fraud_model
-from serve_app.store import ModelStore
+from serve_app.storage.store import ModelStore
 
 
 def test_publish_new_versions_and_refuse_existing(

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.demo import TEXT_CLASSIFIERS
+from devstack.demo_fleet import TEXT_CLASSIFIERS
 from tests.integration.conftest import FleetApp
 from tests.integration.reference import assert_same, expected
 

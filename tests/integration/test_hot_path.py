@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 
-from serve_app.demo import FRAUD_FEATURES
-from serve_app.manifest import Manifest
-from serve_app.store import ModelStore
+from devstack.demo_fleet import FRAUD_FEATURES
+from serve_app.storage.manifest import Manifest
+from serve_app.storage.store import ModelStore
 from tests.integration.conftest import FleetApp, fraud_ids, publish_fresh_models, wait_for
 from tests.integration.reference import TEXTS, assert_same, expected
 

@@ -18,7 +18,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from serve_app.manifest import Manifest
+from serve_app.storage.manifest import Manifest
 from tests.integration.conftest import CLASSIFIERS, FleetApp, fraud_ids, wait_for
 from tests.integration.reference import TEXTS, assert_same, expected, rows_for
 

@@ -7,12 +7,12 @@ import uuid
 import pytest
 from pydantic import SecretStr
 
+from devstack.seaweed import SeaweedServer
 from serve_app.config import StoreConfig
 from serve_app.errors import StorageUnavailable
-from serve_app.listing import S3Lister
-from serve_app.registry import Registry
-from serve_app.seaweed import SeaweedServer
-from serve_app.store import ModelStore
+from serve_app.storage.listing import S3Lister
+from serve_app.storage.registry import Registry
+from serve_app.storage.store import ModelStore
 
 pytestmark = pytest.mark.integration
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from devstack.demo_fleet import write_fraud_model
+from devstack.seaweed import SeaweedServer
 from serve_app.config import HostConfig, StoreConfig
-from serve_app.demo import write_fraud_model
 from serve_app.errors import StorageUnavailable
-from serve_app.host import ModelHost
-from serve_app.publisher import publish_path
+from serve_app.host.model_host import ModelHost
 from serve_app.schemas import PredictCall
-from serve_app.seaweed import SeaweedServer
-from serve_app.store import ModelStore
+from serve_app.storage.publisher import publish_path
+from serve_app.storage.store import ModelStore
 from tests.integration.conftest import wait_for
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from serve_app.cli import main
-from serve_app.manifest import Manifest
+from serve_app.storage.manifest import Manifest
 from tests.integration.conftest import BUDGET, FleetApp, fraud_ids, wait_for
 from tests.integration.reference import assert_same, expected, inputs_for
 

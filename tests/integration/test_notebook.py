@@ -20,8 +20,8 @@ import pytest
 from nbclient import NotebookClient
 from nbformat import NotebookNode
 
+from devstack.seaweed import SeaweedServer
 from serve_app.config import StoreConfig
-from serve_app.seaweed import SeaweedServer
 from tests.integration.conftest import FleetApp
 
 ROOT = Path(__file__).resolve().parents[2]

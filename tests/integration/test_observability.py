@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.seaweed import SeaweedServer
-from serve_app.store import ModelStore
+from devstack.seaweed import SeaweedServer
+from serve_app.storage.store import ModelStore
 from tests.integration.conftest import FleetApp, publish_fresh_models, wait_for
 from tests.integration.reference import rows_for
 

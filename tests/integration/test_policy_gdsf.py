@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from serve_app.cache_simulation import zipf_trace
+from bench.cache_simulation import zipf_trace
 from serve_app.config import AppConfig, StoreConfig
-from serve_app.manifest import Manifest
+from serve_app.storage.manifest import Manifest
 from tests.integration.conftest import FleetApp, fraud_ids, wait_for
 from tests.integration.reference import assert_same, expected, inputs_for
 

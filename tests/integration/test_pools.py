@@ -25,8 +25,8 @@ import httpx
 import pytest
 import yaml
 
-from serve_app.manifest import Manifest
-from serve_app.store import ModelStore
+from serve_app.storage.manifest import Manifest
+from serve_app.storage.store import ModelStore
 from tests.integration.conftest import FleetApp, fraud_ids, wait_for
 from tests.integration.reference import assert_same, expected, inputs_for
 
@@ -142,8 +142,8 @@ def pools(
 ) -> Iterator[Pools]:
     from ray import serve
 
-    from serve_app.demo import write_fraud_model
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import write_fraud_model
+    from serve_app.storage.publisher import publish_path
 
     root = tmp_path_factory.mktemp("pools")
     publish_path(store, write_fraud_model(root / TAGGED, 2), TAGGED, "1", tags=["pool-text"])

@@ -11,8 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.metrics import LATENCY_BUCKETS_MS
-from serve_app.prometheus import (
+from devstack.prometheus import (
     INSTALL_HINT,
     PrometheusServer,
     check_rules,
@@ -20,7 +19,8 @@ from serve_app.prometheus import (
     prometheus_available,
     ray_service_discovery_file,
 )
-from serve_app.store import ModelStore
+from serve_app.observability.metrics import LATENCY_BUCKETS_MS
+from serve_app.storage.store import ModelStore
 from tests.integration.conftest import FleetApp, publish_fresh_models, wait_for
 from tests.integration.reference import rows_for
 

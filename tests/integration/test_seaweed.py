@@ -9,7 +9,7 @@ import pytest
 import s3fs
 from botocore.exceptions import EndpointConnectionError
 
-from serve_app.seaweed import SeaweedServer, port_is_open
+from devstack.seaweed import SeaweedServer, port_is_open
 
 pytestmark = pytest.mark.integration
 

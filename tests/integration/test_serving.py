@@ -8,8 +8,8 @@ from collections import Counter
 
 import httpx
 
-from serve_app.http import MODEL_ID_HEADER
-from serve_app.manifest import Manifest
+from serve_app.api.app import MODEL_ID_HEADER
+from serve_app.storage.manifest import Manifest
 from tests.integration.conftest import BUDGET, FleetApp, fraud_ids, wait_for
 from tests.integration.reference import assert_same, expected, inputs_for
 
@@ -137,8 +137,8 @@ def test_listing_manifest_health_docs(app: FleetApp, fleet: dict[str, Manifest])
 
 def test_model_published_after_deploy_is_servable(app: FleetApp, store, tmp_path) -> None:
     """No redeploy: the registry refresh (1 s here) picks the new model up."""
-    from serve_app.demo import write_fraud_model
-    from serve_app.publisher import publish_path
+    from devstack.demo_fleet import write_fraud_model
+    from serve_app.storage.publisher import publish_path
 
     model_id = f"late-{int(time.time())}"
     src = write_fraud_model(tmp_path / model_id, 3)

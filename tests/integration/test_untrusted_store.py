@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.demo import write_fraud_model
+from devstack.demo_fleet import write_fraud_model
 from serve_app.errors import ModelNotFound, VersionExists
-from serve_app.manifest import Manifest
-from serve_app.publisher import build_manifest
-from serve_app.registry import Registry
-from serve_app.store import ModelStore
+from serve_app.storage.manifest import Manifest
+from serve_app.storage.publisher import build_manifest
+from serve_app.storage.registry import Registry
+from serve_app.storage.store import ModelStore
 
 pytestmark = pytest.mark.integration
 

@@ -10,15 +10,15 @@ import fsspec
 import httpx
 import pytest
 
-from serve_app.architectures import MlpSpec
+from devstack.demo_fleet import write_fraud_model
+from serve_app.api.app import create_app
 from serve_app.config import HostConfig, IngressConfig, StoreConfig
-from serve_app.demo import write_fraud_model
-from serve_app.gateway import Gateway
-from serve_app.host import ModelHost
-from serve_app.http import create_app
-from serve_app.publisher import publish_path
-from serve_app.registry import Registry
-from serve_app.store import ModelStore
+from serve_app.gateway.gateway import Gateway
+from serve_app.host.model_host import ModelHost
+from serve_app.loading.architectures import MlpSpec
+from serve_app.storage.publisher import publish_path
+from serve_app.storage.registry import Registry
+from serve_app.storage.store import ModelStore
 
 SMALL = MlpSpec(input_dim=4, hidden_dims=[8], output_dim=1)
 MB = 2**20

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from serve_app.arm_stats import ArmStats
+from serve_app.gateway.arm_stats import ArmStats
 
 SPLIT = {"ab": {"arms": [{"target": "m@1", "weight": 90}, {"target": "m@2", "weight": 10}]}}
 

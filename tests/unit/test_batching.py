@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.batching import BatchPolicy, MicroBatcher
 from serve_app.config import BatchingConfig, BatchPolicyConfig, HostConfig
 from serve_app.errors import InvalidInput
-from serve_app.host import ModelHost
-from serve_app.manifest import Manifest
+from serve_app.host.batching import BatchPolicy, MicroBatcher
+from serve_app.host.model_host import ModelHost
 from serve_app.schemas import PredictBatch, PredictCall
-from serve_app.store import ModelStore
+from serve_app.storage.manifest import Manifest
+from serve_app.storage.store import ModelStore
 from tests.unit.conftest import MB
 
 

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from bench import harness
-from serve_app.cli import bench_names, main
+from devstack.cli import bench_names
+from serve_app.cli import main
 
 
 def test_goal_lines_and_result_json(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -6,15 +6,15 @@ import random
 
 import pytest
 
-from serve_app.cache import ModelCache
-from serve_app.cache_simulation import (
+from bench.cache_simulation import (
     TraceRequest,
     belady_size,
     offline_bounds,
     simulate,
     zipf_trace,
 )
-from serve_app.policy import GDSFPolicy, LRUPolicy
+from serve_app.cache.model_cache import ModelCache
+from serve_app.cache.policy import GDSFPolicy, LRUPolicy
 from tests.fakes import FakeModel
 
 

@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 
-from serve_app.coalescer import Coalescer
+from serve_app.host.coalescer import Coalescer
 from tests.integration.conftest import wait_for
 
 

@@ -7,9 +7,8 @@ import re
 
 import pytest
 
-import serve_app.client
-import serve_app.seaweed
-import serve_app.stack  # noqa: F401 - their error classes join the hierarchy
+import devstack.seaweed
+import devstack.stack  # noqa: F401 - their error classes join the hierarchy
 from serve_app.errors import (
     FleetError,
     ModelNotFound,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from serve_app.architectures import build_mlp
-from serve_app.http import MODEL_ID_HEADER
-from serve_app.store import CLAIM_NAME, ModelStore
+from serve_app.api.app import MODEL_ID_HEADER
+from serve_app.loading.architectures import build_mlp
+from serve_app.storage.store import CLAIM_NAME, ModelStore
 from tests.unit.conftest import SMALL
 
 ROW = [0.1, -0.2, 0.3, 0.4]

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from serve_app.errors import BadRequest, InvalidInput, PayloadTooLarge
-from serve_app.inference_protocol import (
+from serve_app.api.v2_codec import (
     InferRequest,
     RequestedOutput,
     Tensor,
@@ -27,7 +26,8 @@ from serve_app.inference_protocol import (
     to_model_inputs,
     to_output_tensors,
 )
-from serve_app.manifest import Manifest
+from serve_app.errors import BadRequest, InvalidInput, PayloadTooLarge
+from serve_app.storage.manifest import Manifest
 
 FILES = [{"path": "model.safetensors", "size": 10, "sha256": "0" * 64}]
 

@@ -11,7 +11,7 @@ import pytest
 from pydantic import SecretStr
 
 from serve_app.config import StoreConfig
-from serve_app.listing import ListingFailed, S3Lister
+from serve_app.storage.listing import ListingFailed, S3Lister
 
 ANSWERS = {
     "/html-502": (502, b"<html><body>Bad Gateway</body></html"),  # not even well-formed

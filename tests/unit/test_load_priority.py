@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from serve_app.host import MAX_NICE, ModelHost, load_thread_nice
+from serve_app.host.model_host import MAX_NICE, ModelHost, load_thread_nice
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice")
 

@@ -11,14 +11,14 @@ import httpx
 import numpy as np
 import pytest
 
+from serve_app.api.app import create_app
 from serve_app.config import HostConfig, IngressConfig, ManagementConfig
-from serve_app.gateway import Gateway
-from serve_app.host import ModelHost
-from serve_app.http import create_app
-from serve_app.management import ModelManager
-from serve_app.pins import MemoryKeyValue, PinStore
-from serve_app.registry import Registry
-from serve_app.store import ModelStore
+from serve_app.gateway.gateway import Gateway
+from serve_app.host.model_host import ModelHost
+from serve_app.management.manager import ModelManager
+from serve_app.management.pins import MemoryKeyValue, PinStore
+from serve_app.storage.registry import Registry
+from serve_app.storage.store import ModelStore
 from tests.fakes import LocalHostControl
 
 ROW = [0.1, -0.2, 0.3, 0.4]
@@ -244,7 +244,7 @@ async def test_v2_errors_have_an_error_field(
 async def test_reconcile_keeps_going_past_a_pin_that_cannot_fit(
     registry: Registry, pins: PinStore, published: ModelStore, tmp_path: Path
 ) -> None:
-    from serve_app.pins import PinRecord
+    from serve_app.management.pins import PinRecord
 
     for version in ("1", "2"):
         pins.put(PinRecord(manifest=registry.resolve("m-a", version)))
@@ -259,8 +259,8 @@ async def test_reconcile_keeps_going_past_a_pin_that_cannot_fit(
 
 
 def test_pin_store_skips_records_it_cannot_read() -> None:
-    from serve_app.manifest import Manifest
-    from serve_app.pins import PinRecord
+    from serve_app.management.pins import PinRecord
+    from serve_app.storage.manifest import Manifest
 
     kv = MemoryKeyValue()
     store = PinStore(kv, "app")

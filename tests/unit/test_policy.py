@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from serve_app.cache import CacheEntry, ModelCache
+from serve_app.cache.model_cache import CacheEntry, ModelCache
+from serve_app.cache.policy import GDSFPolicy, LRUPolicy, make_policy
 from serve_app.config import HostConfig
-from serve_app.policy import GDSFPolicy, LRUPolicy, make_policy
 from tests.fakes import FakeModel
 
 MB = 2**20

@@ -8,8 +8,8 @@ import gc
 
 import pytest
 
-from serve_app.host import ModelHost
-from serve_app.store import ModelStore
+from serve_app.host.model_host import ModelHost
+from serve_app.storage.store import ModelStore
 
 
 def test_close_releases_every_storage_without_a_gc(

@@ -1,4 +1,4 @@
-"""Unit tests of `serve_app.process`: the shared helpers and `ManagedProcess`, with small
+"""Unit tests of `devstack.process`: the shared helpers and `ManagedProcess`, with small
 Python child processes standing in for the servers."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app import process
-from serve_app.process import (
+from devstack import process
+from devstack.process import (
     ManagedProcess,
     find_free_port,
     find_free_ports,
@@ -58,7 +58,7 @@ def test_free_ports_avoid_the_ephemeral_range() -> None:
 
 
 def test_seaweed_reexports_what_other_modules_import() -> None:
-    from serve_app import seaweed
+    from devstack import seaweed
 
     assert seaweed.find_free_port is find_free_port
     assert seaweed.port_is_open is process.port_is_open
@@ -295,9 +295,9 @@ def test_stop_raises_the_subclass_error_for_a_pid_that_leads_no_group(tmp_path: 
 
 # --------------------------------------------------------------------------- the servers
 def test_servers_keep_their_state_format_and_error_types(tmp_path: Path) -> None:
-    from serve_app.prometheus import PrometheusError, PrometheusServer
-    from serve_app.seaweed import SeaweedError, SeaweedServer
-    from serve_app.stack import RayHead, StackError
+    from devstack.prometheus import PrometheusError, PrometheusServer
+    from devstack.seaweed import SeaweedError, SeaweedServer
+    from devstack.stack import RayHead, StackError
 
     s3 = SeaweedServer(tmp_path / "s3", access_key="AK", secret_key="SK")
     prom = PrometheusServer(tmp_path / "prom", port=19090, scrape_targets=["127.0.0.1:1"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app import ray_env
+from devstack import ray_env
 
 
 def _environ(tmp_path: Path, address: str | None, token: bool = True) -> dict[str, str]:

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from devstack.demo_fleet import write_fraud_model
 from serve_app.config import AppConfig, PoolConfig, RoutingConfig, describe_errors
-from serve_app.demo import write_fraud_model
 from serve_app.errors import InvalidModelId, InvalidRouting, ModelNotFound, VersionNotFound
-from serve_app.publisher import publish_path
-from serve_app.registry import Registry
-from serve_app.routing import RoutingTable
-from serve_app.store import ModelStore
+from serve_app.gateway.routing_table import RoutingTable
+from serve_app.storage.publisher import publish_path
+from serve_app.storage.registry import Registry
+from serve_app.storage.store import ModelStore
 from tests.unit.conftest import SMALL
 
 POOLS = [

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app import seaweed, stack
-from serve_app.seaweed import (
+from devstack import seaweed, stack
+from devstack.seaweed import (
     S3_ACTIONS,
     SeaweedPorts,
     SeaweedServer,

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from serve_app.split import Arm, Split
+from serve_app.gateway.split import Arm, Split
 
 ARMS = [Arm("ranker@7", 90), Arm("ranker@8", 10)]
 
@@ -60,7 +60,7 @@ def test_moving_weight_moves_only_the_keys_in_the_share_that_changed_hands() -> 
 def test_stickiness_holds_across_processes() -> None:
     """The key hash is not Python's salted hash(): another interpreter agrees."""
     code = (
-        "from serve_app.split import Arm, Split;"
+        "from serve_app.gateway.split import Arm, Split;"
         "s = Split('ranker', [Arm('ranker@7', 90), Arm('ranker@8', 10)]);"
         "print(','.join(s.choose(f'user-{i}').target for i in range(200)))"
     )

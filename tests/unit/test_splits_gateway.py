@@ -9,15 +9,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve_app.api.app import ARM_HEADER, create_app
 from serve_app.config import HostConfig, IngressConfig, PoolConfig, RoutingConfig
 from serve_app.errors import PinRefused
-from serve_app.gateway import Gateway
-from serve_app.host import ModelHost
-from serve_app.http import ARM_HEADER, create_app
-from serve_app.registry import Registry
-from serve_app.routing import RoutingTable
+from serve_app.gateway.gateway import Gateway
+from serve_app.gateway.routing_table import RoutingTable
+from serve_app.host.model_host import ModelHost
 from serve_app.schemas import PredictCall, PredictResponse
-from serve_app.store import ModelStore
+from serve_app.storage.registry import Registry
+from serve_app.storage.store import ModelStore
 
 ROW = [[0.1, -0.2, 0.3, 0.4]]
 SPLIT = {

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve_app.staging import HostToDevice
+from serve_app.loading.staging import HostToDevice
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,12 +34,12 @@ def test_a_reload_from_the_ram_tier_is_a_copy_to_the_device(tmp_path: Path) -> N
     """On a GPU replica, a model evicted from the device comes back from host RAM."""
     import fsspec
 
-    from serve_app.architectures import input_width
+    from devstack.demo_fleet import write_fraud_model
     from serve_app.config import HostConfig, StoreConfig
-    from serve_app.demo import write_fraud_model
-    from serve_app.loader import ModelLoader
-    from serve_app.publisher import publish_path
-    from serve_app.store import ModelStore
+    from serve_app.loading.architectures import input_width
+    from serve_app.loading.loader import ModelLoader
+    from serve_app.storage.publisher import publish_path
+    from serve_app.storage.store import ModelStore
 
     store = ModelStore(
         StoreConfig(url="s3://fleet/gpu-ram-tier"),

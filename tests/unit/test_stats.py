@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from serve_app.metrics import OTHER, ModelLabels
-from serve_app.stats import LatencySketch, StatsRecorder, summarise
+from serve_app.observability.metrics import OTHER, ModelLabels
+from serve_app.observability.stats import LatencySketch, StatsRecorder, summarise
 
 
 def exact_quantile(values: list[float], q: float) -> float:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load, save
 
 from serve_app.errors import ModelLoadFailed
-from serve_app.tensorfile import tensors_from_buffer
+from serve_app.loading.tensorfile import tensors_from_buffer
 
 
 def test_views_equal_safetensors_and_share_the_buffer() -> None:

@@ -1,0 +1,3 @@
+"""HTTP: the native routes, the Open Inference Protocol v2 routes and codec, the management routes,
+and a small client of a running fleet.
+"""

@@ -1,0 +1,211 @@
+"""Open Inference Protocol v2 routes (KServe / Triton HTTP) over the gateway.
+
+Routes (the `/versions/{v}` segment is optional wherever it appears):
+    GET  /v2                                        server metadata
+    GET  /v2/health/live, /v2/health/ready          server liveness / readiness
+    GET  /v2/models/{m}[/versions/{v}]              model metadata (tensors from the task)
+    GET  /v2/models/{m}[/versions/{v}]/ready        200 when published (loads on demand)
+    POST /v2/models/{m}[/versions/{v}]/infer        inference (JSON and binary tensors)
+    POST /v2/repository/index                       every version and whether it is resident
+    POST /v2/repository/models/{m}/load|unload      prewarm on one replica / unload everywhere
+The codec lives in `serve_app.api.v2_codec`; errors leave through the app's single
+mapping as `{"error": ..., "code": ...}`, which V2 clients read.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from serve_app import __version__
+from serve_app.api.management import ManagementGuard
+from serve_app.api.v2_codec import (
+    HEADER_LENGTH,
+    compress,
+    decompress,
+    encode_infer_response,
+    model_metadata,
+    parse_infer_request,
+    to_model_inputs,
+    to_output_tensors,
+)
+from serve_app.errors import (
+    BadRequest,
+    FleetError,
+    NotSupported,
+    PayloadTooLarge,
+    StorageUnavailable,
+)
+from serve_app.gateway.gateway import Gateway, new_id
+from serve_app.management.manager import ModelManager
+from serve_app.storage.manifest import Manifest
+
+SERVER_NAME = "fleetserve"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+REQUEST_ID_HEADER = "X-Request-Id"
+COMPRESS_OVER_BYTES = 1024
+
+
+def v2_router(
+    gateway: Gateway,
+    max_body_bytes: int,
+    manager: ModelManager | None,
+    guard: ManagementGuard,
+) -> APIRouter:
+    """The V2 routes (see module docstring)."""
+    router = APIRouter(tags=["open inference protocol v2"])
+    registry = gateway.registry
+
+    @router.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        """Server name, version and protocol extensions."""
+        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+    @router.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        """200 while the server runs."""
+        return {"live": True}
+
+    @router.get("/v2/health/ready")
+    async def ready() -> dict[str, bool]:
+        """200 once the model registry has been read (models load on demand), else 503."""
+        if registry.age_s is None:
+            raise StorageUnavailable(
+                "not ready: the model registry has not been read yet", retry_after_s=2.0
+            )
+        return {"ready": True}
+
+    @router.get("/v2/models/stats")
+    async def all_stats() -> None:
+        """Triton's statistics extension is not served (400); see GET /v1/stats."""
+        raise NotSupported("/v2/models/stats is not served; GET /v1/stats has per-model stats")
+
+    @router.get("/v2/models/{model}")
+    @router.get("/v2/models/{model}/versions/{version}")
+    async def metadata(model: str, version: str | None = None) -> dict[str, Any]:
+        """Inputs and outputs (name, datatype, shape; -1 = any) of a model version."""
+        manifest = registry.resolve(model, version)
+        return model_metadata(manifest, registry.versions(model))
+
+    @router.get("/v2/models/{model}/ready")
+    @router.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: str | None = None) -> dict[str, Any]:
+        """200 when the version is published: it is served, loading on first use."""
+        manifest = registry.resolve(model, version)
+        return {"name": manifest.model_id, "version": manifest.version, "ready": True}
+
+    @router.post("/v2/models/{model}/infer")
+    @router.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(model: str, request: Request, version: str | None = None) -> Response:
+        """Run the model on V2 tensors; JSON or binary tensor data both ways."""
+        started = time.perf_counter()
+        given_id = request.headers.get(REQUEST_ID_HEADER)
+        request_id = given_id or new_id()
+        manifest: Manifest | None = None
+        try:
+            raw = await read_limited_body(request, max_body_bytes)
+            raw = decompress(raw, request.headers.get("content-encoding"), max_body_bytes)
+            parsed = parse_infer_request(raw, request.headers.get(HEADER_LENGTH))
+            manifest = registry.resolve(model, version)
+            inputs = to_model_inputs(manifest, parsed)
+        except FleetError as exc:
+            gateway.observe(request_id, manifest, exc.status_code, started, None)
+            raise
+        result = await gateway.predict(model, inputs, manifest.version, request_id, started=started)
+        body, header_length = encode_infer_response(
+            manifest.model_id, result.version, parsed, to_output_tensors(manifest, result.outputs)
+        )
+        headers = {}
+        if header_length is not None:
+            headers[HEADER_LENGTH] = str(header_length)
+        if given_id is None:
+            headers[REQUEST_ID_HEADER] = request_id
+        if len(body) > COMPRESS_OVER_BYTES:
+            body, encoding = compress(body, request.headers.get("accept-encoding"))
+            if encoding is not None:
+                headers["Content-Encoding"] = encoding
+        media = "application/json" if header_length is None else "application/octet-stream"
+        return Response(body, media_type=media, headers=headers)
+
+    @router.get("/v2/models/{model}/config")
+    @router.get("/v2/models/{model}/versions/{version}/config")
+    @router.get("/v2/models/{model}/stats")
+    @router.get("/v2/models/{model}/versions/{version}/stats")
+    async def unsupported(request: Request) -> None:
+        """Triton's model config and statistics extensions are not served (400)."""
+        raise NotSupported(
+            f"{request.url.path} is a Triton extension fleetserve does not serve; "
+            "see GET /v2/models/{model} for metadata and GET /v1/stats for statistics"
+        )
+
+    @router.post("/v2/repository/index")
+    async def repository_index(request: Request) -> list[dict[str, Any]]:
+        """Every published version: READY (resident), LOADING or UNAVAILABLE."""
+        guard.check(request)
+        options = await _optional_json(request, max_body_bytes)
+        index = await _manager(manager).repository_index()
+        if options.get("ready"):
+            index = [entry for entry in index if entry["state"] == "READY"]
+        return index
+
+    @router.post("/v2/repository/models/{model}/load")
+    async def repository_load(model: str, request: Request) -> dict[str, Any]:
+        """Load the latest version on one replica (as `POST /v1/models/{m}/load`)."""
+        guard.check(request)
+        options = await _optional_json(request, max_body_bytes)
+        if (options.get("parameters") or {}).get("config") is not None:
+            raise NotSupported("loading with an override config is not supported")
+        await _manager(manager).load(model)
+        return {}
+
+    @router.post("/v2/repository/models/{model}/unload")
+    async def repository_unload(model: str, request: Request) -> dict[str, Any]:
+        """Unload every version from every replica (as `POST /v1/models/{m}/unload`)."""
+        guard.check(request)
+        await _optional_json(request, max_body_bytes)
+        await _manager(manager).unload(model)
+        return {}
+
+    return router
+
+
+def _manager(manager: ModelManager | None) -> ModelManager:
+    if manager is None:
+        raise NotSupported("this server has no model management")
+    return manager
+
+
+async def read_limited_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it (or its Content-Length) passes
+    `max_bytes`; shared by the V2 routes and the native predict routes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"request body over the {max_bytes}-byte limit")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw.extend(chunk)
+        if len(raw) > max_bytes:
+            raise PayloadTooLarge(f"request body over the {max_bytes}-byte limit")
+    return bytes(raw)
+
+
+async def _optional_json(request: Request, max_bytes: int) -> dict[str, Any]:
+    """A JSON object body, where an empty body (tritonclient sends one) means `{}`."""
+    raw = decompress(
+        await read_limited_body(request, max_bytes),
+        request.headers.get("content-encoding"),
+        max_bytes,
+    )
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body

@@ -1,0 +1,554 @@
+"""The Open Inference Protocol v2 (KServe / Triton HTTP) codec: tensors in, tensors out.
+
+Pure functions and small dataclasses, no HTTP framework and no Ray:
+
+- `decompress()`: gzip/deflate request bodies, bounded so a small body cannot expand
+  without limit;
+- `parse_infer_request()`: the JSON header plus the binary tensor data extension
+  (`Inference-Header-Content-Length`, per-input `binary_data_size`), JSON tensors flat or
+  nested, BYTES elements length-prefixed (4-byte little-endian), FP16 and BF16 as binary;
+- `encode_infer_response()`: JSON outputs or binary outputs (`binary_data_output`, per-output
+  `binary_data`), with the header length that tells the client where the binary part starts;
+- `signature()`: the input/output tensor metadata derived from a manifest's task;
+- `to_model_inputs()` / `to_output_tensors()`: the mapping between V2 tensors and the native
+  inputs and outputs of the three tasks.
+
+Protocol-level mistakes (unreadable JSON, sizes that do not add up, unknown datatypes) are
+`BadRequest` (400); well-formed tensors that do not fit the model (wrong name, datatype or
+shape) are `InvalidInput` (422), as on the native API.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serve_app.errors import BadRequest, InvalidInput, PayloadTooLarge
+from serve_app.loading.architectures import input_width
+from serve_app.storage.manifest import Manifest
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# NOTE: BF16 has no numpy dtype; it is carried as the upper half of a float32 (see _bf16_*).
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BF16": np.dtype("<f4"),
+    "BYTES": np.dtype(object),
+}
+FLOAT_TYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
+MAX_DIMS = 8
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One named tensor. BYTES data is an object array of `bytes`; BF16 is held as float32."""
+
+    name: str
+    datatype: str
+    data: np.ndarray
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> list[int]:
+        """The tensor's shape."""
+        return [int(d) for d in self.data.shape]
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An entry of the request's `outputs`: a name and whether it should be binary."""
+
+    name: str
+    binary: bool | None = None
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A decoded inference request."""
+
+    inputs: list[Tensor]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[RequestedOutput] | None = None
+
+    @property
+    def binary_output(self) -> bool:
+        """The request-level `binary_data_output` parameter (tritonclient's default)."""
+        return bool(self.parameters.get("binary_data_output", False))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Metadata of one input or output tensor (-1 marks a variable dimension)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The `$metadata_tensor` JSON object."""
+        return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Inputs and outputs of a model, derived from its task."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+# ---------------------------------------------------------------------- bodies
+def decompress(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
+    """Undo `Content-Encoding: gzip|deflate`; at most `max_bytes` come out.
+
+    Raises:
+        BadRequest: unknown encoding or a corrupt stream (400).
+        PayloadTooLarge: the decompressed body would exceed `max_bytes` (413).
+    """
+    name = (encoding or "identity").strip().lower()
+    if name in ("", "identity"):
+        return body
+    if name == "gzip":
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    elif name == "deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise BadRequest(f"unsupported Content-Encoding {name!r}: use gzip or deflate")
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"the {name} request body is corrupt: {exc}") from exc
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed request body over the {max_bytes}-byte limit")
+    return out
+
+
+def compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
+    """Compress a response body with the first of gzip/deflate the client accepts."""
+    accepted = {p.split(";")[0].strip().lower() for p in (accept_encoding or "").split(",")}
+    if "gzip" in accepted:
+        return gzip.compress(body, compresslevel=1), "gzip"
+    if "deflate" in accepted:
+        return zlib.compress(body, 1), "deflate"
+    return body, None
+
+
+def parse_infer_request(body: bytes, header_length: str | int | None) -> InferRequest:
+    """Decode an inference request: a JSON header, then the binary tensor data, if any.
+
+    Args:
+        body: the (decompressed) request body.
+        header_length: the `Inference-Header-Content-Length` header, or None when the whole
+            body is JSON.
+
+    Raises:
+        BadRequest: malformed JSON, sizes or tensors (400).
+    """
+    split = _header_length(header_length, len(body))
+    raw_header = body if split is None else body[:split]
+    try:
+        header = json.loads(raw_header) if raw_header.strip() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the inference request header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise BadRequest("the inference request must be a JSON object with 'inputs'")
+    specs = header.get("inputs")
+    if not isinstance(specs, list) or not specs:
+        raise BadRequest("the inference request needs a non-empty 'inputs' list")
+    binary = memoryview(body)[split:] if split is not None else memoryview(b"")
+    offset = 0
+    inputs = []
+    for spec in specs:
+        tensor, used = decode_tensor(spec, binary[offset:])
+        offset += used
+        inputs.append(tensor)
+    if offset != len(binary):
+        raise BadRequest(
+            f"{len(binary) - offset} bytes of binary data after the last input's binary_data_size"
+        )
+    names = [t.name for t in inputs]
+    if len(set(names)) != len(names):
+        raise BadRequest(f"input names repeat: {names}")
+    return InferRequest(
+        inputs=inputs,
+        id=_optional_str(header.get("id"), "id"),
+        parameters=_parameters(header.get("parameters"), "request"),
+        outputs=_requested_outputs(header.get("outputs")),
+    )
+
+
+def _header_length(value: str | int | None, body_length: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError as exc:
+        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {value!r}") from exc
+    if length <= 0:
+        # NOTE: 0 is Triton's "raw binary request" (one input, no JSON); tritonclient never
+        # sends it.
+        raise BadRequest(f"{HEADER_LENGTH} must be positive (raw binary requests are not served)")
+    if length > body_length:
+        raise BadRequest(f"{HEADER_LENGTH} {length} is longer than the body ({body_length} bytes)")
+    return length
+
+
+def decode_tensor(spec: Any, binary: memoryview) -> tuple[Tensor, int]:
+    """Decode one input tensor; return it and the binary bytes it consumed."""
+    if not isinstance(spec, dict):
+        raise BadRequest("each input must be a JSON object with name, datatype, shape")
+    name = spec.get("name")
+    datatype = spec.get("datatype")
+    shape = spec.get("shape")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("an input has no 'name'")
+    if datatype not in DATATYPES:
+        raise BadRequest(
+            f"input {name!r}: unknown datatype {datatype!r}; known: {', '.join(DATATYPES)}"
+        )
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
+    parameters = _parameters(spec.get("parameters"), f"input {name!r}")
+    count = math.prod(shape)
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if "data" in spec:
+            raise BadRequest(f"input {name!r} has both 'data' and binary_data_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative integer")
+        if size > len(binary):
+            raise BadRequest(
+                f"input {name!r}: binary_data_size {size} but only {len(binary)} bytes remain"
+            )
+        data = _from_binary(name, datatype, bytes(binary[:size]), count)
+        used = size
+    else:
+        if "data" not in spec:
+            raise BadRequest(f"input {name!r} has neither 'data' nor binary_data_size")
+        if datatype in ("BF16", "FP16"):
+            raise BadRequest(f"input {name!r}: send {datatype} tensors as binary data")
+        data = _from_json(name, datatype, spec["data"], count)
+        used = 0
+    return Tensor(name, datatype, data.reshape(shape), parameters), used
+
+
+def _from_binary(name: str, datatype: str, raw: bytes, count: int) -> np.ndarray:
+    if datatype == "BYTES":
+        items = _unpack_bytes(name, raw)
+        if len(items) != count:
+            raise BadRequest(f"input {name!r}: {len(items)} BYTES elements for {count} in shape")
+        return _object_array(items)
+    itemsize = 2 if datatype == "BF16" else DATATYPES[datatype].itemsize
+    if len(raw) != count * itemsize:
+        raise BadRequest(
+            f"input {name!r}: {len(raw)} bytes of {datatype} data, shape needs {count * itemsize}"
+        )
+    if datatype == "BF16":
+        return _bf16_to_float32(raw)
+    return np.frombuffer(raw, dtype=DATATYPES[datatype]).copy()
+
+
+def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
+    flat = _flatten(data)
+    if len(flat) != count:
+        raise BadRequest(f"input {name!r}: {len(flat)} elements of data for {count} in shape")
+    if datatype == "BYTES":
+        if not all(isinstance(v, str | bytes) for v in flat):
+            raise BadRequest(f"input {name!r}: BYTES data must be strings")
+        return _object_array([v.encode() if isinstance(v, str) else v for v in flat])
+    if datatype == "BOOL":
+        if not all(isinstance(v, bool) for v in flat):
+            raise BadRequest(f"input {name!r}: BOOL data must be true/false")
+    elif not all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat):
+        raise BadRequest(f"input {name!r}: {datatype} data must be numbers")
+    try:
+        return np.array(flat, dtype=DATATYPES[datatype])
+    except OverflowError as exc:
+        raise BadRequest(f"input {name!r}: a value does not fit {datatype}") from exc
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    stack: list[Any] = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def _unpack_bytes(name: str, raw: bytes) -> list[bytes]:
+    items = []
+    offset = 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise BadRequest(f"input {name!r}: truncated BYTES length prefix")
+        (length,) = np.frombuffer(raw, dtype="<u4", count=1, offset=offset)
+        offset += 4
+        if offset + int(length) > len(raw):
+            raise BadRequest(f"input {name!r}: a BYTES element runs past the end of its data")
+        items.append(raw[offset : offset + int(length)])
+        offset += int(length)
+    return items
+
+
+def _pack_bytes(items: np.ndarray) -> bytes:
+    parts = []
+    for item in items.ravel():
+        value = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(len(value).to_bytes(4, "little"))
+        parts.append(value)
+    return b"".join(parts)
+
+
+def _object_array(items: list[Any]) -> np.ndarray:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
+def _bf16_to_float32(raw: bytes) -> np.ndarray:
+    halves = np.frombuffer(raw, dtype="<u2").astype("<u4")
+    return (halves << 16).view("<f4")
+
+
+def _float32_to_bf16(values: np.ndarray) -> bytes:
+    # NOTE: truncation, as tritonclient's and Triton's own BF16 conversions do.
+    bits = np.ascontiguousarray(values, dtype="<f4").view("<u4")
+    return (bits >> 16).astype("<u2").tobytes()
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} parameters must be a JSON object")
+    return value
+
+
+def _optional_str(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{what} must be a string")
+    return value
+
+
+def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise BadRequest("'outputs' must be a list of {name, parameters}")
+    out = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequest("each requested output needs a 'name'")
+        parameters = _parameters(item.get("parameters"), f"output {item['name']!r}")
+        binary = parameters.get("binary_data")
+        out.append(RequestedOutput(item["name"], None if binary is None else bool(binary)))
+    return out
+
+
+# ---------------------------------------------------------------------- responses
+def encode_tensor(tensor: Tensor, binary: bool) -> tuple[dict[str, Any], bytes]:
+    """The JSON description of an output tensor and its binary data (empty for JSON)."""
+    described: dict[str, Any] = {
+        "name": tensor.name,
+        "datatype": tensor.datatype,
+        "shape": tensor.shape,
+    }
+    if binary:
+        if tensor.datatype == "BYTES":
+            raw = _pack_bytes(tensor.data)
+        elif tensor.datatype == "BF16":
+            raw = _float32_to_bf16(tensor.data)
+        else:
+            raw = np.ascontiguousarray(tensor.data, dtype=DATATYPES[tensor.datatype]).tobytes()
+        described["parameters"] = {"binary_data_size": len(raw)}
+        return described, raw
+    if tensor.datatype in ("FP16", "BF16"):
+        raise BadRequest(f"output {tensor.name!r} is {tensor.datatype}: ask for it as binary data")
+    if tensor.datatype == "BYTES":
+        described["data"] = [_text(v) for v in tensor.data.ravel()]
+    else:
+        described["data"] = tensor.data.ravel().tolist()
+    return described, b""
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    request: InferRequest,
+    outputs: list[Tensor],
+) -> tuple[bytes, int | None]:
+    """Encode the response; returns the body and the JSON header length (None: all JSON).
+
+    Outputs are filtered and made binary as the request asks: per output `binary_data`,
+    else the request's `binary_data_output`.
+
+    Raises:
+        InvalidInput: a requested output the model does not produce (422).
+    """
+    by_name = {t.name: t for t in outputs}
+    if request.outputs is None:
+        chosen = [(t, request.binary_output) for t in outputs]
+    else:
+        chosen = []
+        for wanted in request.outputs:
+            if wanted.name not in by_name:
+                raise InvalidInput(
+                    f"{model_name} has no output {wanted.name!r}; outputs: {', '.join(by_name)}"
+                )
+            binary = request.binary_output if wanted.binary is None else wanted.binary
+            chosen.append((by_name[wanted.name], binary))
+    header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request.id is not None:
+        header["id"] = request.id
+    described, blobs = [], []
+    for tensor, binary in chosen:
+        entry, raw = encode_tensor(tensor, binary)
+        described.append(entry)
+        if binary:
+            blobs.append(raw)
+    header["outputs"] = described
+    head = json.dumps(header, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)
+
+
+# ---------------------------------------------------------------------- tasks
+def signature(manifest: Manifest) -> Signature:
+    """The V2 tensor metadata of a model version, derived from its task."""
+    if manifest.task == "tabular-classification":
+        width = input_width(manifest.architecture) or -1
+        return Signature(
+            inputs=[TensorSpec("input", "FP32", [-1, width])],
+            outputs=[TensorSpec("score", "FP32", [-1])],
+        )
+    text = [TensorSpec("text", "BYTES", [-1])]
+    if manifest.task == "text-classification":
+        labels = len(manifest.labels) if manifest.labels else -1
+        return Signature(
+            inputs=text,
+            outputs=[
+                TensorSpec("label", "BYTES", [-1]),
+                TensorSpec("score", "FP32", [-1]),
+                TensorSpec("scores", "FP32", [-1, labels]),
+            ],
+        )
+    return Signature(inputs=text, outputs=[TensorSpec("embedding", "FP32", [-1, -1])])
+
+
+def model_metadata(manifest: Manifest, versions: list[str]) -> dict[str, Any]:
+    """The model metadata response (`GET /v2/models/{m}[/versions/{v}]`)."""
+    sig = signature(manifest)
+    return {
+        "name": manifest.model_id,
+        "versions": versions,
+        "platform": manifest.format,
+        "inputs": [s.as_dict() for s in sig.inputs],
+        "outputs": [s.as_dict() for s in sig.outputs],
+        "parameters": {"task": manifest.task},
+    }
+
+
+def to_model_inputs(manifest: Manifest, request: InferRequest) -> list[Any]:
+    """The native inputs (rows of numbers or texts) for a request's tensors.
+
+    Raises:
+        InvalidInput: wrong input name, datatype or shape for this model (422).
+    """
+    sig = signature(manifest)
+    (spec,) = sig.inputs
+    known = [o.name for o in sig.outputs]
+    for wanted in request.outputs or []:
+        if wanted.name not in known:
+            raise InvalidInput(
+                f"{manifest.model_id} has no output {wanted.name!r}; outputs: {', '.join(known)}"
+            )
+    if len(request.inputs) != 1 or request.inputs[0].name != spec.name:
+        names = ", ".join(repr(t.name) for t in request.inputs)
+        raise InvalidInput(f"{manifest.model_id} takes one input {spec.name!r}; got {names}")
+    tensor = request.inputs[0]
+    if spec.datatype == "BYTES":
+        if tensor.datatype != "BYTES":
+            raise InvalidInput(
+                f"input {spec.name!r} of {manifest.model_id} is BYTES (UTF-8 text), "
+                f"got {tensor.datatype}"
+            )
+        if tensor.data.ndim not in (1, 2) or (tensor.data.ndim == 2 and tensor.shape[1] != 1):
+            raise InvalidInput(
+                f"input {spec.name!r} of {manifest.model_id} has shape [-1] (or [-1, 1]), "
+                f"got {tensor.shape}"
+            )
+        try:
+            return [bytes(v).decode("utf-8") for v in tensor.data.ravel()]
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"input {spec.name!r}: an element is not UTF-8 text") from exc
+    if tensor.datatype not in FLOAT_TYPES:
+        raise InvalidInput(
+            f"input {spec.name!r} of {manifest.model_id} is FP32 (FP16, BF16, FP64 also "
+            f"accepted), got {tensor.datatype}"
+        )
+    width = spec.shape[1]
+    if tensor.data.ndim != 2 or (width != -1 and tensor.shape[1] != width):
+        raise InvalidInput(
+            f"input {spec.name!r} of {manifest.model_id} has shape [-1, {width}], "
+            f"got {tensor.shape}"
+        )
+    values = tensor.data.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise InvalidInput(f"input {spec.name!r}: values must be finite numbers")
+    return values.tolist()
+
+
+def to_output_tensors(manifest: Manifest, outputs: list[Any]) -> list[Tensor]:
+    """The V2 output tensors for a model's native outputs."""
+    if manifest.task == "tabular-classification":
+        return [Tensor("score", "FP32", np.asarray(outputs, dtype=np.float32))]
+    if manifest.task == "text-classification":
+        labels = manifest.labels or list(outputs[0]["scores"]) if outputs else []
+        scores = np.asarray(
+            [[o["scores"].get(label, 0.0) for label in labels] for o in outputs], dtype=np.float32
+        ).reshape(len(outputs), len(labels))
+        return [
+            Tensor("label", "BYTES", _object_array([o["label"].encode() for o in outputs])),
+            Tensor("score", "FP32", np.asarray([o["score"] for o in outputs], dtype=np.float32)),
+            Tensor("scores", "FP32", scores),
+        ]
+    return [Tensor("embedding", "FP32", np.asarray(outputs, dtype=np.float32))]

@@ -1,0 +1,1 @@
+"""The byte-budgeted model cache of one replica and its eviction policies."""

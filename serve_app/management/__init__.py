@@ -1,0 +1,1 @@
+"""Model management across replicas: load, unload, pin, unpin, and the pin store."""

@@ -1,0 +1,1 @@
+"""Metrics, per-model request statistics and structured logs."""

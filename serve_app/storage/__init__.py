@@ -1,0 +1,1 @@
+"""The model store in S3: listing, ranged reads, manifests, the registry, publishing."""
