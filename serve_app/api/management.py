@@ -7,7 +7,7 @@ Routes:
     POST   /v1/models/{model_id}/unload     unpin + evict everywhere (?version=)
     PUT    /v1/models/{model_id}/pin        pin on every replica, kept across restarts
     DELETE /v1/models/{model_id}/pin        release the pin (?version=)
-`GET /v1/models/{model_id}` adds residency when the guard allows it (see serve_app/api/app.py).
+`GET /v1/models/{model_id}` adds residency when the guard allows it (serve_app/api/native.py).
 
 `ingress.management.enabled: false` turns them all off (403 `management_disabled`); an
 admin key (`ingress.management.admin_key` or FLEET_ADMIN_KEY) makes them require

@@ -8,13 +8,14 @@ Routes (the `/versions/{v}` segment is optional wherever it appears):
     POST /v2/models/{m}[/versions/{v}]/infer        inference (JSON and binary tensors)
     POST /v2/repository/index                       every version and whether it is resident
     POST /v2/repository/models/{m}/load|unload      prewarm on one replica / unload everywhere
-The codec lives in `serve_app.api.v2_codec`; errors leave through the app's single
-mapping as `{"error": ..., "code": ...}`, which V2 clients read.
+`v2_router()` puts together one small function per group of routes. The wire codec is
+`serve_app.api.v2_codec`, the tensors of each task `serve_app.api.v2_tasks`, bodies (size
+limit, gzip/deflate) `serve_app.api.body`; errors leave through the app's single mapping
+as `{"error": ..., "code": ...}`, which V2 clients read.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -22,27 +23,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serve_app import __version__
+from serve_app.api.body import BodyReader, compress
 from serve_app.api.management import ManagementGuard
 from serve_app.api.v2_codec import (
     HEADER_LENGTH,
-    compress,
-    decompress,
+    InferRequest,
     encode_infer_response,
-    model_metadata,
     parse_infer_request,
-    to_model_inputs,
-    to_output_tensors,
 )
-from serve_app.errors import (
-    BadRequest,
-    FleetError,
-    NotSupported,
-    PayloadTooLarge,
-    StorageUnavailable,
-)
+from serve_app.api.v2_tasks import model_metadata, to_model_inputs, to_output_tensors
+from serve_app.errors import FleetError, NotSupported, StorageUnavailable
 from serve_app.gateway.gateway import Gateway, new_id
 from serve_app.management.manager import ModelManager
 from serve_app.storage.manifest import Manifest
+from serve_app.storage.registry import Registry
 
 SERVER_NAME = "fleetserve"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
@@ -52,13 +46,22 @@ COMPRESS_OVER_BYTES = 1024
 
 def v2_router(
     gateway: Gateway,
-    max_body_bytes: int,
+    body: BodyReader,
     manager: ModelManager | None,
     guard: ManagementGuard,
 ) -> APIRouter:
-    """The V2 routes (see module docstring)."""
+    """The V2 routes (see module docstring), reading bodies with `body`."""
     router = APIRouter(tags=["open inference protocol v2"])
-    registry = gateway.registry
+    _add_server_routes(router, gateway.registry)
+    _add_model_routes(router, gateway.registry)
+    _add_infer_route(router, gateway, body)
+    _add_unsupported_routes(router)
+    _add_repository_routes(router, body, manager, guard)
+    return router
+
+
+def _add_server_routes(router: APIRouter, registry: Registry) -> None:
+    """Server metadata and health."""
 
     @router.get("/v2")
     async def server_metadata() -> dict[str, Any]:
@@ -79,6 +82,10 @@ def v2_router(
             )
         return {"ready": True}
 
+
+def _add_model_routes(router: APIRouter, registry: Registry) -> None:
+    """Model metadata and readiness (and the server-wide statistics, refused)."""
+
     @router.get("/v2/models/stats")
     async def all_stats() -> None:
         """Triton's statistics extension is not served (400); see GET /v1/stats."""
@@ -98,6 +105,10 @@ def v2_router(
         manifest = registry.resolve(model, version)
         return {"name": manifest.model_id, "version": manifest.version, "ready": True}
 
+
+def _add_infer_route(router: APIRouter, gateway: Gateway, body: BodyReader) -> None:
+    """Inference: decode, predict through the gateway, encode."""
+
     @router.post("/v2/models/{model}/infer")
     @router.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(model: str, request: Request, version: str | None = None) -> Response:
@@ -107,29 +118,47 @@ def v2_router(
         request_id = given_id or new_id()
         manifest: Manifest | None = None
         try:
-            raw = await read_limited_body(request, max_body_bytes)
-            raw = decompress(raw, request.headers.get("content-encoding"), max_body_bytes)
-            parsed = parse_infer_request(raw, request.headers.get(HEADER_LENGTH))
-            manifest = registry.resolve(model, version)
+            parsed = await _read_infer_request(request, body)
+            manifest = gateway.registry.resolve(model, version)
             inputs = to_model_inputs(manifest, parsed)
         except FleetError as exc:
             gateway.observe(request_id, manifest, exc.status_code, started, None)
             raise
         result = await gateway.predict(model, inputs, manifest.version, request_id, started=started)
-        body, header_length = encode_infer_response(
+        encoded, header_length = encode_infer_response(
             manifest.model_id, result.version, parsed, to_output_tensors(manifest, result.outputs)
         )
-        headers = {}
-        if header_length is not None:
-            headers[HEADER_LENGTH] = str(header_length)
-        if given_id is None:
-            headers[REQUEST_ID_HEADER] = request_id
-        if len(body) > COMPRESS_OVER_BYTES:
-            body, encoding = compress(body, request.headers.get("accept-encoding"))
-            if encoding is not None:
-                headers["Content-Encoding"] = encoding
-        media = "application/json" if header_length is None else "application/octet-stream"
-        return Response(body, media_type=media, headers=headers)
+        return _infer_response(
+            request, encoded, header_length, None if given_id is not None else request_id
+        )
+
+
+async def _read_infer_request(request: Request, body: BodyReader) -> InferRequest:
+    """The decoded inference request (size limit and Content-Encoding applied)."""
+    raw = await body.decoded(request)
+    return parse_infer_request(raw, request.headers.get(HEADER_LENGTH))
+
+
+def _infer_response(
+    request: Request, encoded: bytes, header_length: int | None, request_id: str | None
+) -> Response:
+    """The HTTP response for an encoded inference result: binary header length, request id
+    (only when no proxy set one), compressed when large and the client accepts it."""
+    headers = {}
+    if header_length is not None:
+        headers[HEADER_LENGTH] = str(header_length)
+    if request_id is not None:
+        headers[REQUEST_ID_HEADER] = request_id
+    if len(encoded) > COMPRESS_OVER_BYTES:
+        encoded, encoding = compress(encoded, request.headers.get("accept-encoding"))
+        if encoding is not None:
+            headers["Content-Encoding"] = encoding
+    media = "application/json" if header_length is None else "application/octet-stream"
+    return Response(encoded, media_type=media, headers=headers)
+
+
+def _add_unsupported_routes(router: APIRouter) -> None:
+    """Triton extensions that are not served (400 `not_supported`)."""
 
     @router.get("/v2/models/{model}/config")
     @router.get("/v2/models/{model}/versions/{version}/config")
@@ -142,11 +171,17 @@ def v2_router(
             "see GET /v2/models/{model} for metadata and GET /v1/stats for statistics"
         )
 
+
+def _add_repository_routes(
+    router: APIRouter, body: BodyReader, manager: ModelManager | None, guard: ManagementGuard
+) -> None:
+    """The model repository extension, over the model manager and its guard."""
+
     @router.post("/v2/repository/index")
     async def repository_index(request: Request) -> list[dict[str, Any]]:
         """Every published version: READY (resident), LOADING or UNAVAILABLE."""
         guard.check(request)
-        options = await _optional_json(request, max_body_bytes)
+        options = await body.optional_object(request)
         index = await _manager(manager).repository_index()
         if options.get("ready"):
             index = [entry for entry in index if entry["state"] == "READY"]
@@ -156,7 +191,7 @@ def v2_router(
     async def repository_load(model: str, request: Request) -> dict[str, Any]:
         """Load the latest version on one replica (as `POST /v1/models/{m}/load`)."""
         guard.check(request)
-        options = await _optional_json(request, max_body_bytes)
+        options = await body.optional_object(request)
         if (options.get("parameters") or {}).get("config") is not None:
             raise NotSupported("loading with an override config is not supported")
         await _manager(manager).load(model)
@@ -166,46 +201,12 @@ def v2_router(
     async def repository_unload(model: str, request: Request) -> dict[str, Any]:
         """Unload every version from every replica (as `POST /v1/models/{m}/unload`)."""
         guard.check(request)
-        await _optional_json(request, max_body_bytes)
+        await body.optional_object(request)
         await _manager(manager).unload(model)
         return {}
-
-    return router
 
 
 def _manager(manager: ModelManager | None) -> ModelManager:
     if manager is None:
         raise NotSupported("this server has no model management")
     return manager
-
-
-async def read_limited_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it (or its Content-Length) passes
-    `max_bytes`; shared by the V2 routes and the native predict routes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"request body over the {max_bytes}-byte limit")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw.extend(chunk)
-        if len(raw) > max_bytes:
-            raise PayloadTooLarge(f"request body over the {max_bytes}-byte limit")
-    return bytes(raw)
-
-
-async def _optional_json(request: Request, max_bytes: int) -> dict[str, Any]:
-    """A JSON object body, where an empty body (tritonclient sends one) means `{}`."""
-    raw = decompress(
-        await read_limited_body(request, max_bytes),
-        request.headers.get("content-encoding"),
-        max_bytes,
-    )
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    return body

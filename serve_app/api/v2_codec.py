@@ -1,37 +1,30 @@
-"""The Open Inference Protocol v2 (KServe / Triton HTTP) codec: tensors in, tensors out.
+"""The Open Inference Protocol v2 (KServe / Triton HTTP) wire codec: tensors in, tensors out.
 
 Pure functions and small dataclasses, no HTTP framework and no Ray:
 
-- `decompress()`: gzip/deflate request bodies, bounded so a small body cannot expand
-  without limit;
 - `parse_infer_request()`: the JSON header plus the binary tensor data extension
   (`Inference-Header-Content-Length`, per-input `binary_data_size`), JSON tensors flat or
   nested, BYTES elements length-prefixed (4-byte little-endian), FP16 and BF16 as binary;
 - `encode_infer_response()`: JSON outputs or binary outputs (`binary_data_output`, per-output
-  `binary_data`), with the header length that tells the client where the binary part starts;
-- `signature()`: the input/output tensor metadata derived from a manifest's task;
-- `to_model_inputs()` / `to_output_tensors()`: the mapping between V2 tensors and the native
-  inputs and outputs of the three tasks.
+  `binary_data`), with the header length that tells the client where the binary part starts.
 
-Protocol-level mistakes (unreadable JSON, sizes that do not add up, unknown datatypes) are
-`BadRequest` (400); well-formed tensors that do not fit the model (wrong name, datatype or
-shape) are `InvalidInput` (422), as on the native API.
+What the tensors mean to a model (its signature, the mapping to native inputs and outputs)
+is `serve_app.api.v2_tasks`; gzip/deflate bodies are undone before this codec sees them
+(`serve_app.api.body`). Protocol-level mistakes (unreadable JSON, sizes that do not add
+up, unknown datatypes) are `BadRequest` (400); a requested output the model does not
+produce is `InvalidInput` (422).
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from serve_app.errors import BadRequest, InvalidInput, PayloadTooLarge
-from serve_app.loading.architectures import input_width
-from serve_app.storage.manifest import Manifest
+from serve_app.errors import BadRequest, InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -52,7 +45,6 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "BF16": np.dtype("<f4"),
     "BYTES": np.dtype(object),
 }
-FLOAT_TYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
 MAX_DIMS = 8
 
 
@@ -94,63 +86,7 @@ class InferRequest:
         return bool(self.parameters.get("binary_data_output", False))
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """Metadata of one input or output tensor (-1 marks a variable dimension)."""
-
-    name: str
-    datatype: str
-    shape: list[int]
-
-    def as_dict(self) -> dict[str, Any]:
-        """The `$metadata_tensor` JSON object."""
-        return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
-
-
-@dataclass(frozen=True)
-class Signature:
-    """Inputs and outputs of a model, derived from its task."""
-
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-
-
-# ---------------------------------------------------------------------- bodies
-def decompress(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
-    """Undo `Content-Encoding: gzip|deflate`; at most `max_bytes` come out.
-
-    Raises:
-        BadRequest: unknown encoding or a corrupt stream (400).
-        PayloadTooLarge: the decompressed body would exceed `max_bytes` (413).
-    """
-    name = (encoding or "identity").strip().lower()
-    if name in ("", "identity"):
-        return body
-    if name == "gzip":
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    elif name == "deflate":
-        inflater = zlib.decompressobj()
-    else:
-        raise BadRequest(f"unsupported Content-Encoding {name!r}: use gzip or deflate")
-    try:
-        out = inflater.decompress(body, max_bytes + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"the {name} request body is corrupt: {exc}") from exc
-    if len(out) > max_bytes or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body over the {max_bytes}-byte limit")
-    return out
-
-
-def compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
-    """Compress a response body with the first of gzip/deflate the client accepts."""
-    accepted = {p.split(";")[0].strip().lower() for p in (accept_encoding or "").split(",")}
-    if "gzip" in accepted:
-        return gzip.compress(body, compresslevel=1), "gzip"
-    if "deflate" in accepted:
-        return zlib.compress(body, 1), "deflate"
-    return body, None
-
-
+# ---------------------------------------------------------------------- requests
 def parse_infer_request(body: bytes, header_length: str | int | None) -> InferRequest:
     """Decode an inference request: a JSON header, then the binary tensor data, if any.
 
@@ -259,7 +195,7 @@ def _from_binary(name: str, datatype: str, raw: bytes, count: int) -> np.ndarray
         items = _unpack_bytes(name, raw)
         if len(items) != count:
             raise BadRequest(f"input {name!r}: {len(items)} BYTES elements for {count} in shape")
-        return _object_array(items)
+        return object_array(items)
     itemsize = 2 if datatype == "BF16" else DATATYPES[datatype].itemsize
     if len(raw) != count * itemsize:
         raise BadRequest(
@@ -277,7 +213,7 @@ def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
     if datatype == "BYTES":
         if not all(isinstance(v, str | bytes) for v in flat):
             raise BadRequest(f"input {name!r}: BYTES data must be strings")
-        return _object_array([v.encode() if isinstance(v, str) else v for v in flat])
+        return object_array([v.encode() if isinstance(v, str) else v for v in flat])
     if datatype == "BOOL":
         if not all(isinstance(v, bool) for v in flat):
             raise BadRequest(f"input {name!r}: BOOL data must be true/false")
@@ -329,7 +265,8 @@ def _pack_bytes(items: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _object_array(items: list[Any]) -> np.ndarray:
+def object_array(items: list[Any]) -> np.ndarray:
+    """A 1-D object array of `items` (numpy would otherwise nest sequences)."""
     array = np.empty(len(items), dtype=object)
     array[:] = items
     return array
@@ -449,106 +386,3 @@ def encode_infer_response(
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)
-
-
-# ---------------------------------------------------------------------- tasks
-def signature(manifest: Manifest) -> Signature:
-    """The V2 tensor metadata of a model version, derived from its task."""
-    if manifest.task == "tabular-classification":
-        width = input_width(manifest.architecture) or -1
-        return Signature(
-            inputs=[TensorSpec("input", "FP32", [-1, width])],
-            outputs=[TensorSpec("score", "FP32", [-1])],
-        )
-    text = [TensorSpec("text", "BYTES", [-1])]
-    if manifest.task == "text-classification":
-        labels = len(manifest.labels) if manifest.labels else -1
-        return Signature(
-            inputs=text,
-            outputs=[
-                TensorSpec("label", "BYTES", [-1]),
-                TensorSpec("score", "FP32", [-1]),
-                TensorSpec("scores", "FP32", [-1, labels]),
-            ],
-        )
-    return Signature(inputs=text, outputs=[TensorSpec("embedding", "FP32", [-1, -1])])
-
-
-def model_metadata(manifest: Manifest, versions: list[str]) -> dict[str, Any]:
-    """The model metadata response (`GET /v2/models/{m}[/versions/{v}]`)."""
-    sig = signature(manifest)
-    return {
-        "name": manifest.model_id,
-        "versions": versions,
-        "platform": manifest.format,
-        "inputs": [s.as_dict() for s in sig.inputs],
-        "outputs": [s.as_dict() for s in sig.outputs],
-        "parameters": {"task": manifest.task},
-    }
-
-
-def to_model_inputs(manifest: Manifest, request: InferRequest) -> list[Any]:
-    """The native inputs (rows of numbers or texts) for a request's tensors.
-
-    Raises:
-        InvalidInput: wrong input name, datatype or shape for this model (422).
-    """
-    sig = signature(manifest)
-    (spec,) = sig.inputs
-    known = [o.name for o in sig.outputs]
-    for wanted in request.outputs or []:
-        if wanted.name not in known:
-            raise InvalidInput(
-                f"{manifest.model_id} has no output {wanted.name!r}; outputs: {', '.join(known)}"
-            )
-    if len(request.inputs) != 1 or request.inputs[0].name != spec.name:
-        names = ", ".join(repr(t.name) for t in request.inputs)
-        raise InvalidInput(f"{manifest.model_id} takes one input {spec.name!r}; got {names}")
-    tensor = request.inputs[0]
-    if spec.datatype == "BYTES":
-        if tensor.datatype != "BYTES":
-            raise InvalidInput(
-                f"input {spec.name!r} of {manifest.model_id} is BYTES (UTF-8 text), "
-                f"got {tensor.datatype}"
-            )
-        if tensor.data.ndim not in (1, 2) or (tensor.data.ndim == 2 and tensor.shape[1] != 1):
-            raise InvalidInput(
-                f"input {spec.name!r} of {manifest.model_id} has shape [-1] (or [-1, 1]), "
-                f"got {tensor.shape}"
-            )
-        try:
-            return [bytes(v).decode("utf-8") for v in tensor.data.ravel()]
-        except UnicodeDecodeError as exc:
-            raise InvalidInput(f"input {spec.name!r}: an element is not UTF-8 text") from exc
-    if tensor.datatype not in FLOAT_TYPES:
-        raise InvalidInput(
-            f"input {spec.name!r} of {manifest.model_id} is FP32 (FP16, BF16, FP64 also "
-            f"accepted), got {tensor.datatype}"
-        )
-    width = spec.shape[1]
-    if tensor.data.ndim != 2 or (width != -1 and tensor.shape[1] != width):
-        raise InvalidInput(
-            f"input {spec.name!r} of {manifest.model_id} has shape [-1, {width}], "
-            f"got {tensor.shape}"
-        )
-    values = tensor.data.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise InvalidInput(f"input {spec.name!r}: values must be finite numbers")
-    return values.tolist()
-
-
-def to_output_tensors(manifest: Manifest, outputs: list[Any]) -> list[Tensor]:
-    """The V2 output tensors for a model's native outputs."""
-    if manifest.task == "tabular-classification":
-        return [Tensor("score", "FP32", np.asarray(outputs, dtype=np.float32))]
-    if manifest.task == "text-classification":
-        labels = manifest.labels or list(outputs[0]["scores"]) if outputs else []
-        scores = np.asarray(
-            [[o["scores"].get(label, 0.0) for label in labels] for o in outputs], dtype=np.float32
-        ).reshape(len(outputs), len(labels))
-        return [
-            Tensor("label", "BYTES", _object_array([o["label"].encode() for o in outputs])),
-            Tensor("score", "FP32", np.asarray([o["score"] for o in outputs], dtype=np.float32)),
-            Tensor("scores", "FP32", scores),
-        ]
-    return [Tensor("embedding", "FP32", np.asarray(outputs, dtype=np.float32))]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from serve_app.api.app import MODEL_ID_HEADER
+from serve_app.api.native import MODEL_ID_HEADER
 from serve_app.loading.architectures import build_mlp
 from serve_app.storage.store import CLAIM_NAME, ModelStore
 from tests.unit.conftest import SMALL

@@ -14,18 +14,15 @@ import numpy as np
 import pytest
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
+from serve_app.api.body import compress, decompress
 from serve_app.api.v2_codec import (
     InferRequest,
     RequestedOutput,
     Tensor,
-    compress,
-    decompress,
     encode_infer_response,
-    model_metadata,
     parse_infer_request,
-    to_model_inputs,
-    to_output_tensors,
 )
+from serve_app.api.v2_tasks import model_metadata, to_model_inputs, to_output_tensors
 from serve_app.errors import BadRequest, InvalidInput, PayloadTooLarge
 from serve_app.storage.manifest import Manifest
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.api.app import ARM_HEADER, create_app
+from serve_app.api.app import create_app
+from serve_app.api.native import ARM_HEADER
 from serve_app.config import HostConfig, IngressConfig, PoolConfig, RoutingConfig
 from serve_app.errors import PinRefused
 from serve_app.gateway.gateway import Gateway

@@ -1,0 +1,147 @@
+"""Request bodies for every route: the size limit, `Content-Encoding`, and JSON parsing.
+
+`BodyReader` is the one place the HTTP layer reads a request body. `create_app` builds one
+with `ingress.max_body_bytes` and hands it to every router, so the limit is enforced the
+same way everywhere:
+
+- `raw()`: the bytes as sent, refused with 413 as soon as they (or the declared
+  `Content-Length`) pass the limit, before the whole body is buffered;
+- `decoded()`: `raw()` with gzip/deflate undone, the limit applied again after
+  decompression so a small body cannot expand without bound (the V2 routes);
+- `model()`: a JSON body validated into a pydantic model, 400 `malformed_body` otherwise
+  (the native predict routes, which take no `Content-Encoding`);
+- `optional_object()`: a JSON object where an empty body means `{}` (V2 repository calls).
+
+`compress()` is the response-side counterpart of `decompress()` (the V2 routes use it).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from serve_app.errors import BadRequest, MalformedBody, PayloadTooLarge
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class BodyReader:
+    """Reads request bodies under one size limit (`max_bytes`, after decompression too)."""
+
+    max_bytes: int
+
+    async def raw(self, request: Request) -> bytes:
+        """The body as sent.
+
+        Raises:
+            PayloadTooLarge: the body, or its declared Content-Length, passes the limit (413).
+        """
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            raise PayloadTooLarge(f"request body over the {self.max_bytes}-byte limit")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw.extend(chunk)
+            if len(raw) > self.max_bytes:
+                raise PayloadTooLarge(f"request body over the {self.max_bytes}-byte limit")
+        return bytes(raw)
+
+    async def decoded(self, request: Request) -> bytes:
+        """The body with its `Content-Encoding` (gzip, deflate) undone.
+
+        Raises:
+            PayloadTooLarge: over the limit before or after decompression (413).
+            BadRequest: an unknown encoding or a corrupt stream (400).
+        """
+        raw = await self.raw(request)
+        return decompress(raw, request.headers.get("content-encoding"), self.max_bytes)
+
+    async def model(self, request: Request, model: type[M]) -> M:
+        """The (unencoded) JSON body validated as `model`.
+
+        Raises:
+            PayloadTooLarge: over the limit (413).
+            MalformedBody: not JSON, or JSON that does not validate as `model` (400).
+        """
+        raw = await self.raw(request)
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MalformedBody(
+                f"body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}"
+            ) from exc
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise MalformedBody(describe_validation(exc.errors(include_input=False))) from exc
+
+    async def optional_object(self, request: Request) -> dict[str, Any]:
+        """A JSON object body (decoded), where an empty body (tritonclient sends one) is `{}`.
+
+        Raises:
+            PayloadTooLarge: over the limit (413).
+            BadRequest: not JSON, or JSON that is not an object (400).
+        """
+        raw = await self.decoded(request)
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return body
+
+
+def decompress(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
+    """Undo `Content-Encoding: gzip|deflate`; at most `max_bytes` come out.
+
+    Raises:
+        BadRequest: unknown encoding or a corrupt stream (400).
+        PayloadTooLarge: the decompressed body would exceed `max_bytes` (413).
+    """
+    name = (encoding or "identity").strip().lower()
+    if name in ("", "identity"):
+        return body
+    if name == "gzip":
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    elif name == "deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise BadRequest(f"unsupported Content-Encoding {name!r}: use gzip or deflate")
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"the {name} request body is corrupt: {exc}") from exc
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed request body over the {max_bytes}-byte limit")
+    return out
+
+
+def compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
+    """Compress a response body with the first of gzip/deflate the client accepts; returns
+    the body and its `Content-Encoding` (None: left as it was)."""
+    accepted = {p.split(";")[0].strip().lower() for p in (accept_encoding or "").split(",")}
+    if "gzip" in accepted:
+        return gzip.compress(body, compresslevel=1), "gzip"
+    if "deflate" in accepted:
+        return zlib.compress(body, 1), "deflate"
+    return body, None
+
+
+def describe_validation(errors: Iterable[Any]) -> str:
+    """A one-line message for pydantic/FastAPI validation errors (the first five)."""
+    parts = []
+    for err in list(errors)[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)

@@ -1,0 +1,205 @@
+"""The native HTTP routes (a FastAPI router) over a `Gateway`.
+
+Routes:
+    POST /v1/models/{model_id}/predict                  predict with the latest version
+    POST /v1/models/{model_id}/versions/{version}/predict
+    POST /v1/predict                                     model id in the
+                                                         `serve_multiplexed_model_id` header
+    GET  /v1/models                                      registry listing
+    GET  /v1/models/{model_id}                           manifest (latest or ?version=)
+    GET  /v1/stats                                       per-model stats (?window_s=)
+    GET  /v1/routing                                     active routing, refusals, per-arm
+                                                         counters
+    GET  /healthz                                        liveness + registry state
+A model id may be `id`, `id@version` or an alias; on an alias, the header the routing
+config names (default `X-User-Id`) keeps a caller on one arm, and `X-Fleet-Arm` says
+which arm served. Any other POST under /v1/models/ is a 400 `invalid_model_id`; that
+catch-all must come after every other router's /v1/models/... POST routes (see
+`serve_app.api.app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from serve_app.api.body import BodyReader
+from serve_app.api.management import ManagementGuard
+from serve_app.errors import BadRequest, FleetError, InvalidModelId
+from serve_app.gateway.gateway import Gateway, new_id
+from serve_app.management.manager import ModelManager
+from serve_app.observability.stats import StatsReport
+from serve_app.schemas import ErrorBody, ModelDetail, ModelList, PredictRequest, PredictResponse
+
+# NOTE: the same header Ray Serve's proxy reads for model multiplexing
+# (ray.serve._private.constants.SERVE_MULTIPLEXED_MODEL_ID); a test pins the equality.
+MODEL_ID_HEADER = "serve_multiplexed_model_id"
+CACHE_HEADER = "X-Fleet-Cache"
+VERSION_HEADER = "X-Fleet-Model-Version"
+REQUEST_ID_HEADER = "X-Request-Id"
+ARM_HEADER = "X-Fleet-Arm"
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 404, 413, 422, 500, 502, 503, 507)
+}
+_PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+    }
+}
+
+
+def native_router(
+    gateway: Gateway,
+    body: BodyReader,
+    stats_window_s: float,
+    manager: ModelManager | None,
+    guard: ManagementGuard,
+) -> APIRouter:
+    """The native routes (see module docstring), reading bodies with `body`.
+
+    `GET /v1/models/{model_id}` adds residency when a `manager` is given and `guard`
+    allows the caller.
+    """
+    router = APIRouter()
+    _add_predict_routes(router, gateway, body)
+    _add_model_routes(router, gateway, manager, guard)
+    _add_ops_routes(router, gateway, stats_window_s)
+    return router
+
+
+def _add_predict_routes(router: APIRouter, gateway: Gateway, body: BodyReader) -> None:
+    """The three predict routes; the model id comes from the path or the header."""
+
+    @router.post(
+        "/v1/models/{model_id}/predict",
+        response_model=PredictResponse,
+        responses=ERRORS,
+        openapi_extra=_PREDICT_BODY,
+    )
+    async def predict(model_id: str, request: Request) -> JSONResponse:
+        """Predict with the latest (or body `version`) version of `model_id`."""
+        return await _predict(gateway, body, request, model_id, None)
+
+    @router.post(
+        "/v1/models/{model_id}/versions/{version}/predict",
+        response_model=PredictResponse,
+        responses=ERRORS,
+        openapi_extra=_PREDICT_BODY,
+    )
+    async def predict_version(model_id: str, version: str, request: Request) -> JSONResponse:
+        """Predict with a pinned version of `model_id`."""
+        return await _predict(gateway, body, request, model_id, version)
+
+    @router.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses=ERRORS,
+        openapi_extra=_PREDICT_BODY,
+    )
+    async def predict_by_header(request: Request) -> JSONResponse:
+        """Predict with the model named in the `serve_multiplexed_model_id` header."""
+        model_id = request.headers.get(MODEL_ID_HEADER)
+        if not model_id:
+            raise BadRequest(f"missing the {MODEL_ID_HEADER} header naming the model")
+        return await _predict(gateway, body, request, model_id, None)
+
+
+async def _predict(
+    gateway: Gateway, body: BodyReader, request: Request, model_id: str, version: str | None
+) -> JSONResponse:
+    """Read the body, predict through the gateway, answer with the cache/version/arm headers."""
+    # NOTE: latency is measured from here (body read and parse included) so /v1/stats is
+    # as close as the server can get to what the client sees.
+    started = time.perf_counter()
+    given_id = request.headers.get(REQUEST_ID_HEADER)
+    request_id = given_id or new_id()
+    try:
+        parsed = await body.model(request, PredictRequest)
+    except FleetError as exc:
+        gateway.observe(request_id, None, exc.status_code, started, None)
+        raise
+    sticky = gateway.routing.sticky_header(model_id)
+    result = await gateway.predict(
+        model_id,
+        parsed.inputs,
+        version or parsed.version,
+        request_id,
+        started=started,
+        sticky_key=request.headers.get(sticky) if sticky else None,
+    )
+    headers = {
+        CACHE_HEADER: "hit" if result.resident else "miss",
+        VERSION_HEADER: result.version,
+    }
+    if result.arm is not None:
+        headers[ARM_HEADER] = result.arm
+    if given_id is None:
+        # NOTE: Ray Serve's proxy sets and echoes X-Request-Id itself; add it only when
+        # no proxy did, so the response never carries it twice.
+        headers[REQUEST_ID_HEADER] = request_id
+    return JSONResponse(result.model_dump(), headers=headers)
+
+
+def _add_model_routes(
+    router: APIRouter, gateway: Gateway, manager: ModelManager | None, guard: ManagementGuard
+) -> None:
+    """The registry listing, one model's manifest, and the invalid-path catch-all."""
+
+    @router.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        """Every published model with its versions (from the in-memory registry)."""
+        return gateway.list_models()
+
+    @router.get("/v1/models/{model_id}", response_model=ModelDetail, responses=ERRORS)
+    async def describe(model_id: str, request: Request, version: str | None = None) -> ModelDetail:
+        """The manifest of `model_id` (latest version unless `?version=` is given), and
+        where it is resident (when management is on and the caller may see it)."""
+        detail = gateway.describe(model_id, version)
+        if manager is not None and guard.allows(request):
+            detail = detail.model_copy(update={"residency": await manager.residency(model_id)})
+        return detail
+
+    @router.post("/v1/models/{rest:path}", include_in_schema=False, responses=ERRORS)
+    async def invalid_model_path(rest: str) -> JSONResponse:
+        """Any other POST under /v1/models/ names no valid model (e.g. `../x/predict`)."""
+        raise InvalidModelId(
+            f"invalid model path {rest[:80]!r}: use /v1/models/<model_id>/predict with an id "
+            "of 1-128 characters from [A-Za-z0-9._-]"
+        )
+
+
+def _add_ops_routes(router: APIRouter, gateway: Gateway, stats_window_s: float) -> None:
+    """Statistics, the routing report and the health check."""
+
+    @router.get("/v1/stats", response_model=StatsReport)
+    async def stats(window_s: float | None = None) -> StatsReport:
+        """Per model: requests, errors, hit rate, cold starts, p50/p95/p99 (all and warm)
+        and load-wait p50, over the last `window_s` seconds, across ingress replicas."""
+        if window_s is not None and not 0 < window_s <= 86400:
+            raise BadRequest("window_s must be between 0 and 86400 seconds")
+        return await asyncio.to_thread(gateway.stats, window_s or stats_window_s)
+
+    @router.get("/v1/routing")
+    async def routing() -> dict[str, Any]:
+        """The active routing (aliases, default versions, pool rules, pins), the last
+        refused routing config with the reason, and per-arm request counters (merged
+        across ingress replicas: reading the peers' is a GCS call, off the event loop)."""
+        return await asyncio.to_thread(gateway.routing_report)
+
+    @router.get("/healthz")
+    async def healthz() -> JSONResponse:
+        """200 once the registry has been read; 503 before."""
+        age = gateway.registry.age_s
+        body = {
+            "status": "ok" if age is not None else "starting",
+            "models": gateway.registry.model_count,
+            "registry_age_s": None if age is None else round(age, 3),
+            "registry_error": gateway.registry.last_error,
+        }
+        return JSONResponse(body, status_code=200 if age is not None else 503)
