@@ -22,9 +22,9 @@ def main() -> None:
     import torch
 
     from devstack.demo_fleet import minilm_dir
+    from serve_app.loading.disk_tier import DiskTier
     from serve_app.loading.loader import ModelLoader
     from serve_app.storage.publisher import publish_path
-    from serve_app.storage.store import DiskTier
 
     torch.set_num_threads(1)
     result = harness.Result("b1_cold_load", args.runs)

@@ -18,9 +18,9 @@ def main() -> None:
     args = harness.parse_args(__doc__.split("\n")[0])
     import torch
 
+    from serve_app.loading.disk_tier import DiskTier
     from serve_app.loading.loader import ModelLoader
     from serve_app.storage.publisher import publish_path
-    from serve_app.storage.store import DiskTier
 
     torch.set_num_threads(1)
     result = harness.Result("b3_memory", args.runs)

@@ -28,8 +28,9 @@ def _loader(config: StoreConfig) -> Any:
 
     import torch
 
+    from serve_app.loading.disk_tier import DiskTier
     from serve_app.loading.loader import ModelLoader
-    from serve_app.storage.store import DiskTier, ModelStore
+    from serve_app.storage.store import ModelStore
 
     torch.set_num_threads(1)
     store = ModelStore(config)

@@ -126,6 +126,6 @@ def default_env(state_dir: Path) -> dict[str, str]:
     serving commands such as `publish` reach the local S3 without any setup."""
     if missing_extra():
         return {}
-    from devstack.stack import load_stack_env
+    from devstack.state import load_stack_env
 
     return load_stack_env(state_dir)

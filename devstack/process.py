@@ -1,7 +1,7 @@
 """Local server processes started and stopped by fleetserve.
 
 SeaweedFS (`devstack.seaweed`), Prometheus (`devstack.prometheus`) and the Ray head
-(`devstack.stack`) all run the same way, through `ManagedProcess`:
+(`devstack.ray_head`) all run the same way, through `ManagedProcess`:
 
 - The command is started in its own session (`start_new_session=True`), so its process id is
   also its process-group id and its session id, and its output is appended to a log file
@@ -12,8 +12,8 @@ SeaweedFS (`devstack.seaweed`), Prometheus (`devstack.prometheus`) and the Ray h
 - Stopping signals only that process group (SIGTERM, then SIGKILL after a timeout) and then
   sweeps whatever the process left behind in its session.
 
-The module also holds the helpers they share: free loopback ports, liveness and
-fingerprint checks, and atomic private (0600) files.
+The module also holds the helpers they share: liveness and fingerprint checks, and atomic
+private (0600) files. Free loopback ports are in `devstack.ports`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -31,91 +29,21 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
+from devstack.ports import port_is_open
+
 logger = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
 _POLL_S = 0.1
 
 __all__ = [
-    "HOST",
     "ManagedProcess",
-    "find_free_port",
-    "find_free_ports",
     "pid_alive",
-    "port_is_open",
     "process_fingerprint",
     "process_matches",
     "session_members",
     "terminate_process_group",
     "write_private_file",
 ]
-
-
-# --------------------------------------------------------------------------- ports
-# NOTE: a port taken by binding to port 0 comes from the kernel's ephemeral range, the
-# same range outgoing connections draw their source ports from. Between choosing it and the
-# server binding it, any new connection on the box (Ray opens many) can take it: the Serve
-# proxy then died with "Address already in use". Ports are drawn from outside that range
-# instead, and outside Ray's default worker ports (10002-19999).
-LISTEN_PORTS_LOW = 20000
-_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-
-
-def listen_port_range() -> range:
-    """The ports servers here listen on: [20000, start of the ephemeral range), or above its
-    end, whichever is larger; empty when neither leaves room (then bind to port 0)."""
-    try:
-        low, high = (int(x) for x in _EPHEMERAL_RANGE.read_text().split())
-    except (OSError, ValueError):  # not Linux: no range to avoid is known
-        return range(0)
-    below = range(LISTEN_PORTS_LOW, low)
-    above = range(max(high + 1, LISTEN_PORTS_LOW), 65536)
-    best = max(below, above, key=len)
-    return best if len(best) >= 1000 else range(0)
-
-
-def _bind_free(sock: socket.socket, candidates: range) -> int:
-    """Bind `sock` to a random free port among `candidates` (a port bound by another socket,
-    ours included, fails to bind), else to any free port."""
-    for _ in range(200 if candidates else 0):
-        port = random.choice(candidates)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            continue
-        return port
-    sock.bind((HOST, 0))
-    return int(sock.getsockname()[1])
-
-
-def find_free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now and that outgoing connections do not
-    draw from (see `listen_port_range`)."""
-    return find_free_ports(1)[0]
-
-
-def find_free_ports(count: int) -> list[int]:
-    """`count` distinct free ports on 127.0.0.1, all held open until every one is chosen."""
-    candidates = listen_port_range()
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(sock)
-            _bind_free(sock, candidates)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def port_is_open(port: int, host: str = HOST, timeout_s: float = 0.5) -> bool:
-    """Whether something accepts TCP connections on `host:port`."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- processes

@@ -34,13 +34,8 @@ from typing import Any
 import httpx
 import yaml
 
-from devstack.process import (
-    HOST,
-    ManagedProcess,
-    find_free_port,
-    port_is_open,
-    write_private_file,
-)
+from devstack.ports import HOST, find_free_port, port_is_open
+from devstack.process import ManagedProcess, write_private_file
 from serve_app.errors import FleetError
 
 logger = logging.getLogger(__name__)

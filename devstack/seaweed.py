@@ -14,6 +14,11 @@ Typical use:
 A server can be stopped and started again on the same data folder and ports; the objects it
 stored survive. A server started by another process (`fleetserve up`) can be adopted from the
 state file it wrote (`save_state` / `from_state`) and stopped by its recorded process id.
+
+Size: slightly over the module limit, kept whole like `devstack.prometheus` (one module per
+server). The `weed mini` binary, ports, identities file and command line are used only by
+`SeaweedServer`, and its lifecycle, adoption from a state file and readiness probes (volumes
+registered, signed calls accepted, anonymous ones refused) belong together.
 """
 
 from __future__ import annotations
@@ -31,14 +36,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from devstack.process import (
-    HOST,
-    ManagedProcess,
-    find_free_port,
-    find_free_ports,
-    port_is_open,
-    write_private_file,
-)
+from devstack.ports import HOST, find_free_port, find_free_ports, port_is_open
+from devstack.process import ManagedProcess, write_private_file
 from serve_app.errors import FleetError
 
 logger = logging.getLogger(__name__)

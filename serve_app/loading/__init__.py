@@ -1,2 +1,1 @@
-"""From the store to a servable model: host-RAM and disk tiers, verified buffers, tensors, modules.
-"""
+"""From the store to a servable model: RAM and disk tiers, verified buffers, modules."""

@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from serve_app.storage.store import Buffer
+from serve_app.storage.fetch import Buffer
 
 
 @dataclass

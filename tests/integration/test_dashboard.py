@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from devstack.stack import ray_auth_headers
+from devstack.ray_head import ray_auth_headers
 from tests.integration.conftest import FleetApp, wait_for
 
 

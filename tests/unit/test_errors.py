@@ -8,7 +8,7 @@ import re
 import pytest
 
 import devstack.seaweed
-import devstack.stack  # noqa: F401 - their error classes join the hierarchy
+import devstack.state  # noqa: F401 - their error classes join the hierarchy
 from serve_app.errors import (
     FleetError,
     ModelNotFound,

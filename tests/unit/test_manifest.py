@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from serve_app.errors import InvalidModelId, InvalidVersion
+from serve_app.loading.disk_tier import DiskTier, inside
 from serve_app.storage.manifest import (
     Manifest,
     validate_file_path,
@@ -16,7 +17,6 @@ from serve_app.storage.manifest import (
     validate_version,
     version_sort_key,
 )
-from serve_app.storage.store import DiskTier, inside
 
 
 @pytest.mark.parametrize("good", ["a", "fraud-merchant-0001", "Model_1.2", "x" * 128, "9lives"])

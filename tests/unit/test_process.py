@@ -1,5 +1,5 @@
-"""Unit tests of `devstack.process`: the shared helpers and `ManagedProcess`, with small
-Python child processes standing in for the servers."""
+"""Unit tests of `devstack.process` and `devstack.ports`: the shared helpers and
+`ManagedProcess`, with small Python child processes standing in for the servers."""
 
 from __future__ import annotations
 
@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from devstack import process
+from devstack import ports
+from devstack.ports import find_free_port, find_free_ports
 from devstack.process import (
     ManagedProcess,
-    find_free_port,
-    find_free_ports,
     pid_alive,
     process_fingerprint,
     process_matches,
@@ -46,7 +45,7 @@ def test_free_ports_are_distinct_loopback_ports() -> None:
 def test_free_ports_avoid_the_ephemeral_range() -> None:
     """Outgoing connections take source ports from the ephemeral range; a listen port chosen
     there can be gone by the time the server binds it."""
-    candidates = process.listen_port_range()
+    candidates = ports.listen_port_range()
     if not candidates:
         pytest.skip("no ephemeral port range to avoid on this system")
     low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
@@ -54,14 +53,14 @@ def test_free_ports_avoid_the_ephemeral_range() -> None:
     assert not set(candidates) & set(range(10002, 20000))  # Ray's worker ports
     for port in find_free_ports(20):
         assert port in candidates
-        assert not process.port_is_open(port)
+        assert not ports.port_is_open(port)
 
 
 def test_seaweed_reexports_what_other_modules_import() -> None:
     from devstack import seaweed
 
     assert seaweed.find_free_port is find_free_port
-    assert seaweed.port_is_open is process.port_is_open
+    assert seaweed.port_is_open is ports.port_is_open
     assert {"find_free_port", "port_is_open", "SeaweedServer"} <= set(seaweed.__all__)
 
 
@@ -296,8 +295,9 @@ def test_stop_raises_the_subclass_error_for_a_pid_that_leads_no_group(tmp_path: 
 # --------------------------------------------------------------------------- the servers
 def test_servers_keep_their_state_format_and_error_types(tmp_path: Path) -> None:
     from devstack.prometheus import PrometheusError, PrometheusServer
+    from devstack.ray_head import RayHead
     from devstack.seaweed import SeaweedError, SeaweedServer
-    from devstack.stack import RayHead, StackError
+    from devstack.state import StackError
 
     s3 = SeaweedServer(tmp_path / "s3", access_key="AK", secret_key="SK")
     prom = PrometheusServer(tmp_path / "prom", port=19090, scrape_targets=["127.0.0.1:1"])

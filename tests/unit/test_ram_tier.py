@@ -13,10 +13,11 @@ import torch
 from devstack.demo_fleet import TEXT_CLASSIFIERS, write_text_classifier
 from serve_app.config import HostConfig
 from serve_app.errors import ArtifactCorrupt
+from serve_app.loading.disk_tier import DiskTier
 from serve_app.loading.loader import ModelLoader
 from serve_app.loading.ram_tier import RamTier
 from serve_app.storage.publisher import publish_path
-from serve_app.storage.store import DiskTier, ModelStore
+from serve_app.storage.store import ModelStore
 
 
 def buffers(*sizes: int) -> dict[str, bytearray]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack import seaweed, stack
+from devstack import ray_head, seaweed, serve_cli, stack, state
 from devstack.seaweed import (
     S3_ACTIONS,
     SeaweedPorts,
@@ -95,17 +95,17 @@ def test_weed_binary_is_found() -> None:
 
 # ----------------------------------------------------------------------- stack helpers
 def test_stack_env_empty_without_state(tmp_path: Path) -> None:
-    assert stack.load_stack_env(tmp_path) == {}
+    assert state.load_stack_env(tmp_path) == {}
     (tmp_path / "stack.json").write_text("not json")
-    assert stack.load_stack_env(tmp_path) == {}
+    assert state.load_stack_env(tmp_path) == {}
 
 
 def test_stack_env_empty_when_recorded_server_is_gone(tmp_path: Path) -> None:
     server = SeaweedServer(tmp_path / "s3", access_key="AK", secret_key="SK")
-    state = {"s3": {**server.state(), "pid": 2**22 + 12345, "fingerprint": "proc:1"}}
-    stack.save_state(tmp_path, state)
+    recorded = {"s3": {**server.state(), "pid": 2**22 + 12345, "fingerprint": "proc:1"}}
+    state.save_state(tmp_path, recorded)
     assert _mode(tmp_path / "stack.json") == 0o600
-    assert stack.load_stack_env(tmp_path) == {}
+    assert state.load_stack_env(tmp_path) == {}
 
 
 def test_ray_auth_token_created_once_with_mode_0600(
@@ -114,14 +114,14 @@ def test_ray_auth_token_created_once_with_mode_0600(
     token_path = tmp_path / "ray" / "auth_token"
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
-    assert stack.ensure_ray_auth_token() == token_path
+    assert ray_head.ensure_ray_auth_token() == token_path
     token = token_path.read_text()
     assert len(token) == 64
     assert _mode(token_path) == 0o600
-    assert stack.ensure_ray_auth_token() == token_path
+    assert ray_head.ensure_ray_auth_token() == token_path
     assert token_path.read_text() == token  # reused, never rotated
-    assert stack.ray_auth_headers() == {"Authorization": f"Bearer {token}"}
-    env = stack.ray_cli_env()
+    assert ray_head.ray_auth_headers() == {"Authorization": f"Bearer {token}"}
+    env = ray_head.ray_cli_env()
     assert env["RAY_AUTH_MODE"] == "token"
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
 
@@ -131,12 +131,12 @@ def test_ray_auth_token_from_env_needs_no_file(
 ) -> None:
     monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "none"))
-    assert stack.ensure_ray_auth_token() is None
+    assert ray_head.ensure_ray_auth_token() is None
     assert not (tmp_path / "none").exists()
 
 
 def test_ray_head_command_is_loopback_only(tmp_path: Path) -> None:
-    head = stack.RayHead(tmp_path / "ray.log")
+    head = ray_head.RayHead(tmp_path / "ray.log")
     cmd = head.command()
     assert cmd[1:4] == ["start", "--head", "--block"]
     assert "--node-ip-address=127.0.0.1" in cmd
@@ -148,9 +148,9 @@ def test_ray_head_command_is_loopback_only(tmp_path: Path) -> None:
 def test_serve_http_url_reads_http_options(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("http_options:\n  host: 127.0.0.1\n  port: 8123\napplications: []\n")
-    assert stack.serve_http_url(config) == "http://127.0.0.1:8123"
+    assert serve_cli.serve_http_url(config) == "http://127.0.0.1:8123"
     config.write_text("applications: []\n")
-    assert stack.serve_http_url(config) == "http://127.0.0.1:8000"
+    assert serve_cli.serve_http_url(config) == "http://127.0.0.1:8000"
 
 
 def test_shorten_elides_long_values() -> None:

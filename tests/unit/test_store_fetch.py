@@ -14,9 +14,11 @@ import pytest
 from serve_app.config import HostConfig
 from serve_app.errors import ArtifactCorrupt, ModelTooLarge
 from serve_app.host.model_host import ModelHost
+from serve_app.loading.disk_tier import DiskTier
 from serve_app.schemas import PredictCall
+from serve_app.storage.fetch import _StreamDigest
 from serve_app.storage.manifest import FileEntry, Manifest
-from serve_app.storage.store import DiskTier, ModelStore, _StreamDigest
+from serve_app.storage.store import ModelStore
 
 
 def test_stream_digest_matches_whole_file_hash_in_any_landing_order() -> None:
@@ -147,7 +149,7 @@ def test_the_disk_copy_of_an_evicted_model_is_abandoned(
 ) -> None:
     import weakref
 
-    from serve_app.storage.store import host_buffer
+    from serve_app.storage.fetch import host_buffer
 
     manifest = published.read_manifest("m-a", "1")
     disk = DiskTier(tmp_path / "disk", 2**30)
