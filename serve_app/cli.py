@@ -21,9 +21,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
-
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from serve_app.api.client import (
     DEFAULT_URL,
