@@ -1,150 +1,217 @@
 """Request router for model-host pools: Serve's default, plus immediate model affinity.
 
+Built on Serve's public request-router API only (`ray.serve.request_router`: `RequestRouter`
+with `FIFOMixin`, `LocalityMixin`, `MultiplexMixin`; `RunningReplica.multiplexed_model_ids`
+and `.routing_stats`; the `on_request_routed` and `update_replicas` hooks).
+
+A request for model K goes, by power of two choices, to one of the replicas that hold K;
+when those are all busy it follows Serve's multiplex ladder (`apply_multiplex_routing`:
+replicas with the fewest models, then every replica).
+
 Ray's router learns which replica holds which model only from the controller's broadcast of
 each replica's report, so a request sent right after a load can land on another replica and
 load the model a second time. `ModelAffinityRouter` also records, the moment a request for
-model K is accepted by replica R, that R holds (or is loading) K. The mark survives
-broadcasts until R's own report includes K (confirmed) or `PENDING_S` passes; after that
-the replicas' reports alone decide, so an eviction still stops traffic.
+model K is accepted by replica R, that R holds (or is loading) K. The mark counts as holding
+until R's own report includes K (confirmed) or `PENDING_S` passes; after that the replicas'
+reports alone decide, so an eviction still stops traffic.
 
 A request for a model that no replica holds or is loading (cold) does not go through Ray's
 multiplexed matching, which keeps retrying the fewest-models replicas until its matching
 timeout (1-2 s) when they reject the request (full), and places by model count, not memory.
 The router ranks every replica at once by free memory budget (budget - resident - reserved,
-as the hosts publish it in the replica directory, refreshed off the request path), then by
-fewest models, and sends the request to the first that accepts it: that replica loads it.
+as each host returns it from `record_routing_stats`, which Serve's controller polls and
+broadcasts), then by fewest models, and sends the request to the first that accepts it:
+that replica loads it. Until every replica has reported stats once, fewest models decides.
 
 Management commands (`HostCommand`, first argument of `ModelHost.manage`) name the replica
-that must run them; the router offers only that replica. (Serve may still, rarely, hand the
-chosen replica to another pending request; the host then refuses a command that is not its
-own with `CommandMisrouted` and the ingress resends it.)
+that must run them; the router offers only that replica. (With `FIFOMixin`, Serve may still,
+rarely, hand the chosen replica to another pending request; the host then refuses a command
+that is not its own with `CommandMisrouted` and the ingress resends it.)
 """
 
 from __future__ import annotations
 
-import logging
 import random
-import threading
 import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
-from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    LocalityMixin,
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
-from deployments.replica_directory import read_replicas
 from serve_app.schemas import HostCommand
 
-logger = logging.getLogger(__name__)
-
 PENDING_S = 2.0  # longer than a controller round trip, short against any eviction cycle
-BUDGET_REFRESH_S = 1.0
+MARKING_OPS = frozenset({"load", "pin"})  # management commands that make a replica load K
 
 
-class BudgetView:
-    """Free bytes per host replica, read from the replica directory by a daemon thread."""
-
-    def __init__(self, app: str, every_s: float = BUDGET_REFRESH_S) -> None:
-        self._app = app
-        self._every_s = every_s
-        self.free: dict[str, int] = {}
-        self._thread = threading.Thread(target=self._run, name="budget-view", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self.free = {r["replica"]: free_bytes(r) for r in read_replicas(self._app, "hosts")}
-            except Exception as exc:  # noqa: BLE001 - a GCS hiccup must not end the loop
-                # NOTE: the last view stays; ranking falls back to model counts.
-                logger.debug("replica directory read failed", extra={"error": repr(exc)})
-            time.sleep(self._every_s)
-
-
-def free_bytes(status: dict[str, Any]) -> int:
-    """Budget not used by resident or reserved (loading) models, from a host's status."""
+def free_bytes(stats: Mapping[str, Any]) -> int | None:
+    """Budget not used by resident or reserved (loading) models, from a host's routing
+    stats (`ModelHostDeployment.record_routing_stats`); None before its first report."""
+    if "budget_bytes" not in stats:
+        return None
     return int(
-        status.get("budget_bytes", 0)
-        - status.get("resident_bytes", 0)
-        - status.get("reserved_bytes", 0)
+        stats["budget_bytes"] - stats.get("resident_bytes", 0) - stats.get("reserved_bytes", 0)
     )
 
 
-class ModelAffinityRouter(PowerOfTwoChoicesRequestRouter):
-    """Power-of-two-choices with multiplexing, plus marks for just-routed models,
-    immediate placement of cold models by free budget, and replica-addressed management
-    commands."""
+def rank_for_load(replicas: Sequence[RunningReplica], model_key: str = "") -> list[RunningReplica]:
+    """Where to load a cold model: most free budget first, then fewest models.
+
+    Free budget counts only once every replica has reported its routing stats (a new
+    replica reports within a stats period); until then fewest models decides. Ties break
+    by a hash of (model, replica), so concurrent requests for one cold model pick the same
+    replica while different models spread.
+    """
+    frees = [free_bytes(r.routing_stats or {}) for r in replicas]
+    known = all(f is not None for f in frees)
+
+    def order(pair: tuple[RunningReplica, int | None]) -> tuple[int, int, int]:
+        replica, free = pair
+        tie = zlib.crc32(f"{model_key}|{replica.replica_id.unique_id}".encode())
+        return (-(free or 0) if known else 0, len(replica.multiplexed_model_ids), tie)
+
+    return [r for r, _ in sorted(zip(replicas, frees, strict=True), key=order)]
+
+
+class AffinityMarks:
+    """Replicas that accepted a request for a model, counted as holding it until their own
+    report includes it (confirmed), `pending_s` passes, or they leave the replica set."""
+
+    def __init__(
+        self, pending_s: float = PENDING_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._pending_s = pending_s
+        self._clock = clock
+        self._marks: dict[str, dict[ReplicaID, float]] = {}
+
+    def mark(self, model_key: str, replica_id: ReplicaID) -> None:
+        """`replica_id` just accepted a request that makes it hold `model_key`."""
+        self._marks.setdefault(model_key, {})[replica_id] = self._clock()
+
+    def unmark(self, model_key: str, replica_id: ReplicaID) -> None:
+        """`replica_id` was told to drop `model_key`."""
+        marks = self._marks.get(model_key)
+        if marks is not None:
+            marks.pop(replica_id, None)
+            if not marks:
+                del self._marks[model_key]
+
+    def marked(
+        self, model_key: str, replicas: Mapping[ReplicaID, RunningReplica]
+    ) -> set[ReplicaID]:
+        """Replicas whose mark for `model_key` still stands; drops the others."""
+        marks = self._marks.get(model_key)
+        if not marks:
+            return set()
+        now = self._clock()
+        live = set()
+        for replica_id, marked_at in list(marks.items()):
+            replica = replicas.get(replica_id)
+            if (
+                replica is None  # gone
+                or model_key in replica.multiplexed_model_ids  # confirmed by its report
+                or now - marked_at > self._pending_s  # expired: the reports decide
+            ):
+                del marks[replica_id]
+            else:
+                live.add(replica_id)
+        if not marks:
+            del self._marks[model_key]
+        return live
+
+    def prune(self, replicas: Mapping[ReplicaID, RunningReplica]) -> None:
+        """Drop every mark that no longer stands (on each replica-set broadcast)."""
+        for model_key in list(self._marks):
+            self.marked(model_key, replicas)
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self._marks.values())
+
+
+class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
+    """Power-of-two choices among a model's holders (reported or just marked), immediate
+    placement of cold models by free budget, and replica-addressed management commands."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.marks = AffinityMarks()
 
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        target = _command_target(pending_request)
+        if pending_request is None:
+            return [self._two(self.apply_locality_routing(None))]
+        context = pending_request.routing_context
+        target = command_target(pending_request)
         if target is not None:
             # NOTE: an empty answer makes Serve back off and retry; the sender's timeout
             # bounds the wait when the replica is gone.
+            context.should_backoff = True
             return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
-        model_key = pending_request.metadata.multiplexed_model_id if pending_request else ""
-        if (
-            pending_request is None
-            or not model_key
-            or self._multiplexed_model_id_to_replica_ids.get(model_key)
-        ):
-            return await super().choose_replicas(candidate_replicas, pending_request)
-        # NOTE: cold: no replica holds or loads it; waiting for a holder cannot help.
-        ranked = self.rank_for_load(candidate_replicas)
-        pending_request.routing_context.should_backoff = True  # if every replica is full
-        return [ranked[:1], ranked[1:]] if len(ranked) > 1 else [ranked]
+        model_key = pending_request.metadata.multiplexed_model_id
+        if not model_key:
+            return [self._two(self.apply_locality_routing(pending_request))]
+        holders = self.holders(model_key)
+        if not holders:
+            # NOTE: cold: no replica holds or loads it; waiting for a holder cannot help.
+            context.should_backoff = True  # if every replica is full
+            ranked = rank_for_load(candidate_replicas, model_key)
+            return [ranked[:1], ranked[1:]]
+        first_try = not context.tried_first_multiplexed_models
+        # NOTE: Serve's ladder keeps its own state in the routing context; on the first try
+        # its first rung (reported holders) is replaced by ours (reported + marked).
+        ladder = self.apply_multiplex_routing(pending_request)
+        return [self._two(holders if first_try else ladder)]
 
-    def rank_for_load(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
-        """Where to load a model: most free budget first, then fewest models."""
-        free = self._budget_view().free
-        return sorted(
-            replicas,
-            key=lambda r: (
-                -free.get(r.replica_id.unique_id, 0),
-                len(r.multiplexed_model_ids),
-                random.random(),
-            ),
-        )
+    def holders(self, model_key: str) -> set[ReplicaID]:
+        """Replicas that report `model_key`, or accepted a request for it moments ago."""
+        replicas = self.curr_replicas
+        reported = {rid for rid, r in replicas.items() if model_key in r.multiplexed_model_ids}
+        return reported | self.marks.marked(model_key, replicas)
 
-    def _budget_view(self) -> BudgetView:
-        if not hasattr(self, "_budgets"):
-            self._budgets = BudgetView(self._deployment_id.app_name)
-        return self._budgets
+    def _two(self, replica_ids: Iterable[ReplicaID]) -> list[RunningReplica]:
+        replicas = self.curr_replicas
+        pool = [replicas[rid] for rid in replica_ids if rid in replicas]
+        return random.sample(pool, min(2, len(pool)))
 
     def on_request_routed(
-        self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: object
     ) -> None:
-        super().on_request_routed(pending_request, replica_id, result)
+        super().on_request_routed(pending_request, replica_id, result)  # type: ignore[arg-type]
         model_key = pending_request.metadata.multiplexed_model_id
         if model_key:
-            self._marks()[(model_key, replica_id)] = time.monotonic()
-            self._multiplexed_model_id_to_replica_ids[model_key].add(replica_id)
-            self._multiplexed_model_id_fallback_match.discard(model_key)
+            replica = self.curr_replicas.get(replica_id)
+            if replica is None or model_key not in replica.multiplexed_model_ids:
+                self.marks.mark(model_key, replica_id)  # (a hit needs no mark)
+            return
+        command = _command(pending_request)
+        if command is not None and command.op in MARKING_OPS:
+            self.marks.mark(command.key, replica_id)
+        elif command is not None and command.op == "unload":
+            self.marks.unmark(command.key, replica_id)
 
-    def _update_multiplexed_model_ids_with_replicas(self, replicas: list[RunningReplica]) -> None:
-        super()._update_multiplexed_model_ids_with_replicas(replicas)
-        reported = {r.replica_id: r.multiplexed_model_ids for r in replicas}
-        now = time.monotonic()
-        marks = self._marks()
-        for (model_key, replica_id), marked_at in list(marks.items()):
-            held = reported.get(replica_id)
-            if held is None or model_key in held or now - marked_at > PENDING_S:
-                del marks[(model_key, replica_id)]  # gone, confirmed, or expired
-            else:
-                # NOTE: a broadcast built before the replica reported this model.
-                self._multiplexed_model_id_to_replica_ids[model_key].add(replica_id)
-
-    def _marks(self) -> dict[tuple[str, ReplicaID], float]:
-        # NOTE: created lazily: Ray builds routers through its own initialisation hooks.
-        if not hasattr(self, "_affinity_marks"):
-            self._affinity_marks: dict[tuple[str, ReplicaID], float] = {}
-        return self._affinity_marks
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self.marks.prune(self.curr_replicas)
 
 
-def _command_target(pending_request: PendingRequest | None) -> str | None:
-    if pending_request is None or not pending_request.args:
-        return None
-    first = pending_request.args[0]
-    return first.replica if isinstance(first, HostCommand) else None
+def _command(pending_request: PendingRequest) -> HostCommand | None:
+    args = pending_request.args
+    return args[0] if args and isinstance(args[0], HostCommand) else None
+
+
+def command_target(pending_request: PendingRequest) -> str | None:
+    """The replica (unique id) a management command names, or None for other requests."""
+    command = _command(pending_request)
+    return command.replica if command is not None else None

@@ -36,7 +36,7 @@ from serve_app.observability.stats import StatsReport
 from serve_app.schemas import ErrorBody, ModelDetail, ModelList, PredictRequest, PredictResponse
 
 # NOTE: the same header Ray Serve's proxy reads for model multiplexing
-# (ray.serve._private.constants.SERVE_MULTIPLEXED_MODEL_ID); a test pins the equality.
+# (Serve's constant SERVE_MULTIPLEXED_MODEL_ID); a test pins the equality.
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
 CACHE_HEADER = "X-Fleet-Cache"
 VERSION_HEADER = "X-Fleet-Model-Version"
