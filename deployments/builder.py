@@ -2,9 +2,20 @@
 
 One Ingress and one model-host deployment per pool (`ModelHost` for the default pool,
 `ModelHost-<name>` for others), each with its own replicas, budget, accelerator and
-autoscaling. The routing goes to the Ingress as Serve `user_config`, never as an init
-argument, so a `serve deploy` that changes only the Ingress's `user_config` reconfigures the
-running replicas instead of restarting them (see README, "Versions, splits, pins, pools").
+autoscaling. The routing goes to the Ingress and to every model-host deployment as Serve
+`user_config`, never as an init argument, so a `serve deploy` that changes only user_config
+reconfigures the running replicas instead of restarting them (see README, "Versions, splits,
+pins, pools"). The Ingress routes by it; each host keeps resident the pins its rules place in
+its pool (deployments/model_host.py). Hosts get pin references, not manifests: they resolve
+them from the store themselves (`serve_app.host.config_pins`), because a pin without a
+version follows the latest version, a store unreadable at deploy time is retried later, and
+a `deployments:` override in a Serve config replaces this user_config without running
+`build_app` at all.
+
+Args are another matter: Serve 2.60 hashes an app's import path, `args` and runtime env into
+its code version, and a new code version restarts every deployment of the app (their
+DeploymentVersion's code_version changes), so pools, budgets and replicas stay in `args`
+and what changes live stays in user_config.
 """
 
 from __future__ import annotations
@@ -13,7 +24,6 @@ import logging
 
 import ray
 from ray.serve import Application
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.config import RequestRouterConfig
 
 from deployments.ingress import Ingress
@@ -27,6 +37,11 @@ from serve_app.storage.store import ModelStore
 
 logger = logging.getLogger(__name__)
 
+# NOTE: how often Serve's controller asks each host replica for its budget
+# (`ModelHostDeployment.record_routing_stats`) and rebroadcasts it to the routers when it
+# changed; the router places cold models by it.
+ROUTING_STATS_PERIOD_S = 1.0
+
 
 def _host_gpus(host: HostConfig) -> float:
     """GPUs per host replica: 1 for `cuda`, or for `auto` when the cluster has GPUs."""
@@ -37,11 +52,15 @@ def _host_gpus(host: HostConfig) -> float:
     return 0
 
 
-def _router_class(pool: HostConfig) -> type:
-    """`router: ray` selects Ray's stock router (the benchmarks' baseline)."""
+def _router_config(pool: HostConfig) -> RequestRouterConfig:
+    """`router: ray` keeps Serve's default router and settings (the benchmarks' baseline:
+    a `RequestRouterConfig` without a class is Serve's power-of-two-choices router)."""
     if pool.router == "ray":
-        return PowerOfTwoChoicesRequestRouter
-    return ModelAffinityRouter
+        return RequestRouterConfig()
+    return RequestRouterConfig(
+        request_router_class=ModelAffinityRouter,
+        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+    )
 
 
 def check_routing(config: AppConfig) -> None:
@@ -71,25 +90,31 @@ def build_app(args: AppConfig | dict) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     check_routing(config)
     pools = {}
+    routing = config.routing.model_dump(mode="json")
+    pool_names = [p.name for p in config.pool_configs()]
     for pool in config.pool_configs():
         options = {
             "name": pool.deployment_name,
             "max_ongoing_requests": pool.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": _host_gpus(pool)},
-            "request_router_config": RequestRouterConfig(request_router_class=_router_class(pool)),
+            "request_router_config": _router_config(pool),
             # NOTE: every request already gets an access line at the ingress (Serve's and
             # ours); Serve's per-call line in the host took ~4% of the host's GIL time on
             # the hot path. A `logging_config` for the host in config.yaml overrides this.
             "logging_config": {"enable_access_log": False},
+            # NOTE: the routing, for the pins it places in this pool (see module docstring).
+            "user_config": routing,
         }
         if pool.autoscaling is not None:
             options["autoscaling_config"] = dict(pool.autoscaling)  # Serve validates it
         else:
             options["num_replicas"] = pool.num_replicas
-        pools[pool.name] = ModelHostDeployment.options(**options).bind(pool, config.store)
+        pools[pool.name] = ModelHostDeployment.options(**options).bind(
+            pool, config.store, pool_names
+        )
     return Ingress.options(
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
-        user_config=config.routing.model_dump(mode="json"),
+        user_config=routing,
     ).bind(pools, config.pool_configs(), config.ingress, config.store)

@@ -8,13 +8,19 @@ The routing (aliases, splits, default versions, pool rules, pins) is this deploy
 `user_config`: `reconfigure()` validates it against the pools and the registry and swaps it in
 whole, or refuses it and keeps the accepted one (a refused config is logged and shown at
 `GET /v1/routing`). Only the very first config, with nothing accepted before, fails the
-replica. Pins go to the pools' hosts through the routing board.
+replica. The accepted config is recorded in the model store (`AcceptedRouting`, see
+`serve_app.storage.state_store`), where a replica started later finds it.
+
+Config pins are not this deployment's to deliver: every model-host deployment gets the same
+routing as its own `user_config` and applies the pins placed in its pool
+(deployments/model_host.py); here they are only checked (unknown models, pool budgets).
+Pins of the management API are records in the model store too (`PinStore` over
+`StoreKeyValue`), which hosts apply every few seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -24,8 +30,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.replica_directory import GcsKeyValue, ReplicaPublisher, read_replicas
-from deployments.routing_board import post_pins, read_accepted, save_accepted
+from deployments.replica_directory import ReplicaPublisher, read_replicas
 from serve_app.api.app import create_app
 from serve_app.config import (
     DEFAULT_POOL,
@@ -38,7 +43,6 @@ from serve_app.config import (
 )
 from serve_app.errors import (
     CommandMisrouted,
-    FleetError,
     InvalidRouting,
     ReplicaUnavailable,
     StorageUnavailable,
@@ -61,6 +65,7 @@ from serve_app.schemas import (
     PredictResponse,
 )
 from serve_app.storage.registry import Registry
+from serve_app.storage.state_store import AcceptedRouting, StoreKeyValue
 from serve_app.storage.store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -143,13 +148,14 @@ class Ingress:
         context = serve.get_replica_context()
         self._pools = pools
         self._pool_configs = pool_configs
-        self._posted_pins: dict[str, str] = {}
-        self._pin_task: asyncio.Task[None] | None = None
         self._app = context.app_name
         self._replica = context.replica_id.unique_id
         self._config = config
         self.registry = Registry(ModelStore(store_config), config.registry_refresh_s)
         self.registry.start()
+        # NOTE: serving state (the accepted routing, the API's pins) lives in the model store.
+        state = StoreKeyValue.of(self.registry.store)
+        self._accepted_routing = AcceptedRouting(state, self._app)
         self.recorder = StatsRecorder()
         self.gateway = Gateway(
             self.registry,
@@ -174,7 +180,7 @@ class Ingress:
         self.manager = ModelManager(
             self.registry,
             ServeHostControl(pools, self._app, config.management.command_timeout_s),
-            PinStore(GcsKeyValue(), self._app),
+            PinStore(state, self._app),
             pool_for=lambda manifest: self.gateway.routing.placement.pool_for(manifest),
         )
 
@@ -195,11 +201,14 @@ class Ingress:
             return
         self.gateway.set_routing(table)
         self._accepted = True
-        await asyncio.to_thread(save_accepted, self._app, table.config.model_dump(mode="json"))
         logger.info("routing config applied", extra={"aliases": sorted(table.config.aliases)})
-        await self._post_pins()
-        if self._pin_task is None:
-            self._pin_task = asyncio.get_running_loop().create_task(self._repost_pins())
+        try:
+            config = table.config.model_dump(mode="json")
+            await asyncio.to_thread(self._accepted_routing.save, config)
+        except StorageUnavailable as exc:
+            # NOTE: the record is only a fallback for replicas started later with a refused
+            # config; failing the reconfigure would make Serve stop this replica.
+            logger.warning("accepted routing not recorded", extra={"error": exc.message})
 
     def _compile(self, user_config: dict[str, Any]) -> RoutingTable:
         try:
@@ -212,35 +221,17 @@ class Ingress:
             raise InvalidRouting(f"routing config refused: {exc.message}") from exc
 
     def _fallback(self) -> RoutingTable | None:
-        accepted = read_accepted(self._app)
+        try:
+            accepted = self._accepted_routing.read()
+        except StorageUnavailable as exc:
+            logger.warning("accepted routing not readable", extra={"error": exc.message})
+            return None
         if accepted is None:
             return None
         try:
             return self._compile(accepted)
         except InvalidRouting:
             return None
-
-    async def _post_pins(self) -> None:
-        """Post each pool's pins (all pools: an empty list unpins) when they changed."""
-        try:
-            by_pool = self.gateway.routing.pins_by_pool()
-        except StorageUnavailable:
-            return  # NOTE: no registry yet; the next round posts them
-        except FleetError as exc:
-            logger.error("pins not resolvable", extra={"error": exc.message})
-            return
-        for pool in self._pools:
-            manifests = by_pool.get(pool, [])
-            if self._posted_pins.get(pool) != str([m.key for m in manifests]):
-                await asyncio.to_thread(post_pins, self._app, pool, manifests)
-                self._posted_pins[pool] = str([m.key for m in manifests])
-
-    async def _repost_pins(self) -> None:
-        # NOTE: pins naming a model without a version follow its latest version, and a
-        # registry unreadable at reconfigure time becomes readable later.
-        while True:
-            await asyncio.sleep(self._config.registry_refresh_s)
-            await self._post_pins()
 
     async def _dispatch(self, call: PredictCall) -> PredictResponse:
         key = (call.pool, call.manifest.key)
@@ -312,10 +303,6 @@ class Ingress:
         return self.gateway.routing_report()
 
     def __del__(self) -> None:
-        if self._pin_task is not None:
-            # NOTE: __del__ may run off the event loop's thread; cancel from the loop.
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                self._pin_task.get_loop().call_soon_threadsafe(self._pin_task.cancel)
         self.registry.stop()
         if self._stats_publisher is not None:
             self._stats_publisher.close()

@@ -1,12 +1,21 @@
 """Model-host deployment: one replica of a pool, over `serve_app.host.model_host.ModelHost`.
 
 Each pool is one Serve deployment of this class (`ModelHost` for the default pool,
-`ModelHost-<pool>` for others). Its config pins come from the routing board (see
-`routing_board`): read and loaded before the replica reports ready, then polled every
-`PIN_POLL_S`. Besides predictions it runs management commands addressed to it (`manage`,
-delivered by `deployments.router.ModelAffinityRouter`) and applies the pin store of the
-management API every `PIN_SYNC_S` seconds, starting at once, so a restarted replica gets
-its pins back. Each path releases only the pins it took.
+`ModelHost-<pool>` for others).
+
+Config pins come through Serve: the deployment's `user_config` is the routing (the same
+one the Ingress gets; `build_app` sets it from `args.routing`, a `serve deploy` config under
+`deployments:`), and `reconfigure()` applies the pins its rules place in this pool
+(`serve_app.host.config_pins`: resolved from the store, since hosts have no registry). Serve
+calls `reconfigure()` before the replica is ready, so pins are resident before it takes
+traffic, on every (re)start, and again on a `serve deploy` that changes only user_config,
+without restarting the replica. Pins without a version follow the latest one, and pins the
+store could not resolve are retried, every `CONFIG_PIN_REFRESH_S`.
+
+Besides predictions it runs management commands addressed to it (`manage`, delivered by
+`deployments.router.ModelAffinityRouter`) and applies the management API's pin store (in the
+model store, `serve_app.storage.state_store`) every `PIN_SYNC_S` seconds, starting at once,
+so a restarted replica gets its pins back. Each path releases only the pins it took.
 """
 
 from __future__ import annotations
@@ -19,13 +28,12 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.serve._private.common import RequestRoutingInfo
-from ray.serve.context import _get_global_client
 
-from deployments.replica_directory import GcsKeyValue, ReplicaPublisher
-from deployments.routing_board import read_pins
+from deployments.ray_internals import push_model_ids
+from deployments.replica_directory import ReplicaPublisher
 from serve_app.config import PoolConfig, StoreConfig
 from serve_app.host.coalescer import Coalescer
+from serve_app.host.config_pins import ConfigPins
 from serve_app.host.model_host import ModelHost
 from serve_app.management.pins import PinStore
 from serve_app.observability.logs import configure_logging
@@ -38,11 +46,14 @@ from serve_app.schemas import (
     PredictCall,
     PredictResponse,
 )
+from serve_app.storage.manifest import Manifest
+from serve_app.storage.state_store import AcceptedRouting, StoreKeyValue
 from serve_app.storage.store import ModelStore
 
 logger = logging.getLogger(__name__)
 PIN_POLL_S = 1.0
 PIN_SYNC_S = 2.0
+CONFIG_PIN_REFRESH_S = 10.0  # one LIST per un-versioned (or unresolved) config pin
 ADVERTISE_EVERY_S = 0.1  # as often as Ray's @serve.multiplexed pushes model ids
 
 
@@ -50,7 +61,10 @@ ADVERTISE_EVERY_S = 0.1  # as often as Ray's @serve.multiplexed pushes model ids
 class ModelHostDeployment:
     """Holds models in a byte-budgeted cache and tells the router which ones it holds."""
 
-    async def __init__(self, config: PoolConfig, store_config: StoreConfig) -> None:
+    async def __init__(
+        self, config: PoolConfig, store_config: StoreConfig, pools: list[str] | None = None
+    ) -> None:
+        """`pools`: every pool of the app in declared order (pins are placed among them)."""
         configure_logging()
         context = serve.get_replica_context()
         self._app = context.app_name
@@ -60,9 +74,10 @@ class ModelHostDeployment:
         self._advertiser: Coalescer[list[str]] = Coalescer(
             self._push_routing_info, ADVERTISE_EVERY_S, asyncio.get_running_loop()
         )
+        store = ModelStore(store_config)
         self.host = ModelHost(
             config,
-            ModelStore(store_config),
+            store,
             replica=replica,
             pool=config.name,
             on_routing_change=self._advertise,
@@ -75,33 +90,72 @@ class ModelHostDeployment:
             on_heartbeat=self.host.refresh_gauges,
             actor_name=ray.get_runtime_context().get_actor_name(),
         )
-        self._pins_seen: str | None = None
-        await self._apply_pins()  # NOTE: pins are resident before the replica takes traffic
+        state = StoreKeyValue.of(store)
+        self._accepted = AcceptedRouting(state, context.app_name)
+        self._config_pins = ConfigPins(store, config.name, pools or [config.name])
+        self._config_lock = asyncio.Lock()
+        self._config_applied: list[str] | None = None  # keys last given to set_pins
+        self._set_pin_errors: dict[str, str] = {}
+        self._config_refresh_at = 0.0
         self._directory.publish(self.host.status())
         self._published_at = time.monotonic()
+        self._readvertise_at: float | None = time.monotonic() + PIN_POLL_S
         self._pin_poller = asyncio.get_running_loop().create_task(self._poll_pins())
-        self._pins = PinStore(GcsKeyValue(), context.app_name)
+        self._pins = PinStore(state, context.app_name)
         self._pin_sync = asyncio.get_running_loop().create_task(self._sync_pins_forever())
 
-    async def _apply_pins(self) -> None:
-        posted = await asyncio.to_thread(read_pins, self._app, self._pool)
-        if posted is None or posted[0] == self._pins_seen:
+    async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Serve `user_config`: the routing, whose pins in this pool are made resident here
+        before this returns. Never raises (Serve would stop the replica): a routing this
+        pool cannot take is logged and leaves the pins as they were."""
+        async with self._config_lock:
+            first = self._config_applied is None
+            try:
+                manifests = await asyncio.to_thread(
+                    self._config_pins.configure, user_config, self._read_accepted
+                )
+                if manifests is not None:
+                    await self._apply_config_pins(manifests, force=True)
+            except Exception:  # NOTE: logged; the poller retries what did not resolve
+                logger.exception("applying config pins failed", extra={"pool": self._pool})
+            self._config_refresh_at = time.monotonic() + CONFIG_PIN_REFRESH_S
+        if first:
+            # NOTE: pins loaded before the replica was ready were reported before the
+            # controller knew it; report them again once it serves.
+            self._readvertise_at = time.monotonic() + PIN_POLL_S
+
+    def _read_accepted(self) -> dict[str, Any] | None:
+        return self._accepted.read()
+
+    async def _apply_config_pins(self, manifests: list[Manifest], force: bool = False) -> None:
+        keys = sorted(m.key for m in manifests)
+        if keys == self._config_applied and not force:
+            self.host.pin_errors = {**self._config_pins.errors, **self._set_pin_errors}
             return
-        self._pins_seen = posted[0]
-        await self.host.set_pins(posted[1])
+        self._set_pin_errors = await self.host.set_pins(manifests)
+        self._config_applied = keys
+        self.host.pin_errors = {**self._config_pins.errors, **self._set_pin_errors}
         self._directory.publish(self.host.status())
 
+    async def _refresh_config_pins(self) -> None:
+        """Follow the latest version of un-versioned pins, retry unresolved ones."""
+        if time.monotonic() < self._config_refresh_at or not self._config_pins.needs_refresh:
+            return
+        async with self._config_lock:
+            self._config_refresh_at = time.monotonic() + CONFIG_PIN_REFRESH_S
+            manifests = await asyncio.to_thread(self._config_pins.refresh)
+            await self._apply_config_pins(manifests)
+
     async def _poll_pins(self) -> None:
-        await asyncio.sleep(PIN_POLL_S)
-        # NOTE: pins loaded in __init__ were reported before the controller knew this
-        # replica; report them again now that it serves.
-        self._advertise(self.host.cache.routing_keys())
         while True:
             await asyncio.sleep(PIN_POLL_S)
+            if self._readvertise_at is not None and time.monotonic() >= self._readvertise_at:
+                self._readvertise_at = None
+                self._advertise(self.host.cache.routing_keys())
             try:
-                await self._apply_pins()
+                await self._refresh_config_pins()
             except Exception:  # NOTE: the poller must outlive a bad read; logged
-                logger.exception("applying pins failed", extra={"pool": self._pool})
+                logger.exception("refreshing config pins failed", extra={"pool": self._pool})
             # NOTE: request counters publish at most once a second from the request path;
             # this tick publishes the last ones once traffic stops.
             self._maybe_publish()
@@ -112,7 +166,7 @@ class ModelHostDeployment:
                 records = await asyncio.to_thread(self._pins.list)
                 await self.host.reconcile_pins(records)
             except Exception:
-                # NOTE: a GCS hiccup or a bad record must not end pin syncing for good.
+                # NOTE: a store hiccup or a bad record must not end pin syncing for good.
                 logger.exception("pin sync failed")
             await asyncio.sleep(PIN_SYNC_S)
 
@@ -127,9 +181,7 @@ class ModelHostDeployment:
 
     def _push_routing_info(self, keys: list[str]) -> None:
         # NOTE: the same controller call Ray's @serve.multiplexed wrapper makes.
-        _get_global_client().record_request_routing_info(
-            RequestRoutingInfo(replica_id=self._replica_id, multiplexed_model_ids=keys)
-        )
+        push_model_ids(self._replica_id, keys)
         if hasattr(self, "_directory"):
             self._directory.publish(self.host.status())
 
@@ -163,6 +215,21 @@ class ModelHostDeployment:
     def status(self) -> dict[str, Any]:
         """Budget, resident bytes and models of this replica."""
         return self.host.status()
+
+    async def record_routing_stats(self) -> dict[str, int]:
+        """Serve's routing-stats hook: this replica's memory budget and its use, for the
+        router's placement of cold models (`deployments.router.rank_for_load`).
+
+        Serve's controller calls it every `request_routing_stats_period_s` and rebroadcasts
+        the replica set to every router when the answer changed, so it holds only what
+        moves with residency (not the request counters, which change on every call).
+        """
+        cache = self.host.cache
+        return {
+            "budget_bytes": cache.budget_bytes,
+            "resident_bytes": cache.resident_bytes,
+            "reserved_bytes": cache.reserved_bytes,
+        }
 
     async def __del__(self) -> None:
         for task in (self._pin_poller, self._pin_sync):

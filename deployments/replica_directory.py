@@ -8,7 +8,8 @@ older than `STALE_S`, so a dead replica disappears on its own. A replica that na
 actor is also checked by name on `read_replicas(check_alive=True)`, so one killed without
 a goodbye (`ray.kill`) leaves such listings at once.
 
-`GcsKeyValue` is the same store behind `serve_app.management.pins.KeyValue`, for the pin store.
+State that must outlive the cluster (pins, the accepted routing) is not kept here but in the
+model store (`serve_app.storage.state_store`).
 """
 
 from __future__ import annotations
@@ -21,27 +22,17 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.experimental.internal_kv import (
-    _internal_kv_del,
-    _internal_kv_get,
-    _internal_kv_list,
-    _internal_kv_put,
-)
-from ray.serve._private.constants import SERVE_NAMESPACE
+
+from deployments.ray_internals import SERVE_NAMESPACE, kv_delete, kv_get, kv_list, kv_put
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
 STALE_S = 10.0
-_NAMESPACE = "fleetserve"
 
 
 def _prefix(app: str, kind: str) -> str:
     return f"{app}/{kind}/"
-
-
-def _kv_put(key: str, value: str) -> None:
-    _internal_kv_put(key, value, overwrite=True, namespace=_NAMESPACE)
 
 
 class ReplicaPublisher:
@@ -55,7 +46,7 @@ class ReplicaPublisher:
         source: Callable[[], dict[str, Any]] | None = None,
         interval_s: float = HEARTBEAT_S,
         on_heartbeat: Callable[[], None] | None = None,
-        put: Callable[[str, str], None] = _kv_put,
+        put: Callable[[str, str], None] = kv_put,
         actor_name: str | None = None,
     ) -> None:
         """`source`, if given, is polled from the publishing thread every `interval_s`
@@ -134,7 +125,7 @@ class ReplicaPublisher:
     def close(self) -> None:
         """Stop publishing and remove this replica's entry."""
         self.stop()
-        _internal_kv_del(self._key, namespace=_NAMESPACE)
+        kv_delete(self._key)
 
 
 def read_replicas(
@@ -147,10 +138,10 @@ def read_replicas(
     """
     now = time.time()
     out = []
-    for key in _internal_kv_list(_prefix(app, kind), namespace=_NAMESPACE):
-        if exclude is not None and key.decode().endswith("/" + exclude):
+    for key in kv_list(_prefix(app, kind)):
+        if exclude is not None and key.endswith("/" + exclude):
             continue
-        raw = _internal_kv_get(key, namespace=_NAMESPACE)
+        raw = kv_get(key)
         if raw is None:
             continue
         body = json.loads(raw)
@@ -171,23 +162,3 @@ def _actor_alive(body: dict[str, Any]) -> bool:
     except ValueError:
         return False
     return True
-
-
-class GcsKeyValue:
-    """`serve_app.management.pins.KeyValue` over Ray's GCS internal KV (outlives every replica)."""
-
-    def get(self, key: str) -> bytes | None:
-        """The value at `key`, or None."""
-        return _internal_kv_get(key, namespace=_NAMESPACE)
-
-    def put(self, key: str, value: bytes) -> None:
-        """Write `value` at `key`."""
-        _internal_kv_put(key, value, overwrite=True, namespace=_NAMESPACE)
-
-    def delete(self, key: str) -> None:
-        """Remove `key`."""
-        _internal_kv_del(key, namespace=_NAMESPACE)
-
-    def keys(self, prefix: str) -> list[str]:
-        """Every key that starts with `prefix`."""
-        return [k.decode() for k in _internal_kv_list(prefix, namespace=_NAMESPACE)]

@@ -1,9 +1,10 @@
 """The pin store: which model versions must stay resident, kept outside any replica.
 
-A pin is desired state. It lives in a small key-value store (in Serve: Ray's GCS internal
-KV, which outlives replicas) under `<app>/pins/<model_id>@<version>`, one JSON record each.
-Model-host replicas apply every pin on start and on their heartbeat (pin in the cache, then
-load), and release pins that disappeared, so a restarted replica gets its pins back. The
+A pin is desired state. It lives in a small key-value store (in Serve: the model store
+itself, `serve_app.storage.state_store.StoreKeyValue` under `<root>/_fleet/`, which outlives
+every replica and the Ray cluster) under `<app>/pins/<model_id>@<version>`, one JSON record
+each. Model-host replicas apply every pin on start and on their heartbeat (pin in the cache,
+then load), and release pins that disappeared, so a restarted replica gets its pins back. The
 record carries the manifest, so a host can load the model without the registry.
 
 A pinned model is resident on every replica of the pool; `source` says who asked for it

@@ -20,6 +20,7 @@ from serve_app.storage.manifest import (
     validate_version,
     version_sort_key,
 )
+from serve_app.storage.state_store import is_state_path
 from serve_app.storage.store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,10 @@ class Registry:
 
     def refresh(self) -> int:
         """List the store and read new manifests; return how many versions are known."""
-        paths = self.store.list_manifest_paths()
+        # NOTE: serving state (pins, the accepted routing) lives under <root>/_fleet/, which
+        # no model id can name; it is never a model (see serve_app.storage.state_store).
+        root = self.store.root
+        paths = [p for p in self.store.list_manifest_paths() if not is_state_path(root, p)]
         new = self.store.read_manifests([p for p in paths if p not in self._by_path])
         fresh = {p: self._by_path.get(p) or new[p] for p in paths if p in self._by_path or p in new}
         by_model: dict[str, dict[str, Manifest]] = {}

@@ -137,16 +137,22 @@ class FleetApp:
 
 
 @pytest.fixture(scope="session")
-def app(
-    ray_cluster: dict[str, Any], store_config: StoreConfig, fleet: dict[str, Manifest]
-) -> FleetApp:
+def serve_url(ray_cluster: dict[str, Any]) -> str:
+    """Serve's HTTP proxy, started once for the session on a free loopback port."""
+    from ray import serve
+
+    port = find_free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def app(serve_url: str, store_config: StoreConfig, fleet: dict[str, Manifest]) -> FleetApp:
     """The `fleet` app on real Ray Serve: 2 host replicas of BUDGET bytes each."""
     from ray import serve
 
     from deployments.builder import build_app
 
-    port = find_free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = AppConfig.model_validate(
         {
             "store": store_config.model_dump(),
@@ -163,7 +169,7 @@ def app(
         }
     )
     serve.run(build_app(config), name="fleet", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
+    url = serve_url
 
     def healthy() -> bool:
         try:

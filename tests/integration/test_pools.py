@@ -3,8 +3,9 @@ does it: `serve deploy <config.yaml>` against the session cluster's dashboard.
 
 The `pools` app (route /pools) has two ingress replicas and two pools: `tabular` (fraud
 models, the default pool) and `text` (text classifiers, and models tagged `pool-text`). Its
-routing (Ingress user_config) splits `fraud-ab` 90/10 with a shadow arm and pins the split's
-arms and one classifier.
+routing splits `fraud-ab` 90/10 with a shadow arm and pins the split's arms and one
+classifier; it is the `user_config` of the Ingress (routing) and of both host deployments
+(their pins), as the README's config shows.
 Tests run in file order: the last ones redeploy the app.
 """
 
@@ -77,7 +78,11 @@ def write_config(
                     # counters are merged across them
                     "ingress": {"num_cpus": 0.1, "registry_refresh_s": 1.0, "num_replicas": 2},
                 },
-                "deployments": [{"name": "Ingress", "user_config": route}],
+                # the routing: the Ingress routes by it, each pool's hosts keep its pins
+                "deployments": [
+                    {"name": name, "user_config": route}
+                    for name in ("Ingress", "ModelHost-tabular", "ModelHost-text")
+                ],
             }
         ]
     }
@@ -374,6 +379,49 @@ def test_storm_keeps_the_other_pools_warm_p99_within_1_5x(pools: Pools, tmp_path
     (every cost removed here raised its rate, 20 -> 29 req/s), and the text pool's requests
     share those two cores. Run it where the gateway and the pools get their own cores."""
     assert storm_against_warm(pools, tmp_path, samples=600) <= 1.5
+
+
+def test_restarted_host_gets_its_config_pins_and_api_pins_back(
+    pools: Pools, store: ModelStore
+) -> None:
+    """A host replica killed with `ray.kill` comes back with the routing's pins (its
+    user_config, applied by reconfigure() before it serves) and the management API's pins
+    (records in the model store, not in Ray's internal KV)."""
+    import ray
+
+    from serve_app.management.pins import PinStore
+    from serve_app.storage.state_store import StoreKeyValue
+
+    model = fraud_ids()[21]
+    key = f"{model}@1"
+    url = f"{pools.url}/v1/models/{model}/pin"
+    try:
+        assert httpx.put(url, timeout=120).status_code == 200
+        records = PinStore(StoreKeyValue.of(ModelStore(store.config)), APP).list()
+        assert [(r.key, r.pool, r.source) for r in records] == [(key, "tabular", "api")]
+        victim = pools.hosts()["tabular"]
+        assert {ARM_A, ARM_B, key} <= set(victim["pinned"])
+        ray.kill(ray.get_actor(victim["actor_name"], namespace=victim["namespace"]))
+        killed_at = time.monotonic()
+
+        def replaced() -> dict[str, Any] | None:
+            host = {r["pool"]: r for r in httpx.get(f"{pools.url}/v1/replicas", timeout=30).json()}
+            new = host.get("tabular")
+            if new is None or new["replica"] == victim["replica"]:
+                return None
+            resident = {m["key"] for m in new["models"]}
+            want = {ARM_A, ARM_B, key}
+            return new if want <= set(new["pinned"]) and want <= resident else None
+
+        new = wait_for(replaced, 180, "a new tabular host with every pin resident", every_s=0.5)
+        back_s = time.monotonic() - killed_at
+        assert new["pin_errors"] == {}
+        assert pools.predict("fraud-ab", inputs_for("fraud-x")).status_code == 200
+    finally:
+        httpx.delete(url, timeout=120)
+    wait_for(lambda: key not in pools.hosts()["tabular"]["pinned"], 30, "the API pin released")
+    assert {ARM_A, ARM_B} <= set(pools.hosts()["tabular"]["pinned"])  # config pins stay
+    print(f"\nrestarted tabular host with config and API pins resident after {back_s:.1f}s")
 
 
 def test_live_change_reconfigures_without_restarts_reloads_or_drops(

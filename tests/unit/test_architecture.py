@@ -88,9 +88,7 @@ def test_importing_the_serving_code_loads_no_dev_tooling() -> None:
 def test_no_import_cycles_between_serving_modules() -> None:
     graph = {
         name: {
-            i
-            for i in _imports(path, name, runtime_only=True)
-            if i in SERVING_MODULES and i != name
+            i for i in _imports(path, name, runtime_only=True) if i in SERVING_MODULES and i != name
         }
         for name, path in SERVING_MODULES.items()
     }

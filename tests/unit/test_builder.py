@@ -1,5 +1,6 @@
-"""build_app: one deployment per pool, and the routing only in the Ingress's user_config, so
-a routing change leaves every deployment's init arguments as they were."""
+"""build_app: one deployment per pool, and the routing only in user_configs (the Ingress's
+and, for their pins, every host pool's), so a routing change leaves every deployment's init
+arguments as they were."""
 
 from __future__ import annotations
 
@@ -42,18 +43,28 @@ def test_access_lines_are_written_at_the_ingress_only() -> None:
     assert ingress_logging is None or ingress_logging["enable_access_log"] is True
 
 
-def test_routing_changes_only_the_ingress_user_config() -> None:
+def test_routing_changes_only_user_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routing (pins included) is every deployment's user_config: Serve reconfigures
+    running replicas when only user_config changes; init args never carry it."""
+    monkeypatch.setattr("deployments.builder.check_routing", lambda config: None)  # no store
     first = deployments({"pools": POOLS, "routing": {"pins": []}})
-    second = deployments(
-        {
-            "pools": POOLS,
-            "routing": {"rules": [{"pattern": "x-*", "pool": "b"}], "sticky_header": "X-Tenant"},
-        }
-    )
+    routing = {
+        "rules": [{"pattern": "x-*", "pool": "b"}],
+        "sticky_header": "X-Tenant",
+        "pins": ["x-1@2", "y"],
+    }
+    second = deployments({"pools": POOLS, "routing": routing})
     for name in first:
         assert repr(first[name].init_args) == repr(second[name].init_args), name
     assert first["Ingress"]._deployment_config.user_config["sticky_header"] == "X-User-Id"
     assert second["Ingress"]._deployment_config.user_config["sticky_header"] == "X-Tenant"
+    for name in ("ModelHost-a", "ModelHost-b"):
+        config = second[name]._deployment_config.user_config
+        assert config == second["Ingress"]._deployment_config.user_config
+        assert config["pins"] == ["x-1@2", "y"]
+        assert config["rules"][0]["pattern"] == "x-*"
+        assert first[name]._deployment_config.user_config["pins"] == []
+        assert second[name].init_args[2] == ["a", "b"]  # the pools pins are placed among
 
 
 def test_bad_pools_fail_the_build_with_what_to_fix() -> None:
