@@ -1,47 +1,32 @@
 """Integration fixtures: one real SeaweedFS, one Ray instance, one `fleet` app per session.
 
 The fleet published for the session is at least 3x one replica's memory budget, so the
-churn test forces evictions. Everything started here is stopped here.
-"""
+churn test forces evictions. Everything started here is stopped here."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from devstack.demo_fleet import TEXT_CLASSIFIERS, fraud_model_ids, publish_demo_fleet
+from devstack.demo_fleet import publish_demo_fleet
 from devstack.seaweed import SeaweedServer, find_free_port
 from serve_app.config import AppConfig, StoreConfig
 from serve_app.storage.manifest import Manifest
 from serve_app.storage.store import ModelStore, wait_for_store
-
-BUDGET = 95 * 10**6  # per host replica: minilm-embed (~91 MB) fits, little else beside it
-FRAUD_COUNT = 40
-CLASSIFIERS = tuple(s for s in TEXT_CLASSIFIERS if s.model_id != "text-clf-toxicity")
-
-
-def wait_for(
-    condition: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1
-) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(every_s)
+from tests.support import (
+    BUDGET,
+    CLASSIFIERS,
+    FRAUD_COUNT,
+    FleetApp,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="session")
@@ -118,24 +103,6 @@ def ray_cluster(s3: SeaweedServer) -> Iterator[dict[str, Any]]:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@dataclass
-class FleetApp:
-    """The running `fleet` app: its HTTP base URL and config."""
-
-    url: str
-    config: AppConfig
-
-    def predict(self, model_id: str, inputs: list[Any], **kwargs: Any) -> httpx.Response:
-        return httpx.post(
-            f"{self.url}/v1/models/{model_id}/predict",
-            json={"inputs": inputs, **kwargs},
-            timeout=120,
-        )
-
-    def replicas(self) -> list[dict[str, Any]]:
-        return httpx.get(f"{self.url}/v1/replicas", timeout=30).json()
-
-
 @pytest.fixture(scope="session")
 def serve_url(ray_cluster: dict[str, Any]) -> str:
     """Serve's HTTP proxy, started once for the session on a free loopback port."""
@@ -180,26 +147,3 @@ def app(serve_url: str, store_config: StoreConfig, fleet: dict[str, Manifest]) -
     wait_for(healthy, 180, "the fleet app to become healthy", every_s=0.5)
     wait_for(lambda: len(FleetApp(url, config).replicas()) == 2, 60, "2 host replicas")
     return FleetApp(url, config)
-
-
-def publish_fresh_models(
-    app: FleetApp, store: ModelStore, root: Path, ids: list[str], first_index: int
-) -> None:
-    """Publish small fraud-style models under new ids (no other test's traffic), version 1,
-    and wait until the app's registry lists them all."""
-    from devstack.demo_fleet import write_fraud_model
-    from serve_app.storage.publisher import publish_path
-
-    for i, model_id in enumerate(ids):
-        publish_path(store, write_fraud_model(root / model_id, first_index + i), model_id, "1")
-    wait_for(
-        lambda: all(
-            httpx.get(f"{app.url}/v1/models/{m}", timeout=10).status_code == 200 for m in ids
-        ),
-        30,
-        "the new models in the registry",
-    )
-
-
-def fraud_ids() -> list[str]:
-    return fraud_model_ids(FRAUD_COUNT)

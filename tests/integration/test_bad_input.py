@@ -15,8 +15,8 @@ from devstack.seaweed import SeaweedServer
 from serve_app.api.app import MODEL_ID_HEADER
 from serve_app.loading.architectures import MlpSpec
 from serve_app.storage.store import ModelStore
-from tests.integration.conftest import FleetApp, fraud_ids, wait_for
 from tests.integration.reference import inputs_for
+from tests.support import FleetApp, fraud_ids, wait_for
 
 GOOD = fraud_ids()[1]
 

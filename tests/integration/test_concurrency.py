@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from devstack.demo_fleet import TEXT_CLASSIFIERS
-from tests.integration.conftest import FleetApp
 from tests.integration.reference import assert_same, expected
+from tests.support import FleetApp
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from devstack.demo_fleet import FRAUD_FEATURES, write_fraud_model
 from serve_app.config import StoreConfig
 from serve_app.storage.publisher import publish_path
 from serve_app.storage.store import ModelStore
-from tests.integration.conftest import wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 

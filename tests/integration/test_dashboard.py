@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 
 from devstack.ray_head import ray_auth_headers
-from tests.integration.conftest import FleetApp, wait_for
+from tests.support import FleetApp, wait_for
 
 
 def test_dashboard_shows_fleet_healthy(app: FleetApp, ray_cluster: dict[str, Any]) -> None:

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import FleetApp, fraud_ids
 from tests.integration.reference import assert_same, expected, inputs_for
+from tests.support import FleetApp, fraud_ids
 
 ROOT = Path(__file__).resolve().parents[2]
 

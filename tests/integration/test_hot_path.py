@@ -14,8 +14,8 @@ import httpx
 from devstack.demo_fleet import FRAUD_FEATURES
 from serve_app.storage.manifest import Manifest
 from serve_app.storage.store import ModelStore
-from tests.integration.conftest import FleetApp, fraud_ids, publish_fresh_models, wait_for
 from tests.integration.reference import TEXTS, assert_same, expected
+from tests.support import FleetApp, fraud_ids, publish_fresh_models, wait_for
 
 # NOTE: Ray's multiplexed matching timeout is drawn from [1 s, 2 s]; a cold request that
 # waited it out would spend at least this long before any replica took it.

@@ -19,8 +19,8 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from serve_app.storage.manifest import Manifest
-from tests.integration.conftest import CLASSIFIERS, FleetApp, fraud_ids, wait_for
 from tests.integration.reference import TEXTS, assert_same, expected, rows_for
+from tests.support import CLASSIFIERS, FleetApp, fraud_ids, wait_for
 
 
 @pytest.fixture(scope="module")

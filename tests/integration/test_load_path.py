@@ -20,7 +20,7 @@ from serve_app.host.model_host import ModelHost
 from serve_app.schemas import PredictCall
 from serve_app.storage.publisher import publish_path
 from serve_app.storage.store import ModelStore
-from tests.integration.conftest import wait_for
+from tests.support import wait_for
 
 
 class TricklingProxy:

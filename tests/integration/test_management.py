@@ -11,8 +11,8 @@ import pytest
 
 from serve_app.cli import main
 from serve_app.storage.manifest import Manifest
-from tests.integration.conftest import BUDGET, FleetApp, fraud_ids, wait_for
 from tests.integration.reference import assert_same, expected, inputs_for
+from tests.support import BUDGET, FleetApp, fraud_ids, wait_for
 
 
 def holders(app: FleetApp, key: str) -> dict[str, dict]:

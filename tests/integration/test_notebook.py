@@ -22,7 +22,7 @@ from nbformat import NotebookNode
 
 from devstack.seaweed import SeaweedServer
 from serve_app.config import StoreConfig
-from tests.integration.conftest import FleetApp
+from tests.support import FleetApp
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"

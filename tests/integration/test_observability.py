@@ -14,8 +14,8 @@ import pytest
 
 from devstack.seaweed import SeaweedServer
 from serve_app.storage.store import ModelStore
-from tests.integration.conftest import FleetApp, publish_fresh_models, wait_for
 from tests.integration.reference import rows_for
+from tests.support import FleetApp, publish_fresh_models, wait_for
 
 WARM = 30
 SECRET_INPUT = "zebra-quartz-unique-input-9f3c"

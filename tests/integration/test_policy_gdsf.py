@@ -17,8 +17,8 @@ import pytest
 from bench.cache_simulation import zipf_trace
 from serve_app.config import AppConfig, StoreConfig
 from serve_app.storage.manifest import Manifest
-from tests.integration.conftest import FleetApp, fraud_ids, wait_for
 from tests.integration.reference import assert_same, expected, inputs_for
+from tests.support import FleetApp, fraud_ids, wait_for
 
 APP = "fleet-gdsf"
 GDSF_BUDGET = 30 * 10**6  # about a third of the models the trace touches

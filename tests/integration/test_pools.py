@@ -28,8 +28,8 @@ import yaml
 
 from serve_app.storage.manifest import Manifest
 from serve_app.storage.store import ModelStore
-from tests.integration.conftest import FleetApp, fraud_ids, wait_for
 from tests.integration.reference import assert_same, expected, inputs_for
+from tests.support import FleetApp, fraud_ids, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,8 @@ from devstack.prometheus import (
 )
 from serve_app.observability.metrics import LATENCY_BUCKETS_MS
 from serve_app.storage.store import ModelStore
-from tests.integration.conftest import FleetApp, publish_fresh_models, wait_for
 from tests.integration.reference import rows_for
+from tests.support import FleetApp, publish_fresh_models, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ import httpx
 
 from serve_app.api.app import MODEL_ID_HEADER
 from serve_app.storage.manifest import Manifest
-from tests.integration.conftest import BUDGET, FleetApp, fraud_ids, wait_for
 from tests.integration.reference import assert_same, expected, inputs_for
+from tests.support import BUDGET, FleetApp, fraud_ids, wait_for
 
 
 def resident_map(app: FleetApp) -> dict[str, list[str]]:

@@ -15,13 +15,10 @@ from serve_app.api.app import create_app
 from serve_app.config import HostConfig, IngressConfig, StoreConfig
 from serve_app.gateway.gateway import Gateway
 from serve_app.host.model_host import ModelHost
-from serve_app.loading.architectures import MlpSpec
 from serve_app.storage.publisher import publish_path
 from serve_app.storage.registry import Registry
 from serve_app.storage.store import ModelStore
-
-SMALL = MlpSpec(input_dim=4, hidden_dims=[8], output_dim=1)
-MB = 2**20
+from tests.support import MB, SMALL
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from serve_app.management.manager import ModelManager
 from serve_app.management.pins import MemoryKeyValue, PinStore
 from serve_app.storage.registry import Registry
 from serve_app.storage.store import ModelStore
-from tests.fakes import LocalHostControl
+from tests.support import LocalHostControl
 
 ROW = [0.1, -0.2, 0.3, 0.4]
 BUDGET = (

@@ -15,7 +15,7 @@ from bench.cache_simulation import (
 )
 from serve_app.cache.model_cache import ModelCache
 from serve_app.cache.policy import GDSFPolicy, LRUPolicy
-from tests.fakes import FakeModel
+from tests.support import FakeModel
 
 
 def trace_of(keys: str, sizes: dict[str, int], costs: dict[str, float] | None = None):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from serve_app.api.native import MODEL_ID_HEADER
 from serve_app.loading.architectures import build_mlp
 from serve_app.storage.store import CLAIM_NAME, ModelStore
-from tests.unit.conftest import SMALL
+from tests.support import SMALL
 
 ROW = [0.1, -0.2, 0.3, 0.4]
 

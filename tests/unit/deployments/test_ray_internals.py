@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import ray
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 INTERNALS = "deployments/ray_internals.py"
 FORBIDDEN = (
     "ray._private",

@@ -38,7 +38,7 @@ def test_percentile_and_median() -> None:
 
 
 def test_fleetserve_bench_finds_the_benchmarks_and_rejects_unknown_names(capsys) -> None:  # type: ignore[no-untyped-def]
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     names = bench_names(root)
     assert {"b1_cold_load", "b2_fetch", "b3_memory", "b6_cold_request", "b8_churn"} <= set(names)
     assert {"b5_policy", "throughput", "warm_overhead", "warm_under_load"} <= set(names)

@@ -8,7 +8,7 @@ import threading
 import time
 
 from deployments.replica_directory import ReplicaPublisher
-from tests.integration.conftest import wait_for
+from tests.support import wait_for
 
 
 def test_heartbeat_keeps_going_after_failures() -> None:

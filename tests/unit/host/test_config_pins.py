@@ -17,7 +17,7 @@ from serve_app.host.config_pins import ConfigPins, PinTarget, pin_targets
 from serve_app.host.model_host import ModelHost
 from serve_app.storage.publisher import publish_path
 from serve_app.storage.store import ModelStore
-from tests.unit.conftest import SMALL
+from tests.support import SMALL
 
 POOLS = ["tabular", "text"]
 SPLIT = {"arms": [{"target": "m-a@1", "weight": 90}, {"target": "m-b", "weight": 10}]}

@@ -7,7 +7,7 @@ import threading
 import time
 
 from serve_app.host.coalescer import Coalescer
-from tests.integration.conftest import wait_for
+from tests.support import wait_for
 
 
 async def test_first_change_goes_out_at_once_and_a_burst_folds_into_one() -> None:

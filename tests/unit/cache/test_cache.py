@@ -18,7 +18,7 @@ from serve_app.errors import (
     NoRoom,
     PinRefused,
 )
-from tests.fakes import FakeLoader, FakeModel
+from tests.support import FakeLoader, FakeModel
 
 MB = 2**20
 

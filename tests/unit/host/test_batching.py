@@ -15,7 +15,7 @@ from serve_app.host.model_host import ModelHost
 from serve_app.schemas import PredictBatch, PredictCall
 from serve_app.storage.manifest import Manifest
 from serve_app.storage.store import ModelStore
-from tests.unit.conftest import MB
+from tests.support import MB
 
 
 class Recorder:

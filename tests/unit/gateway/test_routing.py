@@ -17,7 +17,7 @@ from serve_app.gateway.routing_table import RoutingTable
 from serve_app.storage.publisher import publish_path
 from serve_app.storage.registry import Registry
 from serve_app.storage.store import ModelStore
-from tests.unit.conftest import SMALL
+from tests.support import SMALL
 
 POOLS = [
     PoolConfig(name="default", memory_budget=10**6),

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from serve_app.cache.model_cache import CacheEntry, ModelCache
 from serve_app.cache.policy import GDSFPolicy, LRUPolicy, make_policy
 from serve_app.config import HostConfig
-from tests.fakes import FakeModel
+from tests.support import FakeModel
 
 MB = 2**20
 
