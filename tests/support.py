@@ -42,6 +42,18 @@ def wait_for(
         time.sleep(every_s)
 
 
+def wait_healthy(url: str, timeout_s: float, what: str) -> None:
+    """Poll `GET {url}/healthz` until it answers 200; fail after `timeout_s`."""
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, timeout_s, what, every_s=0.5)
+
+
 @dataclass
 class FleetApp:
     """The running `fleet` app: its HTTP base URL and config."""

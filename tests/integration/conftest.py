@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from devstack.demo_fleet import publish_demo_fleet
@@ -26,6 +25,7 @@ from tests.support import (
     FRAUD_COUNT,
     FleetApp,
     wait_for,
+    wait_healthy,
 )
 
 
@@ -138,12 +138,6 @@ def app(serve_url: str, store_config: StoreConfig, fleet: dict[str, Manifest]) -
     serve.run(build_app(config), name="fleet", route_prefix="/", blocking=False)
     url = serve_url
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(healthy, 180, "the fleet app to become healthy", every_s=0.5)
+    wait_healthy(url, 180, "the fleet app to become healthy")
     wait_for(lambda: len(FleetApp(url, config).replicas()) == 2, 60, "2 host replicas")
     return FleetApp(url, config)

@@ -18,7 +18,7 @@ from devstack.demo_fleet import FRAUD_FEATURES, write_fraud_model
 from serve_app.config import StoreConfig
 from serve_app.storage.publisher import publish_path
 from serve_app.storage.store import ModelStore
-from tests.support import wait_for
+from tests.support import wait_for, wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -52,14 +52,7 @@ def test_config_yaml_deploys_and_serves_cold_then_warm(
     serve.run(build(args), name=name, route_prefix=prefix, blocking=False)
     url = f"{serve_url}{prefix}"
     try:
-
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, 240, "the config.yaml app to become healthy", every_s=0.5)
+        wait_healthy(url, 240, "the config.yaml app to become healthy")
         wait_for(
             lambda: httpx.get(f"{url}/v1/models/{model_id}", timeout=10).status_code == 200,
             60,

@@ -11,14 +11,13 @@ import random
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from bench.cache_simulation import zipf_trace
 from serve_app.config import AppConfig, StoreConfig
 from serve_app.storage.manifest import Manifest
 from tests.integration.reference import assert_same, expected, inputs_for
-from tests.support import FleetApp, fraud_ids, wait_for
+from tests.support import FleetApp, fraud_ids, wait_for, wait_healthy
 
 APP = "fleet-gdsf"
 GDSF_BUDGET = 30 * 10**6  # about a third of the models the trace touches
@@ -48,13 +47,7 @@ def gdsf_app(app: FleetApp, store_config: StoreConfig) -> Iterator[FleetApp]:
     serve.run(build_app(config), name=APP, route_prefix="/gdsf", blocking=False)
     gdsf = FleetApp(f"{app.url}/gdsf", config)
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{gdsf.url}/healthz", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(healthy, 180, "the gdsf app to become healthy", every_s=0.5)
+    wait_healthy(gdsf.url, 180, "the gdsf app to become healthy")
     wait_for(lambda: len(gdsf.replicas()) == 1, 60, "its host replica")
     yield gdsf
     serve.delete(APP)
