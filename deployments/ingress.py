@@ -164,6 +164,7 @@ class Ingress:
             recorder=self.recorder,
             metrics=IngressMetrics(ModelLabels(config.max_model_labels)),
             peer_stats=lambda: read_replicas(self._app, "ingress", exclude=self._replica),
+            host_states=lambda: read_replicas(self._app, "hosts"),
             routing=RoutingTable(RoutingConfig(), pool_configs, self.registry),
             arm_metrics=ArmMetrics(),
         )

@@ -97,7 +97,7 @@ class ModelHostDeployment:
         self._config_applied: list[str] | None = None  # keys last given to set_pins
         self._set_pin_errors: dict[str, str] = {}
         self._config_refresh_at = 0.0
-        self._directory.publish(self.host.status())
+        self._directory.publish(self.status())
         self._published_at = time.monotonic()
         self._readvertise_at: float | None = time.monotonic() + PIN_POLL_S
         self._pin_poller = asyncio.get_running_loop().create_task(self._poll_pins())
@@ -135,7 +135,7 @@ class ModelHostDeployment:
         self._set_pin_errors = await self.host.set_pins(manifests)
         self._config_applied = keys
         self.host.pin_errors = {**self._config_pins.errors, **self._set_pin_errors}
-        self._directory.publish(self.host.status())
+        self._directory.publish(self.status())
 
     async def _refresh_config_pins(self) -> None:
         """Follow the latest version of un-versioned pins, retry unresolved ones."""
@@ -183,7 +183,7 @@ class ModelHostDeployment:
         # NOTE: the same controller call Ray's @serve.multiplexed wrapper makes.
         push_model_ids(self._replica_id, keys)
         if hasattr(self, "_directory"):
-            self._directory.publish(self.host.status())
+            self._directory.publish(self.status())
 
     async def predict(self, call: PredictCall) -> PredictResponse:
         """Predict with the model named by `call.manifest` (loads it on a miss)."""
@@ -204,17 +204,21 @@ class ModelHostDeployment:
         now = time.monotonic()
         if now - self._published_at >= 1.0:
             self._published_at = now
-            self._directory.publish(self.host.status())
+            self._directory.publish(self.status())
 
     async def manage(self, command: HostCommand) -> HostReply:
         """Run a management command (load, unload, pin, unpin) addressed to this replica."""
         reply = await self.host.apply(command)
-        await asyncio.to_thread(self._directory.publish_now, self.host.status())
+        await asyncio.to_thread(self._directory.publish_now, self.status())
         return reply
 
     def status(self) -> dict[str, Any]:
-        """Budget, resident bytes and models of this replica."""
-        return self.host.status()
+        """Budget, resident bytes and models of this replica, and the pins of the routing
+        its `user_config` gave it (`routing_pins`, None before any), so the ingress can
+        tell whether the hosts got the routing it serves (`GET /v1/routing`)."""
+        config_pins = getattr(self, "_config_pins", None)  # NOTE: None early in __init__
+        routing = None if config_pins is None else config_pins.routing
+        return {**self.host.status(), "routing_pins": None if routing is None else routing.pins}
 
     async def record_routing_stats(self) -> dict[str, int]:
         """Serve's routing-stats hook: this replica's memory budget and its use, for the

@@ -47,6 +47,7 @@ class Gateway:
         recorder: StatsRecorder | None = None,
         metrics: IngressMetrics | None = None,
         peer_stats: Callable[[], list[dict[str, Any]]] | None = None,
+        host_states: Callable[[], list[dict[str, Any]]] | None = None,
         routing: RoutingTable | None = None,
         arm_metrics: ArmMetrics | None = None,
     ) -> None:
@@ -56,6 +57,7 @@ class Gateway:
         self.recorder = recorder or StatsRecorder()
         self.metrics = metrics
         self._peer_stats = peer_stats
+        self._host_states = host_states
         self.routing = routing or RoutingTable(RoutingConfig(), [PoolConfig()], registry)
         self.arm_stats = ArmStats()
         self.arm_metrics = arm_metrics
@@ -74,13 +76,18 @@ class Gateway:
         self.rejected = {"error": error, "config": config, "at": time.time()}
 
     def routing_report(self) -> dict[str, Any]:
-        """The active routing, the last refused one (if any) and per-arm counters."""
-        return {
+        """The active routing, the last refused one (if any), per-arm counters, and whether
+        each host replica took the same pins from its own `user_config` (blocking: call it
+        off the event loop)."""
+        report = {
             "active": self.routing.config.model_dump(),
             "pools": list(self.routing.pools),
             "rejected": self.rejected,
             "arms": self.arm_stats.snapshot(peer.get("arms") or {} for peer in self._peers()),
         }
+        if self._host_states is not None:
+            report["hosts"] = host_pin_sync(self.routing.config.pins, self._host_states())
+        return report
 
     def resolve(self, name: str, version: str | None = None, key: str | None = None) -> Route:
         """Resolve a requested name (`id`, `id@version`, alias) to a manifest and pool.
@@ -303,3 +310,24 @@ def with_outputs(task: str, table: pa.Table, outputs: list[Any]) -> pa.Table:
 
 def _numeric(dtype: pa.DataType) -> bool:
     return pa.types.is_integer(dtype) or pa.types.is_floating(dtype)
+
+
+def host_pin_sync(pins: list[str], hosts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which host replicas took the routing pins this ingress serves.
+
+    Hosts read pins from their own deployment's `user_config`; a config that gives the
+    routing to the Ingress only (the layout before pins moved to the hosts) leaves them
+    without. `in_sync` is False when any host replica reports other pins, and `replicas`
+    names each with what it took (`routing_pins`: None before its first `user_config`).
+    """
+    want = sorted(pins)
+    replicas = [
+        {
+            "replica": h.get("replica"),
+            "pool": h.get("pool"),
+            "routing_pins": h.get("routing_pins"),
+            "in_sync": sorted(h.get("routing_pins") or []) == want,
+        }
+        for h in hosts
+    ]
+    return {"in_sync": all(r["in_sync"] for r in replicas), "replicas": replicas}

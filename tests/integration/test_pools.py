@@ -457,6 +457,11 @@ def test_live_change_reconfigures_without_restarts_reloads_or_drops(
         )
         applied_s = time.monotonic() - started
         wait_for(lambda: topic in pools.hosts()["text"]["pinned"], 30, "the new pin")
+        sync = wait_for(
+            lambda: (r := pools.routing()["hosts"])["in_sync"] and r, 30, "hosts' pins in sync"
+        )
+        assert {r["pool"] for r in sync["replicas"]} == {"tabular", "text"}
+        assert all("text-clf-topic" in r["routing_pins"] for r in sync["replicas"])
         time.sleep(0.5)  # traffic keeps flowing a little after the change
     finally:
         stop.set()
