@@ -22,7 +22,7 @@ from tests.support import wait_for, wait_healthy
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _fleet_app_of(config_path: Path) -> dict[str, Any]:

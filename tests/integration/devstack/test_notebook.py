@@ -24,7 +24,7 @@ from devstack.seaweed import SeaweedServer
 from serve_app.config import StoreConfig
 from tests.support import FleetApp
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 KERNEL_NAME = "fleetserve-test-python"
 CELL_TIMEOUT_S = 300

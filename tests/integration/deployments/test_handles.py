@@ -12,7 +12,7 @@ from typing import Any
 from tests.integration.reference import assert_same, expected, inputs_for
 from tests.support import FleetApp, fraud_ids
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_ray_job_gets_predictions_through_handles(
@@ -24,7 +24,7 @@ def test_ray_job_gets_predictions_through_handles(
         [
             sys.executable,
             "-m",
-            "tests.integration.driver_job",
+            "tests.integration.deployments.driver_job",
             ray_cluster["gcs_address"],
             *model_ids,
         ],
