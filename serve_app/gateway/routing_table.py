@@ -50,6 +50,35 @@ def parse_target(target: str) -> tuple[str, str | None]:
     return model_id, None
 
 
+@dataclass(frozen=True)
+class PinTarget:
+    """One model a routing pins: a fixed version, or (version None) the latest one."""
+
+    model_id: str
+    version: str | None = None
+
+    @property
+    def name(self) -> str:
+        """`model_id@version`, or `model_id` for the latest version."""
+        return self.model_id if self.version is None else f"{self.model_id}@{self.version}"
+
+
+def pin_targets(routing: RoutingConfig) -> list[PinTarget]:
+    """What `routing.pins` pins: aliases expanded to their arms, default versions applied.
+
+    Raises:
+        InvalidModelId / InvalidVersion: a malformed name (400).
+    """
+    out: dict[PinTarget, None] = {}
+    for pin in routing.pins:
+        alias = routing.aliases.get(pin)
+        for target in [a.target for a in alias.arms] if alias is not None else [pin]:
+            model_id, version = parse_target(target)
+            version = version or routing.default_versions.get(model_id)
+            out[PinTarget(model_id, version)] = None
+    return list(out)
+
+
 class RoutingTable:
     """Aliases, default versions, pool placement and pins, resolved against the registry."""
 
@@ -193,10 +222,7 @@ class RoutingTable:
         if self.registry.age_s is None:
             raise StorageUnavailable("the registry has not been read yet", retry_after_s=2.0)
         out: dict[str, dict[str, Manifest]] = {}
-        for pin in self.config.pins:
-            alias = self.config.aliases.get(pin)
-            targets = [a.target for a in alias.arms] if alias is not None else [pin]
-            for target in targets:
-                manifest = self._manifest(target)
-                out.setdefault(self.placement.pool_for(manifest), {})[manifest.key] = manifest
+        for target in pin_targets(self.config):
+            manifest = self.registry.resolve(target.model_id, target.version)
+            out.setdefault(self.placement.pool_for(manifest), {})[manifest.key] = manifest
         return {pool: list(by_key.values()) for pool, by_key in out.items()}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,40 +36,11 @@ from serve_app.errors import (
     VersionNotFound,
 )
 from serve_app.gateway.placement import Placement
-from serve_app.gateway.routing_table import parse_target
+from serve_app.gateway.routing_table import PinTarget, pin_targets
 from serve_app.storage.manifest import MANIFEST_NAME, Manifest, validate_version, version_sort_key
 from serve_app.storage.store import ModelStore, storage_errors
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PinTarget:
-    """One model a routing pins: a fixed version, or (version None) the latest one."""
-
-    model_id: str
-    version: str | None = None
-
-    @property
-    def name(self) -> str:
-        """`model_id@version`, or `model_id` for the latest version."""
-        return self.model_id if self.version is None else f"{self.model_id}@{self.version}"
-
-
-def pin_targets(routing: RoutingConfig) -> list[PinTarget]:
-    """What `routing.pins` pins: aliases expanded to their arms, default versions applied.
-
-    Raises:
-        InvalidModelId / InvalidVersion: a malformed name (400).
-    """
-    out: dict[PinTarget, None] = {}
-    for pin in routing.pins:
-        alias = routing.aliases.get(pin)
-        for target in [a.target for a in alias.arms] if alias is not None else [pin]:
-            model_id, version = parse_target(target)
-            version = version or routing.default_versions.get(model_id)
-            out[PinTarget(model_id, version)] = None
-    return list(out)
 
 
 class ConfigPins:

@@ -13,7 +13,8 @@ import pytest
 from devstack.demo_fleet import write_fraud_model
 from serve_app.config import RoutingConfig
 from serve_app.errors import StorageUnavailable
-from serve_app.host.config_pins import ConfigPins, PinTarget, pin_targets
+from serve_app.gateway.routing_table import PinTarget, pin_targets
+from serve_app.host.config_pins import ConfigPins
 from serve_app.host.model_host import ModelHost
 from serve_app.storage.publisher import publish_path
 from serve_app.storage.store import ModelStore
