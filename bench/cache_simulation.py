@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,17 +35,20 @@ from typing import Literal
 
 from serve_app.cache.model_cache import CacheEntry
 from serve_app.cache.policy import EvictionPolicy
+from serve_app.planning.trace import TraceRequest, zipf_trace
+
+# NOTE: traces live in the serving package (the capacity planner reads them too).
+__all__ = [
+    "OptimumBounds",
+    "SimulationResult",
+    "TraceRequest",
+    "belady_size",
+    "offline_bounds",
+    "simulate",
+    "zipf_trace",
+]
 
 Objective = Literal["misses", "load_seconds"]
-
-
-@dataclass(frozen=True)
-class TraceRequest:
-    """One request of a trace: the model's key, resident bytes and the seconds a load takes."""
-
-    key: str
-    nbytes: int
-    load_seconds: float
 
 
 @dataclass
@@ -313,26 +315,3 @@ def _round_and_refill(spans: list[_Interval], x: object, room: object) -> list[b
             window -= iv.nbytes
             kept[j] = True
     return kept
-
-
-# ---------------------------------------------------------------------- traces
-def zipf_trace(
-    models: Sequence[tuple[str, int, float]],
-    alpha: float,
-    length: int,
-    seed: int,
-) -> list[TraceRequest]:
-    """`length` independent requests, Zipf(alpha) over `models` in a seeded random rank order.
-
-    Args:
-        models: (key, resident bytes, load seconds) of each model.
-        alpha: Zipf exponent; the model of rank r is requested with weight r**-alpha.
-        length: number of requests.
-        seed: seeds both the rank order (which model is popular) and the draws.
-    """
-    rng = random.Random(seed)
-    ranked = list(models)
-    rng.shuffle(ranked)
-    weights = [(rank + 1) ** -alpha for rank in range(len(ranked))]
-    picks = rng.choices(ranked, weights=weights, k=length)
-    return [TraceRequest(key, nbytes, cost) for key, nbytes, cost in picks]

@@ -18,7 +18,8 @@ reports alone decide, so an eviction still stops traffic.
 A request for a model that no replica holds or is loading (cold) does not go through Ray's
 multiplexed matching, which keeps retrying the fewest-models replicas until its matching
 timeout (1-2 s) when they reject the request (full), and places by model count, not memory.
-The router ranks every replica at once by free memory budget (budget - resident - reserved,
+The router ranks every replica at once (`serve_app.gateway.replica_ranking`, shared with
+the capacity planner) by free memory budget (budget - resident - reserved,
 as each host returns it from `record_routing_stats`, which Serve's controller polls and
 broadcasts), then by fewest models, and sends the request to the first that accepts it:
 that replica loads it. Until every replica has reported stats once, fewest models decides.
@@ -33,8 +34,7 @@ from __future__ import annotations
 
 import random
 import time
-import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ray.serve.request_router import (
@@ -47,39 +47,11 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from serve_app.gateway.replica_ranking import rank_for_load
 from serve_app.schemas import HostCommand
 
 PENDING_S = 2.0  # longer than a controller round trip, short against any eviction cycle
 MARKING_OPS = frozenset({"load", "pin"})  # management commands that make a replica load K
-
-
-def free_bytes(stats: Mapping[str, Any]) -> int | None:
-    """Budget not used by resident or reserved (loading) models, from a host's routing
-    stats (`ModelHostDeployment.record_routing_stats`); None before its first report."""
-    if "budget_bytes" not in stats:
-        return None
-    return int(
-        stats["budget_bytes"] - stats.get("resident_bytes", 0) - stats.get("reserved_bytes", 0)
-    )
-
-
-def rank_for_load(replicas: Sequence[RunningReplica], model_key: str = "") -> list[RunningReplica]:
-    """Where to load a cold model: most free budget first, then fewest models.
-
-    Free budget counts only once every replica has reported its routing stats (a new
-    replica reports within a stats period); until then fewest models decides. Ties break
-    by a hash of (model, replica), so concurrent requests for one cold model pick the same
-    replica while different models spread.
-    """
-    frees = [free_bytes(r.routing_stats or {}) for r in replicas]
-    known = all(f is not None for f in frees)
-
-    def order(pair: tuple[RunningReplica, int | None]) -> tuple[int, int, int]:
-        replica, free = pair
-        tie = zlib.crc32(f"{model_key}|{replica.replica_id.unique_id}".encode())
-        return (-(free or 0) if known else 0, len(replica.multiplexed_model_ids), tie)
-
-    return [r for r, _ in sorted(zip(replicas, frees, strict=True), key=order)]
 
 
 class AffinityMarks:

@@ -11,6 +11,9 @@ fleetserve demo-fleet --count N      publish the demo fleet
 fleetserve models                    published models and where they are resident
 fleetserve predict MODEL_ID JSON     call a model, e.g. '["some text"]'
 fleetserve load MODEL_ID [--replicas N] | unload MODEL_ID | pin MODEL_ID [--remove]
+fleetserve plan (--access-log FILE... | --zipf A) --replicas 1,2 --budget 1GiB,2GiB
+                                     capacity plan: replay a trace through the real cache
+fleetserve kuberay [-o FILE] [--check] render ops/kuberay/rayservice.yaml from config.yaml
 fleetserve bench [NAMES...] [--runs N]  run benchmarks (bench/<name>.py) from a repo checkout
 """
 
@@ -143,6 +146,115 @@ def cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(kind):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> list:
+        return [kind(part) for part in text.split(",") if part.strip()]
+
+    return parse
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from serve_app.planning.capacity import format_plan, plan
+    from serve_app.planning.trace import (
+        LoadTimeModel,
+        latest_manifests,
+        read_access_log,
+        registry_models,
+        registry_sizes,
+        trace_from_access_log,
+        zipf_trace,
+    )
+    from serve_app.storage.registry import Registry
+
+    registry = Registry(store_from_args(args))
+    registry.refresh()
+    load_time = LoadTimeModel(args.load_fixed_s, args.load_mb_per_s * 1e6)
+    if args.access_log:
+        lines: list[str] = []
+        for path in args.access_log:
+            lines += Path(path).read_text(errors="replace").splitlines()
+        events = read_access_log(lines)
+        sizes = registry_sizes(registry, (e.key for e in events))
+        trace = trace_from_access_log(events, sizes, load_time)
+    else:
+        models = registry_models(latest_manifests(registry), load_time)
+        trace = zipf_trace(models, args.zipf, args.requests, args.seed, args.rate)
+    report = plan(
+        trace,
+        args.replicas,
+        args.budget,
+        args.target_hit_rate,
+        args.policy,
+        args.endpoint_bytes,
+    )
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_plan(report))
+    return 0
+
+
+def cmd_kuberay(args: argparse.Namespace) -> int:
+    from serve_app.deploy.kuberay import KubeRayOptions, render_manifest
+
+    options = KubeRayOptions(image=args.image, name=args.name)
+    text = render_manifest(Path(args.config), options)
+    if args.check:
+        current = Path(args.output).read_text() if Path(args.output).exists() else ""
+        if current != text:
+            print(f"{args.output} is out of date: run `fleetserve kuberay`", file=sys.stderr)
+            return 1
+        return 0
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    from serve_app.config import parse_bytes
+
+    planner = sub.add_parser(
+        "plan", help="capacity plan: replay a trace through the real cache and router code"
+    )
+    source = planner.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--access-log", nargs="+", help="ingress log file(s) with serve_app.access JSON lines"
+    )
+    source.add_argument("--zipf", type=float, help="synthetic Zipf exponent over the registry")
+    planner.add_argument("--requests", type=int, default=10_000, help="Zipf trace length")
+    planner.add_argument("--rate", type=float, default=10.0, help="Zipf requests per second")
+    planner.add_argument("--seed", type=int, default=0, help="Zipf seed")
+    planner.add_argument("--replicas", type=_csv(int), default=[2], help="e.g. 1,2,4")
+    planner.add_argument(
+        "--budget", type=_csv(parse_bytes), default=[2**30], help="per replica, e.g. 1GiB,2GiB"
+    )
+    planner.add_argument("--target-hit-rate", type=float, default=None, help="e.g. 0.9")
+    planner.add_argument("--policy", choices=["lru", "gdsf"], default="lru")
+    planner.add_argument(
+        "--endpoint-bytes",
+        type=parse_bytes,
+        default=None,
+        help="memory of one dedicated endpoint (default: the replica budget)",
+    )
+    planner.add_argument(
+        "--load-fixed-s", type=float, default=0.15, help="load time of unlogged models: fixed"
+    )
+    planner.add_argument(
+        "--load-mb-per-s", type=float, default=200.0, help="... plus bytes at this rate"
+    )
+    planner.add_argument("--json", action="store_true", help="print the plan as JSON")
+    planner.set_defaults(func=cmd_plan)
+
+    kuberay = sub.add_parser("kuberay", help="render the KubeRay RayService from config.yaml")
+    kuberay.add_argument("-o", "--output", default="ops/kuberay/rayservice.yaml")
+    kuberay.add_argument("--image", default=None, help="container image of every Ray pod")
+    kuberay.add_argument("--name", default=None, help="RayService name")
+    kuberay.add_argument(
+        "--check", action="store_true", help="exit 1 if the output file differs (CI)"
+    )
+    kuberay.set_defaults(func=cmd_kuberay)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `fleetserve`."""
     parser = argparse.ArgumentParser(prog="fleetserve", description=__doc__.split("\n")[0])
@@ -207,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("inputs", help="JSON list, e.g. '[\"hello\"]' or '[[0.1, 0.2, ...]]'")
     pred.add_argument("--version", default=None)
     pred.set_defaults(func=cmd_predict)
+    _add_plan_parser(sub)
 
     plugins = []
     for entry_point in entry_points(group=PLUGIN_GROUP):

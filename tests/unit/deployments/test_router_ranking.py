@@ -13,13 +13,8 @@ import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 from ray.serve.request_router import PendingRequest, ReplicaID
 
-from deployments.router import (
-    PENDING_S,
-    AffinityMarks,
-    ModelAffinityRouter,
-    free_bytes,
-    rank_for_load,
-)
+from deployments.router import PENDING_S, AffinityMarks, ModelAffinityRouter
+from serve_app.gateway.replica_ranking import free_bytes, rank_for_load
 from serve_app.schemas import HostCommand
 
 DEPLOYMENT = DeploymentID(name="ModelHost", app_name="fleet")

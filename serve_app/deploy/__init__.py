@@ -1,0 +1,1 @@
+"""What operators deploy: the KubeRay `RayService` rendered from config.yaml (kuberay.py)."""
