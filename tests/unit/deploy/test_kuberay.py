@@ -85,22 +85,31 @@ def test_kuberay_check_fails_on_drift_and_passes_when_current(tmp_path: Path) ->
 def test_manifest_is_valid_against_the_rayservice_crd(
     validator: jsonschema.Validator, manifest: dict[str, Any]
 ) -> None:
-    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    assert manifest["apiVersion"] == "ray.io/v1"
+    assert manifest["kind"] == "RayService"
     assert _errors(validator, manifest) == []
 
 
-@pytest.mark.parametrize(
-    ("where", "change", "expected"),
-    [
-        ("misspelt field", lambda m: m["spec"].update(serveConfig=m["spec"]["serveConfigV2"]), "serveConfig"),
-        ("wrong type", lambda m: m["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].update(maxReplicas="4"), "maxReplicas"),
-        ("missing required", lambda m: m["spec"]["rayClusterConfig"]["workerGroupSpecs"][1].pop("template"), "template"),
-        ("bad enum", lambda m: m["spec"]["rayClusterConfig"]["authOptions"].update(mode="password"), "password"),
-    ],
-)  # fmt: skip
+def _groups(m: dict[str, Any]) -> list[dict[str, Any]]:
+    return m["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+
+
+BREAKAGES = {
+    "misspelt field": (lambda m: m["spec"].update(serveConfig="x"), "serveConfig"),
+    "wrong type": (lambda m: _groups(m)[0].update(maxReplicas="4"), "maxReplicas"),
+    "missing required": (lambda m: _groups(m)[1].pop("template"), "template"),
+    "bad enum": (
+        lambda m: m["spec"]["rayClusterConfig"]["authOptions"].update(mode="password"),
+        "password",
+    ),
+}
+
+
+@pytest.mark.parametrize("where", sorted(BREAKAGES))
 def test_the_schema_check_catches_what_kubernetes_would_refuse(
-    validator: jsonschema.Validator, manifest: dict[str, Any], where: str, change, expected: str
+    validator: jsonschema.Validator, manifest: dict[str, Any], where: str
 ) -> None:
+    change, expected = BREAKAGES[where]
     broken = copy.deepcopy(manifest)
     change(broken)
     errors = _errors(validator, broken)
@@ -116,7 +125,8 @@ def test_serve_config_v2_parses_with_serves_schema_and_appconfig(
     assert schema.proxy_location == "EveryNode"
     assert schema.http_options.host == "0.0.0.0"
     (app,) = schema.applications
-    assert app.name == "fleet" and app.import_path == "deployments.builder:build_app"
+    assert app.name == "fleet"
+    assert app.import_path == "deployments.builder:build_app"
     args = AppConfig.model_validate(app.args)
     assert [p.accelerator for p in args.pool_configs()] == ["cuda"]
     assert args.pool_configs()[0].memory_budget is None  # the GPU's fraction decides
@@ -181,7 +191,8 @@ def test_dockerfile_pins_the_manifests_ray_and_a_cuda_torch(manifest: dict[str, 
     assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == RAY_VERSION
     assert re.search(rf"^ARG RAY_VERSION={re.escape(RAY_VERSION)}$", text, re.M)
     assert re.search(r"^ARG TORCH_INDEX=https://download.pytorch.org/whl/cu\d+$", text, re.M)
-    assert "COPY deployments" in text and "COPY serve_app" in text
+    assert "COPY deployments" in text
+    assert "COPY serve_app" in text
 
 
 def test_a_pools_config_gets_one_gpu_per_gpu_host_and_keeps_cpu_pools(tmp_path: Path) -> None:
@@ -199,7 +210,8 @@ def test_a_pools_config_gets_one_gpu_per_gpu_host_and_keeps_cpu_pools(tmp_path: 
     serve = serve_config(config, KubeRayOptions())
     pools = {p["name"]: p for p in serve["applications"][0]["args"]["pools"]}
     assert pools["tabular"] == args["pools"][0]  # CPU pool untouched
-    assert pools["text"]["accelerator"] == "cuda" and "memory_budget" not in pools["text"]
+    assert pools["text"]["accelerator"] == "cuda"
+    assert "memory_budget" not in pools["text"]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     rendered = yaml.safe_load(render_manifest(path))
