@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,7 +153,16 @@ def replay(
     Raises:
         ModelTooLarge: a model of the trace needs more than one replica's budget.
     """
-    return asyncio.run(_replay(trace, replicas, budget_bytes, policy, seed))
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_replay(trace, replicas, budget_bytes, policy, seed))
+    # NOTE: called from a running event loop (a notebook, an async caller): the replay gets
+    # a loop of its own on a worker thread, so its caches never mix with the caller's tasks.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan-replay") as worker:
+        return worker.submit(
+            asyncio.run, _replay(trace, replicas, budget_bytes, policy, seed)
+        ).result()
 
 
 async def _replay(

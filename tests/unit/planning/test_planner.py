@@ -3,6 +3,7 @@ place models the way the router does, and the plan's numbers follow from the inp
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -180,3 +181,10 @@ def test_access_log_becomes_a_trace_with_measured_load_times() -> None:
     assert trace[0].at == 0.0
     with pytest.raises(KeyError, match="b@1"):
         trace_from_access_log(events, {"a@1": 100})
+
+
+async def test_replay_runs_from_inside_a_running_event_loop_like_a_notebook() -> None:
+    trace = _trace(500)
+    assert replay(trace, 2, 10 * MB).hit_rate == pytest.approx(
+        (await asyncio.to_thread(replay, trace, 2, 10 * MB)).hit_rate
+    )
