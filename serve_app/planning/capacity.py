@@ -205,6 +205,7 @@ def format_plan(report: Plan) -> str:
         lines.append(
             f"{r.replicas:>8} {r.budget_bytes / mb:>10.1f} {r.hit_rate:>9.1%} {cold:>8} "
             f"{r.load_seconds:>9.1f} {r.evictions:>9} {s.consolidation_ratio:>12.1f}x"
+            + (f"  ({r.too_large} requests for models over the budget: 507)" if r.too_large else "")
         )
     for t in report.targets:
         if t.budget_bytes is None:

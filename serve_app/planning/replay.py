@@ -14,7 +14,8 @@ load seconds. Requests are placed the way `deployments/router.py` places them:
 
 What it does not model: concurrency (requests are replayed one at a time, as a sequential
 client sends them), the router's stats lag (a host's stats reach the router within about a
-second; the replay sees them at once), pins, copies of hot models and failed loads.
+second; the replay sees them at once), pins, copies of hot models and failed loads other
+than a model too large for the budget.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 from serve_app.cache.model_cache import ModelCache
 from serve_app.cache.policy import PolicyName, make_policy
+from serve_app.errors import ModelTooLarge
 from serve_app.gateway.replica_ranking import rank_for_load
 from serve_app.planning.trace import TraceRequest
 
@@ -98,6 +100,7 @@ class ReplayResult:
     misses: int = 0
     load_seconds: float = 0.0
     evictions: int = 0
+    too_large: int = 0  # requests for models larger than a replica's budget (507)
     duration_s: float = 0.0
     per_replica_requests: dict[str, int] = field(default_factory=dict)
 
@@ -125,6 +128,7 @@ class ReplayResult:
             else round(self.cold_starts_per_s, 4),
             "load_seconds": round(self.load_seconds, 3),
             "evictions": self.evictions,
+            "too_large": self.too_large,
             "duration_s": round(self.duration_s, 3),
         }
 
@@ -150,8 +154,8 @@ def replay(
 ) -> ReplayResult:
     """Replay `trace` on `replicas` model-host replicas of `budget_bytes` each.
 
-    Raises:
-        ModelTooLarge: a model of the trace needs more than one replica's budget.
+    Requests for a model larger than the budget are counted in `too_large` (the live pool
+    answers them 507 `model_too_large`), and count against the hit rate.
     """
     try:
         asyncio.get_running_loop()
@@ -193,11 +197,15 @@ async def _replay(
     for request in trace:
         clock.now = max(clock.now, request.at)
         replica = _route(pool, request.key, rng)
-        lease = await replica.cache.acquire(
-            request.key, _loader(request, clock), size_hint=request.nbytes
-        )
-        replica.cache.release(request.key, lease.model)
         result.requests += 1
+        try:
+            lease = await replica.cache.acquire(
+                request.key, _loader(request, clock), size_hint=request.nbytes
+            )
+        except ModelTooLarge:
+            result.too_large += 1  # the live pool answers 507: neither a hit nor a load
+            continue
+        replica.cache.release(request.key, lease.model)
         result.per_replica_requests[replica.name] = (
             result.per_replica_requests.get(replica.name, 0) + 1
         )

@@ -188,3 +188,15 @@ async def test_replay_runs_from_inside_a_running_event_loop_like_a_notebook() ->
     assert replay(trace, 2, 10 * MB).hit_rate == pytest.approx(
         (await asyncio.to_thread(replay, trace, 2, 10 * MB)).hit_rate
     )
+
+
+def test_a_model_over_the_budget_is_refused_like_the_live_pool_not_a_crash() -> None:
+    trace = [
+        TraceRequest("small@1", 4, 1.0, 0.0),
+        TraceRequest("huge@1", 50, 1.0, 1.0),
+        TraceRequest("small@1", 4, 1.0, 2.0),
+    ]
+    result = replay(trace, 1, 10)
+    assert (result.hits, result.misses, result.too_large) == (1, 1, 1)
+    assert result.hit_rate == pytest.approx(1 / 3)
+    assert "507" in format_plan(plan(trace, [1], [10]))
