@@ -194,7 +194,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_kuberay(args: argparse.Namespace) -> int:
     from serve_app.deploy.kuberay import KubeRayOptions, render_manifest
 
-    options = KubeRayOptions(image=args.image, name=args.name)
+    options = KubeRayOptions(
+        image=args.image, name=args.name, gcs_redis_address=args.gcs_redis_address
+    )
     text = render_manifest(Path(args.config), options)
     if args.check:
         current = Path(args.output).read_text() if Path(args.output).exists() else ""
@@ -249,6 +251,12 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     kuberay.add_argument("-o", "--output", default="ops/kuberay/rayservice.yaml")
     kuberay.add_argument("--image", default=None, help="container image of every Ray pod")
     kuberay.add_argument("--name", default=None, help="RayService name")
+    kuberay.add_argument(
+        "--gcs-redis-address",
+        default=None,
+        help="turn on GCS fault tolerance with this external Redis (password: Secret "
+        "fleet-redis, key `password`)",
+    )
     kuberay.add_argument(
         "--check", action="store_true", help="exit 1 if the output file differs (CI)"
     )

@@ -55,6 +55,11 @@ class KubeRayOptions:
     cpu_workers_max: int = 4
     ingress_max_replicas: int = 8
     ingress_target_ongoing_requests: int = 32
+    # GCS fault tolerance (README: "Head node failure"): an external Redis, e.g.
+    # "redis.fleet.svc:6379", with its password in the Secret `gcs_redis_secret` (key
+    # `password`). None: no fault tolerance, a head failure restarts the whole cluster.
+    gcs_redis_address: str | None = None
+    gcs_redis_secret: str = "fleet-redis"
 
 
 def serve_config(config: dict[str, Any], options: KubeRayOptions) -> dict[str, Any]:
@@ -184,6 +189,20 @@ def rayservice(config: dict[str, Any], options: KubeRayOptions) -> dict[str, Any
         ("serve", port),
         metrics,
     ]
+    cluster: dict[str, Any] = {
+        "rayVersion": RAY_VERSION,
+        "enableInTreeAutoscaling": True,
+        # NOTE: KubeRay (>= 1.5.1) creates the token Secret and sets RAY_AUTH_MODE /
+        # RAY_AUTH_TOKEN on every Ray container; `ray` clients need the token too.
+        "authOptions": {"mode": "token"},
+    }
+    if options.gcs_redis_address:
+        cluster["gcsFaultToleranceOptions"] = {
+            "redisAddress": options.gcs_redis_address,
+            "redisPassword": {
+                "valueFrom": {"secretKeyRef": {"name": options.gcs_redis_secret, "key": "password"}}
+            },
+        }
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -196,11 +215,7 @@ def rayservice(config: dict[str, Any], options: KubeRayOptions) -> dict[str, Any
             "excludeHeadPodFromServeSvc": True,
             "serveConfigV2": yaml.safe_dump(serve, sort_keys=False),
             "rayClusterConfig": {
-                "rayVersion": RAY_VERSION,
-                "enableInTreeAutoscaling": True,
-                # NOTE: KubeRay (>= 1.5.1) creates the token Secret and sets RAY_AUTH_MODE /
-                # RAY_AUTH_TOKEN on every Ray container; `ray` clients need the token too.
-                "authOptions": {"mode": "token"},
+                **cluster,
                 "headGroupSpec": {
                     "rayStartParams": {
                         "num-cpus": "0",

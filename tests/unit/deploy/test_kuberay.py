@@ -217,3 +217,17 @@ def test_a_pools_config_gets_one_gpu_per_gpu_host_and_keeps_cpu_pools(tmp_path: 
     rendered = yaml.safe_load(render_manifest(path))
     gpu = rendered["spec"]["rayClusterConfig"]["workerGroupSpecs"][1]
     assert (gpu["replicas"], gpu["maxReplicas"]) == (1, 4)
+
+
+def test_gcs_fault_tolerance_with_an_external_redis_is_valid_and_off_by_default(
+    validator: jsonschema.Validator, manifest: dict[str, Any], tmp_path: Path
+) -> None:
+    assert "gcsFaultToleranceOptions" not in manifest["spec"]["rayClusterConfig"]
+    out = tmp_path / "ha.yaml"
+    args = ["--config", str(ROOT / "config.yaml"), "kuberay", "-o", str(out)]
+    assert main([*args, "--gcs-redis-address", "redis.fleet.svc:6379"]) == 0
+    ha = yaml.safe_load(out.read_text())
+    assert _errors(validator, ha) == []
+    options = ha["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert options["redisAddress"] == "redis.fleet.svc:6379"
+    assert options["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == "fleet-redis"
