@@ -156,3 +156,31 @@ def test_planner_hit_rate_is_within_5_points_of_the_live_stack(
     assert abs(from_log.hit_rate - measured) <= TOLERANCE
     assert scenario["hit_rate"] == pytest.approx(from_log.hit_rate, abs=1e-4)
     assert scenario["requests"] == len(trace)
+
+    # No traffic yet: a Zipf over every model the registry lists, at their real sizes.
+    code = main(
+        [
+            "--config",
+            str(ROOT / "config.yaml"),
+            "--store-url",
+            store_config.url,
+            "plan",
+            "--zipf",
+            "0.9",
+            "--requests",
+            "2000",
+            "--replicas",
+            "1,2",
+            "--budget",
+            "200MB",
+            "--target-hit-rate",
+            "0.8",
+            "--json",
+        ]
+    )
+    assert code == 0
+    zipf = json.loads(capsys.readouterr().out)
+    assert zipf["models"] >= MODELS  # the session's fleet and this test's models
+    assert [s["replicas"] for s in zipf["scenarios"]] == [1, 2]
+    assert zipf["scenarios"][0]["hit_rate"] <= zipf["scenarios"][1]["hit_rate"]
+    assert [t["replicas"] for t in zipf["memory_for_target"]] == [1, 2]
