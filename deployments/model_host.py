@@ -222,7 +222,7 @@ class ModelHostDeployment:
 
     async def record_routing_stats(self) -> dict[str, int]:
         """Serve's routing-stats hook: this replica's memory budget and its use, for the
-        router's placement of cold models (`deployments.router.rank_for_load`).
+        router's placement of cold models (`serve_app.gateway.replica_ranking.rank_for_load`).
 
         Serve's controller calls it every `request_routing_stats_period_s` and rebroadcasts
         the replica set to every router when the answer changed, so it holds only what
