@@ -154,13 +154,15 @@ def _csv(kind):  # type: ignore[no-untyped-def]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    import yaml
+
     from serve_app.planning.capacity import format_plan, plan
+    from serve_app.planning.pools import format_pools, overall_hit_rate, replay_config, routing_of
     from serve_app.planning.trace import (
         LoadTimeModel,
         latest_manifests,
         read_access_log,
         registry_models,
-        registry_sizes,
         trace_from_access_log,
         zipf_trace,
     )
@@ -174,15 +176,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for path in args.access_log:
             lines += Path(path).read_text(errors="replace").splitlines()
         events = read_access_log(lines)
-        sizes = registry_sizes(registry, (e.key for e in events))
+        manifests = {key: registry.resolve(*key.split("@", 1)) for key in {e.key for e in events}}
+        sizes = {key: m.weight_bytes for key, m in manifests.items()}
         trace = trace_from_access_log(events, sizes, load_time)
     else:
-        models = registry_models(latest_manifests(registry), load_time)
-        trace = zipf_trace(models, args.zipf, args.requests, args.seed, args.rate)
+        latest = latest_manifests(registry)
+        manifests = {m.key: m for m in latest}
+        trace = zipf_trace(
+            registry_models(latest, load_time), args.zipf, args.requests, args.seed, args.rate
+        )
+    if args.pools_from_config:
+        serve_config = yaml.safe_load(Path(args.config).read_text())
+        budget = args.budget[0] if args.budget else None
+        plans = replay_config(
+            trace, load_config(args.config), routing_of(serve_config), manifests, budget
+        )
+        if args.json:
+            report = {
+                "hit_rate": round(overall_hit_rate(plans), 4),
+                "pools": [{"pool": p.pool, **p.result.as_dict()} for p in plans],
+            }
+            print(json.dumps(report, indent=2))
+        else:
+            print(format_pools(plans))
+        return 0
     report = plan(
         trace,
         args.replicas,
-        args.budget,
+        args.budget or [2**30],
         args.target_hit_rate,
         args.policy,
         args.endpoint_bytes,
@@ -228,7 +249,16 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     planner.add_argument("--seed", type=int, default=0, help="Zipf seed")
     planner.add_argument("--replicas", type=_csv(int), default=[2], help="e.g. 1,2,4")
     planner.add_argument(
-        "--budget", type=_csv(parse_bytes), default=[2**30], help="per replica, e.g. 1GiB,2GiB"
+        "--budget",
+        type=_csv(parse_bytes),
+        default=None,
+        help="per replica, e.g. 1GiB,2GiB (default 1GiB; with --pools-from-config: for "
+        "pools without memory_budget)",
+    )
+    planner.add_argument(
+        "--pools-from-config",
+        action="store_true",
+        help="replay on the pools, replicas, budgets and pool rules of --config instead",
     )
     planner.add_argument("--target-hit-rate", type=float, default=None, help="e.g. 0.9")
     planner.add_argument("--policy", choices=["lru", "gdsf"], default="lru")

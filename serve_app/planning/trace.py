@@ -169,16 +169,3 @@ def zipf_trace(
 def latest_manifests(registry: Registry) -> list[Manifest]:
     """The latest version of every model of a (refreshed) registry."""
     return [registry.resolve(s.model_id) for s in registry.summaries()]
-
-
-def registry_sizes(registry: Registry, keys: Iterable[str]) -> dict[str, int]:
-    """Weight bytes of each `model_id@version` of `keys`, from the registry's manifests.
-
-    Raises:
-        ModelNotFound / VersionNotFound: a key the registry does not have.
-    """
-    sizes = {}
-    for key in set(keys):
-        model_id, _, version = key.partition("@")
-        sizes[key] = registry.resolve(model_id, version or None).weight_bytes
-    return sizes

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from devstack.demo_fleet import FRAUD_FEATURES, write_fraud_model
 from serve_app.api.native import CACHE_HEADER
@@ -35,7 +36,7 @@ from tests.support import BUDGET, FleetApp, wait_for
 
 ROOT = Path(__file__).resolve().parents[3]
 MODELS = 30
-REQUESTS = 300
+REQUESTS = 500
 ALPHA = 0.8
 TOLERANCE = 0.05
 
@@ -156,6 +157,17 @@ def test_planner_hit_rate_is_within_5_points_of_the_live_stack(
     assert abs(from_log.hit_rate - measured) <= TOLERANCE
     assert scenario["hit_rate"] == pytest.approx(from_log.hit_rate, abs=1e-4)
     assert scenario["requests"] == len(trace)
+
+    # The same log on the pools of a config like the session app's (one pool, 2 x BUDGET).
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["applications"][0]["args"]["host"].update(memory_budget=BUDGET, num_replicas=2)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    args = ["--config", str(config_path), "--store-url", store_config.url, "plan"]
+    assert main([*args, "--access-log", str(log), "--pools-from-config", "--json"]) == 0
+    (pool,) = json.loads(capsys.readouterr().out)["pools"]
+    assert (pool["replicas"], pool["budget_bytes"], pool["requests"]) == (2, BUDGET, len(trace))
+    assert pool["hit_rate"] == pytest.approx(from_log.hit_rate, abs=1e-4)
 
     # No traffic yet: a Zipf over every model the registry lists, at their real sizes.
     code = main(
