@@ -22,7 +22,7 @@ import torch
 
 from serve_app.config import HostConfig
 from serve_app.errors import ModelLoadFailed
-from serve_app.host.predictor import PREDICTORS, Predictor
+from serve_app.host.predictor import IMAGE_TASKS, PREDICTORS, Predictor
 from serve_app.loading.architectures import build_module
 from serve_app.loading.disk_tier import DiskTier
 from serve_app.loading.ram_tier import RamTier
@@ -31,6 +31,7 @@ from serve_app.loading.tensorfile import tensors_from_buffer
 from serve_app.storage.fetch import Buffer
 from serve_app.storage.manifest import Manifest
 from serve_app.storage.store import ModelStore
+from serve_app.vision.processing import ImageProcessing
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,8 @@ class ModelLoader:
         return module.to(self.device)
 
     def _prepare(self, manifest: Manifest, folder: Path) -> tuple[object, object] | None:
-        """For a transformers model: its config and tokenizer, from the version's folder."""
+        """For a transformers model: its config and its preprocessor (the tokenizer of a
+        text model, the `ImageProcessing` of an image model), from the version's folder."""
         if manifest.format != "hf-transformers":
             return None
         from transformers import AutoConfig, AutoTokenizer
@@ -226,6 +228,8 @@ class ModelLoader:
             config = AutoConfig.from_pretrained(
                 str(folder), local_files_only=True, trust_remote_code=False
             )
+            if manifest.task in IMAGE_TASKS:
+                return config, ImageProcessing.from_folder(folder, manifest.key)
             tokenizer = AutoTokenizer.from_pretrained(
                 str(folder), local_files_only=True, trust_remote_code=False
             )
@@ -241,14 +245,17 @@ class ModelLoader:
         prepared: tuple[object, object],
         state: dict[str, torch.Tensor],
     ) -> tuple[torch.nn.Module, object]:
-        from transformers import AutoModel, AutoModelForSequenceClassification
+        from transformers import (
+            AutoModel,
+            AutoModelForImageClassification,
+            AutoModelForSequenceClassification,
+        )
 
         config, tokenizer = prepared
-        auto_cls = (
-            AutoModelForSequenceClassification
-            if manifest.task == "text-classification"
-            else AutoModel
-        )
+        auto_cls = {
+            "text-classification": AutoModelForSequenceClassification,
+            "image-classification": AutoModelForImageClassification,
+        }.get(manifest.task, AutoModel)
         try:
             # NOTE: the concrete class for this config (never remote code); it adopts the
             # state dict, whose tensors are views of the fetched bytes.

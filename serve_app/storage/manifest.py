@@ -27,7 +27,9 @@ MAX_FILE_DEPTH = 4
 MAX_FILES = 256
 
 ModelFormat = Literal["hf-transformers", "torch-module"]
-Task = Literal["tabular-classification", "text-classification", "text-embedding"]
+Task = Literal[
+    "tabular-classification", "text-classification", "text-embedding", "image-classification"
+]
 
 
 def validate_model_id(model_id: str) -> str:

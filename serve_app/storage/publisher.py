@@ -32,6 +32,7 @@ from serve_app.storage.manifest import (
     validate_version,
 )
 from serve_app.storage.store import ModelStore, ProgressFn, storage_errors
+from serve_app.vision.processing import DEFAULT_TOP_K, PROCESSOR_FILE, ImageProcessing
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def build_manifest(
     inferred, options = _infer_hf_task(src, config)
     task = task or inferred
     labels = None
-    if task == "text-classification":
+    if task in ("text-classification", "image-classification"):
         id2label = config.get("id2label") or {}
         labels = [str(id2label[k]) for k in sorted(id2label, key=int)] or None
     return Manifest(
@@ -147,7 +148,21 @@ def _infer_hf_task(src: Path, config: dict[str, Any]) -> tuple[Task, dict[str, A
     architectures = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "text-classification", {}
+    if any(a.endswith("ForImageClassification") for a in architectures):
+        return "image-classification", _image_options(src, config)
     raise BadRequest("cannot tell the task of this model: pass --task")
+
+
+def _image_options(src: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """An image classifier's task options; its preprocessor settings must be servable."""
+    try:
+        ImageProcessing.from_config(json.loads((src / PROCESSOR_FILE).read_text()))
+    except FileNotFoundError as exc:
+        raise BadRequest(f"an image classifier needs its {PROCESSOR_FILE}") from exc
+    except ValueError as exc:
+        raise BadRequest(f"{PROCESSOR_FILE}: {exc}") from exc
+    labels = len(config.get("id2label") or {}) or 1
+    return {"top_k": min(DEFAULT_TOP_K, labels)}
 
 
 def next_version(store: ModelStore, model_id: str) -> str:
