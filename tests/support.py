@@ -161,3 +161,25 @@ class LocalHostControl:
     async def command(self, command):
         self.delivered.append((command.replica, command.op, command.key))
         return await self.hosts[command.replica].apply(command)
+
+
+def encoded_image(
+    width: int, height: int, fmt: str = "PNG", mode: str = "RGB", seed: int = 0, **save: Any
+) -> bytes:
+    """A real image of random pixels, encoded by Pillow (`fmt`: PNG, JPEG, WEBP, ...)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2, "CMYK": 4}.get(mode, 3)
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    if mode in ("L", "P"):
+        image = Image.fromarray(pixels[..., 0], "L")
+        image = image.convert("P") if mode == "P" else image
+    else:
+        image = Image.fromarray(pixels if channels > 1 else pixels[..., 0], mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()

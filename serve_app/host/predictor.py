@@ -25,12 +25,11 @@ from torch import nn
 
 from serve_app.errors import EmptyInputs, InvalidInput
 from serve_app.loading.architectures import input_width
-from serve_app.storage.manifest import Manifest
+from serve_app.storage.manifest import IMAGE_TASKS, Manifest
 from serve_app.vision.images import check_images, decode_rgb
 from serve_app.vision.processing import DEFAULT_TOP_K, ImageProcessing
 
 MAX_TEXT_CHARS = 100_000
-IMAGE_TASKS = frozenset({"image-classification"})
 
 
 def validate_inputs(manifest: Manifest, inputs: Any, max_rows: int) -> list[Any]:

@@ -22,14 +22,14 @@ import torch
 
 from serve_app.config import HostConfig
 from serve_app.errors import ModelLoadFailed
-from serve_app.host.predictor import IMAGE_TASKS, PREDICTORS, Predictor
+from serve_app.host.predictor import PREDICTORS, Predictor
 from serve_app.loading.architectures import build_module
 from serve_app.loading.disk_tier import DiskTier
 from serve_app.loading.ram_tier import RamTier
 from serve_app.loading.staging import HostToDevice
 from serve_app.loading.tensorfile import tensors_from_buffer
 from serve_app.storage.fetch import Buffer
-from serve_app.storage.manifest import Manifest
+from serve_app.storage.manifest import IMAGE_TASKS, Manifest
 from serve_app.storage.store import ModelStore
 from serve_app.vision.processing import ImageProcessing
 

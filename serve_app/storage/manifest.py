@@ -30,6 +30,7 @@ ModelFormat = Literal["hf-transformers", "torch-module"]
 Task = Literal[
     "tabular-classification", "text-classification", "text-embedding", "image-classification"
 ]
+IMAGE_TASKS = frozenset({"image-classification"})  # tasks whose inputs are images
 
 
 def validate_model_id(model_id: str) -> str:

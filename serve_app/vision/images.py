@@ -8,7 +8,8 @@ Pillow only (no torchvision). Two steps along the request path:
   an 8-bit RGB/RGBA/grayscale mode, and dimensions under `MAX_IMAGE_SIDE` and
   `MAX_IMAGE_PIXELS`, so a decompression bomb is refused before any pixel is decoded;
 - `decode_rgb()` (model host, in a predict thread): the same checks again (a handle caller
-  is not trusted either), then the full decode; a truncated or corrupt file is a 422.
+  is not trusted either), then the full decode; a truncated or corrupt file, or a PNG
+  holding more or less image data than its header claims (`serve_app.vision.png`), is a 422.
 
 Errors name the input's index: `InvalidImage` (422) for what cannot be decoded or has an
 unsupported mode, `ImageTooLarge` (413) for dimensions over the caps, `InvalidInput` (422)
@@ -26,6 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from serve_app.errors import BadRequest, ImageTooLarge, InvalidImage, InvalidInput
+from serve_app.vision.png import check_png_length
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 MODES = frozenset({"RGB", "RGBA", "L", "LA"})
@@ -73,6 +75,8 @@ def decode_rgb(item: ImageItem, index: int = 0) -> Image.Image:
     with _open(item, index) as image:
         _check_header(image, index)
         try:
+            if image.format == "PNG":
+                check_png_length(item, index)
             image.load()
         except Image.DecompressionBombError as exc:
             raise ImageTooLarge(f"inputs[{index}]: {exc}") from exc
@@ -131,7 +135,10 @@ def _open(data: bytes, index: int) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"inputs[{index}]: {exc}") from exc
+        raise ImageTooLarge(
+            f"inputs[{index}]: the image header claims far more than {MAX_IMAGE_PIXELS:,} "
+            "pixels (a decompression bomb); refused before decoding"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise InvalidImage(
             f"inputs[{index}] is not a JPEG, PNG or WebP image ({len(data)} bytes)"
