@@ -17,11 +17,9 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from devstack.vision_models import vision_specs, write_vision_model
+from devstack.vision_models import LABELS, vision_specs, write_vision_model
 from serve_app.api.app import create_app
 from serve_app.config import BatchingConfig, HostConfig, IngressConfig, StoreConfig
 from serve_app.gateway.gateway import Gateway
@@ -29,8 +27,7 @@ from serve_app.host.model_host import ModelHost
 from serve_app.storage.publisher import publish_path
 from serve_app.storage.registry import Registry
 from serve_app.storage.store import ModelStore
-from tests.support import MB, encoded_image
-from tests.unit.vision.test_images import bomb_png, claim_size
+from tests.support import MB, bomb_png, claim_size, encoded_image, vision_reference
 
 SPECS = vision_specs(3)  # one ResNet, one ConvNeXt, one ViT
 IMAGES = [
@@ -83,22 +80,6 @@ async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-def reference(folder: Path, images: list[bytes]) -> list[dict]:
-    """The model run directly through transformers on the same bytes: top-5 per image."""
-    processor = AutoImageProcessor.from_pretrained(str(folder))
-    model = AutoModelForImageClassification.from_pretrained(str(folder)).eval()
-    pil = [Image.open(io.BytesIO(b)) for b in images]
-    pixels = processor(pil, do_convert_rgb=True, return_tensors="pt")["pixel_values"]
-    with torch.inference_mode():
-        probs = torch.softmax(model(pixel_values=pixels).logits, dim=-1)
-    out = []
-    for row in probs:
-        top = torch.topk(row, 5)
-        labels = [model.config.id2label[int(i)] for i in top.indices]
-        out.append({"labels": labels, "scores": top.values.tolist()})
-    return out
-
-
 def assert_matches(outputs: list[dict], expected: list[dict]) -> None:
     assert len(outputs) == len(expected)
     for got, want in zip(outputs, expected, strict=True):
@@ -123,7 +104,7 @@ async def test_native_predict_matches_transformers(
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["task"] == "image-classification"
-    assert_matches(body["outputs"], reference(folders[model_id], IMAGES))
+    assert_matches(body["outputs"], vision_reference(folders[model_id], IMAGES))
 
 
 def v2_binary(datatype: str, shape: list[int], raw: bytes, **header: object) -> tuple:
@@ -141,7 +122,7 @@ async def test_v2_bytes_binary_and_json_and_uint8(
     client: httpx.AsyncClient, folders: dict[str, Path]
 ) -> None:
     model_id = SPECS[2].model_id
-    expected = reference(folders[model_id], IMAGES)
+    expected = vision_reference(folders[model_id], IMAGES)
     packed = b"".join(len(b).to_bytes(4, "little") + b for b in IMAGES)
     body, length = v2_binary("BYTES", [len(IMAGES)], packed)
     response = await client.post(
@@ -181,7 +162,7 @@ async def test_v2_bytes_binary_and_json_and_uint8(
     )
     assert response.status_code == 200, response.text
     outputs = {o["name"]: o for o in response.json()["outputs"]}
-    want = reference(folders[model_id], same)
+    want = vision_reference(folders[model_id], same)
     np.testing.assert_allclose(
         outputs["scores"]["data"], [s for e in want for s in e["scores"]], atol=1e-5
     )
@@ -235,7 +216,7 @@ async def test_predict_table_reads_a_binary_image_column(
     table = pa.table({"id": list(range(len(images))), "image": pa.array(images, pa.binary())})
     scored = await gateway.predict_table(model_id, table)
     assert scored.column_names == ["id", "image", "label", "score"]
-    expected = reference(folders[model_id], IMAGES) * 20
+    expected = vision_reference(folders[model_id], IMAGES) * 20
     assert scored.column("label").to_pylist() == [e["labels"][0] for e in expected]
     np.testing.assert_allclose(
         scored.column("score").to_pylist(), [e["scores"][0] for e in expected], atol=1e-5
@@ -260,8 +241,29 @@ async def test_concurrent_requests_share_forward_passes(
         assert host.batcher.stats.items - before[1] == 24  # all went through the batcher
         assert batches < 24, "every request ran its own forward pass"
         assert host.batcher.stats.largest_batch > 1
-        expected = reference(folders[model_id], IMAGES)
+        expected = vision_reference(folders[model_id], IMAGES)
         for i, result in enumerate(results):
             assert_matches(result.outputs, [expected[i % len(IMAGES)]])
     finally:
         await host.close()
+
+
+def test_publishing_needs_a_servable_image_processor(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from serve_app.errors import BadRequest
+    from serve_app.storage.publisher import build_manifest
+
+    folder = shutil.copytree(folders[SPECS[0].model_id], tmp_path / "m")
+    manifest = build_manifest(folder, "m", "1")
+    assert (manifest.task, manifest.task_options) == ("image-classification", {"top_k": 5})
+    assert manifest.labels == list(LABELS)
+    config = folder / "preprocessor_config.json"
+    config.write_text(json.dumps({"image_processor_type": "CLIPImageProcessor"}))
+    with pytest.raises(BadRequest, match="not supported"):
+        build_manifest(folder, "m", "1")
+    config.unlink()
+    with pytest.raises(BadRequest, match=r"preprocessor_config\.json"):
+        build_manifest(folder, "m", "1")

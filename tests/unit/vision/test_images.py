@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -14,29 +12,7 @@ from PIL import Image
 
 from serve_app.errors import BadRequest, FleetError, ImageTooLarge, InvalidImage, InvalidInput
 from serve_app.vision.images import MAX_IMAGE_PIXELS, check_images, decode_rgb
-from tests.support import encoded_image
-
-
-def claim_size(png: bytes, width: int, height: int) -> bytes:
-    """`png` with its header (IHDR) rewritten to claim `width` x `height`, CRC fixed."""
-    ihdr = bytearray(png[16:29])
-    ihdr[0:8] = struct.pack(">II", width, height)
-    crc = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)) & 0xFFFFFFFF)
-    return png[:16] + bytes(ihdr) + crc + png[33:]
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A real, valid PNG of `width` x `height` black pixels: a few KB that inflate to
-    width * height bytes (a decompression bomb)."""
-    row = b"\x00" + b"\x00" * width
-    raw = zlib.compress(row * height, 9)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+from tests.support import bomb_png, claim_size, encoded_image, raw_png
 
 
 def refused(item: object) -> FleetError:
@@ -138,17 +114,8 @@ def test_sixteen_bit_pngs_are_422() -> None:
     buffer = io.BytesIO()
     Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(buffer, "PNG")
     assert isinstance(refused(buffer.getvalue()), InvalidImage)
-    rgb16 = bomb_png(4, 4)  # rewrite as 16-bit RGB (colour type 2, depth 16), real data
     rows = b"".join(b"\x00" + b"\x12\x34" * 3 * 4 for _ in range(4))
-    ihdr = struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0)
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-    rgb16 = (
-        rgb16[:8] + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
-    )
+    rgb16 = raw_png(4, 4, 16, 2, rows)  # 16-bit RGB: Pillow would reduce it to 8 bits
     error = refused(rgb16)
     assert isinstance(error, InvalidImage)
     assert "16-bit" in str(error)
