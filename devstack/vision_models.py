@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 VISION_COUNT = 60
 ARCHES = ("resnet", "convnext", "vit")
 LABELS = (
@@ -60,6 +58,7 @@ def vision_specs(count: int = VISION_COUNT) -> list[VisionSpec]:
 
 def write_vision_model(dest: Path, spec: VisionSpec, seed: int) -> Path:
     """Write a random-init image classifier and its processor config into `dest`."""
+    import torch
     from transformers import (
         ConvNextConfig,
         ConvNextForImageClassification,
