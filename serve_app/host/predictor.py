@@ -259,7 +259,7 @@ class ImageClassifier(Predictor):
 
     def _classify(self, batch: list[Any], start: int) -> list[Any]:
         assert self.module is not None
-        images = [decode_rgb(item, start + i) for i, item in enumerate(batch)]
+        images = (decode_rgb(item, start + i) for i, item in enumerate(batch))
         pixels = torch.from_numpy(self.processing.pixel_values(images))
         dtype = next(self.module.parameters()).dtype
         logits = self.module(pixel_values=pixels.to(self.device, dtype)).logits

@@ -14,6 +14,7 @@ Unit tests compare the result with transformers' own processor on the same image
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,11 @@ class ImageProcessing(BaseModel):
         return edge is not None and edge >= side
 
     # ------------------------------------------------------------------ pixels
-    def pixel_values(self, images: list[Image.Image]) -> np.ndarray:
-        """The model input for RGB images: float32 `[N, 3, H, W]`."""
+    def pixel_values(self, images: Iterable[Image.Image]) -> np.ndarray:
+        """The model input for RGB images: float32 `[N, 3, H, W]`.
+
+        `images` may be a generator: each image is resized as it comes, so a batch never
+        holds more than one full-size decoded image at a time."""
         batch = np.stack([np.asarray(self._geometry(image)) for image in images])
         if self.do_rescale:
             # NOTE: in float64, then float32: transformers' rescale, bit for bit.
