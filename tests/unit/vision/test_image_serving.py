@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
 from devstack.vision_models import LABELS, vision_specs, write_vision_model
@@ -267,3 +268,47 @@ def test_publishing_needs_a_servable_image_processor(
     config.unlink()
     with pytest.raises(BadRequest, match=r"preprocessor_config\.json"):
         build_manifest(folder, "m", "1")
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.arch)
+def test_loaded_without_random_init(
+    store: ModelStore,
+    tmp_path: Path,
+    folders: dict[str, Path],
+    spec: object,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loader builds the module on the meta device and adopts the weights: every
+    `torch.nn.init` call during a load touches only meta tensors, and the parameters are
+    exactly the published ones."""
+    from safetensors.torch import load_file
+
+    from serve_app.loading.disk_tier import DiskTier
+    from serve_app.loading.loader import ModelLoader
+
+    devices: list[str] = []
+    for name in ("normal_", "trunc_normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_"):
+        original = getattr(torch.nn.init, name)
+
+        def traced(*args: object, _original: object = original, **kwargs: object) -> object:
+            tensor = args[0] if args else kwargs["tensor"]
+            devices.append(str(tensor.device))  # type: ignore[attr-defined]
+            return _original(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(torch.nn.init, name, traced)
+    model_id = spec.model_id  # type: ignore[attr-defined]
+    loader = ModelLoader(store, DiskTier(tmp_path / "disk", 64 * MB), torch.device("cpu"))
+    registry = Registry(store, refresh_s=60)
+    registry.refresh()
+    predictor = loader.load(registry.resolve(model_id, None))
+    assert devices, "no init call traced: the check would prove nothing"
+    assert set(devices) == {"meta"}
+    # NOTE: transformers renames some checkpoint keys on load (ViT's attention), so the
+    # tensors are matched by value: each of the module's is one of the published ones.
+    published = list(load_file(str(folders[model_id] / "model.safetensors")).values())
+    state = predictor.module.state_dict()  # type: ignore[union-attr]
+    assert len(state) == len(published)
+    for name, tensor in state.items():
+        assert any(p.shape == tensor.shape and torch.equal(p, tensor) for p in published), (
+            f"{name} is not a published tensor"
+        )
