@@ -23,6 +23,7 @@ import sys
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import get_args
 
 from serve_app.api.client import (
     DEFAULT_URL,
@@ -33,6 +34,7 @@ from serve_app.api.client import (
 )
 from serve_app.config import load_config
 from serve_app.errors import FleetError
+from serve_app.storage.manifest import Task
 from serve_app.storage.store import ModelStore
 
 # NOTE: the local stack (devstack/) adds its commands through this entry-point group, so the
@@ -163,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument(
         "--task",
         default=None,
-        choices=["tabular-classification", "text-classification", "text-embedding"],
+        choices=list(get_args(Task)),
+        help="default: inferred from the folder (image-embedding must be given)",
     )
     pub.set_defaults(func=cmd_publish)
 

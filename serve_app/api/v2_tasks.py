@@ -1,5 +1,5 @@
 """Open Inference Protocol v2: the tensors each task takes and gives, and the mapping
-between them and the native inputs and outputs of the four tasks.
+between them and the native inputs and outputs of the five tasks.
 
 - `signature()` / `model_metadata()`: a model version's input and output tensor metadata,
   derived from its manifest's task (what `GET /v2/models/{m}` answers);
@@ -57,6 +57,11 @@ def signature(manifest: Manifest) -> Signature:
         return Signature(
             inputs=[TensorSpec("input", "FP32", [-1, width])],
             outputs=[TensorSpec("score", "FP32", [-1])],
+        )
+    if manifest.task == "image-embedding":
+        return Signature(
+            inputs=[TensorSpec(IMAGE_INPUT, "BYTES", [-1])],  # or UINT8 [-1, -1, -1, 3]
+            outputs=[TensorSpec("embedding", "FP32", [-1, -1])],
         )
     if manifest.task in IMAGE_TASKS:
         k = int(manifest.task_options.get("top_k", DEFAULT_TOP_K))
@@ -191,7 +196,7 @@ def to_output_tensors(manifest: Manifest, outputs: list[Any]) -> list[Tensor]:
             Tensor("score", "FP32", np.asarray([o["score"] for o in outputs], dtype=np.float32)),
             Tensor("scores", "FP32", scores),
         ]
-    if manifest.task in IMAGE_TASKS:
+    if manifest.task == "image-classification":
         ranked = [list(o["scores"].items()) for o in outputs]
         k = min((len(r) for r in ranked), default=0)
         top_labels = [label.encode() for r in ranked for label, _ in r[:k]]

@@ -322,7 +322,7 @@ def with_outputs(task: str, table: pa.Table, outputs: list[Any]) -> pa.Table:
     """`table` with the prediction column(s) for `task` appended."""
     if task == "tabular-classification":
         return table.append_column("score", pa.array(outputs, pa.float64()))
-    if task in ("text-classification", *IMAGE_TASKS):
+    if task in ("text-classification", "image-classification"):
         table = table.append_column("label", pa.array([o["label"] for o in outputs]))
         return table.append_column("score", pa.array([o["score"] for o in outputs], pa.float64()))
     return table.append_column("embedding", pa.array(outputs, pa.list_(pa.float32())))

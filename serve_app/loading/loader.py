@@ -255,6 +255,8 @@ class ModelLoader:
         auto_cls = {
             "text-classification": AutoModelForSequenceClassification,
             "image-classification": AutoModelForImageClassification,
+            # NOTE: the embedder is the classifier without its head (see ImageEmbedder)
+            "image-embedding": AutoModelForImageClassification,
         }.get(manifest.task, AutoModel)
         try:
             # NOTE: the concrete class for this config (never remote code); it adopts the

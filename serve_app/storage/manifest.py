@@ -28,9 +28,15 @@ MAX_FILES = 256
 
 ModelFormat = Literal["hf-transformers", "torch-module"]
 Task = Literal[
-    "tabular-classification", "text-classification", "text-embedding", "image-classification"
+    "tabular-classification",
+    "text-classification",
+    "text-embedding",
+    "image-classification",
+    "image-embedding",
 ]
-IMAGE_TASKS = frozenset({"image-classification"})  # tasks whose inputs are images
+IMAGE_TASKS = frozenset(
+    {"image-classification", "image-embedding"}
+)  # tasks whose inputs are images
 
 
 def validate_model_id(model_id: str) -> str:

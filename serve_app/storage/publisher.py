@@ -23,6 +23,7 @@ from serve_app import __version__
 from serve_app.errors import BadRequest
 from serve_app.storage.manifest import (
     FILE_SUFFIXES,
+    IMAGE_TASKS,
     FileEntry,
     Manifest,
     Task,
@@ -104,6 +105,10 @@ def build_manifest(
     if config.get("auto_map"):
         raise BadRequest("models that need custom code (auto_map) are not accepted")
     inferred, options = _infer_hf_task(src, config)
+    if task == "image-embedding" and inferred == "image-classification":
+        options = {"normalize": True}
+    elif task is not None and task != inferred and task in IMAGE_TASKS:
+        raise BadRequest(f"task {task} needs an image classifier (*ForImageClassification)")
     task = task or inferred
     labels = None
     if task in ("text-classification", "image-classification"):

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from devstack.vision_models import LABELS, vision_specs, write_vision_model
 from serve_app.api.app import create_app
@@ -312,3 +313,48 @@ def test_loaded_without_random_init(
         assert any(p.shape == tensor.shape and torch.equal(p, tensor) for p in published), (
             f"{name} is not a published tensor"
         )
+
+
+def reference_features(folder: Path, images: list[bytes]) -> np.ndarray:
+    """What the head of the classifier at `folder` sees, computed through transformers'
+    own base models, L2-normalised."""
+    processor = AutoImageProcessor.from_pretrained(str(folder))
+    model = AutoModelForImageClassification.from_pretrained(str(folder)).eval()
+    pil = [Image.open(io.BytesIO(b)) for b in images]
+    pixels = processor(pil, do_convert_rgb=True, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        if model.config.model_type == "vit":
+            features = model.vit(pixel_values=pixels).last_hidden_state[:, 0]
+        else:
+            base = getattr(model, model.config.model_type)
+            features = base(pixel_values=pixels).pooler_output.flatten(1)
+    return torch.nn.functional.normalize(features, dim=1).numpy()
+
+
+async def test_image_embedding_is_the_classifier_heads_input(
+    store: ModelStore, gateway: Gateway, client: httpx.AsyncClient, folders: dict[str, Path]
+) -> None:
+    for spec in SPECS:
+        publish_path(
+            store, folders[spec.model_id], f"embed-{spec.arch}", "1", task="image-embedding"
+        )
+    gateway.registry.refresh()
+    for spec in SPECS:
+        model_id = f"embed-{spec.arch}"
+        response = await client.post(
+            f"/v1/models/{model_id}/predict", json={"inputs": [b64(b) for b in IMAGES]}
+        )
+        assert response.status_code == 200, response.text
+        vectors = np.asarray(response.json()["outputs"])
+        want = reference_features(folders[spec.model_id], IMAGES)
+        assert vectors.shape == want.shape
+        np.testing.assert_allclose(vectors, want, atol=1e-5)
+    meta = (await client.get("/v2/models/embed-vit")).json()
+    assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}]
+    table = pa.table({"image": pa.array(IMAGES, pa.binary())})
+    scored = await gateway.predict_table("embed-resnet", table)
+    np.testing.assert_allclose(
+        np.asarray(scored.column("embedding").to_pylist()),
+        reference_features(folders[SPECS[0].model_id], IMAGES),
+        atol=1e-5,
+    )
