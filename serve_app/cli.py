@@ -7,7 +7,7 @@ install it.
 fleetserve up [--count N]            start SeaweedFS + Ray + the fleet app, demo fleet in S3
 fleetserve down                      stop exactly what `up` started
 fleetserve publish PATH --model-id ID [--version V] [--task T]
-fleetserve demo-fleet --count N      publish the demo fleet
+fleetserve demo-fleet --count N [--vision N]   publish the demo fleet
 fleetserve models                    published models and where they are resident
 fleetserve predict MODEL_ID JSON     call a model, e.g. '["some text"]'
 fleetserve load MODEL_ID [--replicas N] | unload MODEL_ID | pin MODEL_ID [--remove]
