@@ -73,6 +73,19 @@ class ImageProcessing(BaseModel):
                 f"image processor {name!r} is not supported; supported: {', '.join(_DEFAULTS)}"
             )
         settings = {**_DEFAULTS[kind], **{k: v for k, v in config.items() if v is not None}}
+        # NOTE: older configs give sizes as one int: square for ViT and crops (transformers'
+        # default_to_square), the shortest edge for ConvNeXt.
+        if isinstance(settings.get("size"), int):
+            side = settings["size"]
+            square = kind != "ConvNextImageProcessor"
+            settings["size"] = (
+                {"height": side, "width": side} if square else {"shortest_edge": side}
+            )
+        if isinstance(settings.get("crop_size"), int):
+            settings["crop_size"] = {
+                "height": settings["crop_size"],
+                "width": settings["crop_size"],
+            }
         try:
             processing = cls.model_validate({**settings, "kind": kind})
         except ValidationError as exc:

@@ -98,3 +98,24 @@ def test_pil_and_fast_names_map_to_the_same_kind() -> None:
         assert ImageProcessing.from_config({"image_processor_type": name}).kind == (
             "ViTImageProcessor"
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "want"),
+    [
+        ("ViTImageProcessor", 32, (32, 32)),
+        ("ConvNextImageProcessor", 48, (48, 48)),
+    ],
+)
+def test_sizes_given_as_one_int(name: str, size: int, want: tuple[int, int]) -> None:
+    """Older configs say `"size": 224`; transformers reads it per kind, and so do we."""
+    ours = ImageProcessing.from_config({"image_processor_type": name, "size": size})
+    assert ours.output_size() == want
+    processor = {
+        "ViTImageProcessor": ViTImageProcessor,
+        "ConvNextImageProcessor": ConvNextImageProcessor,
+    }[name](size=size)
+    images = [decode_rgb(data, i) for i, data in enumerate(IMAGES)]
+    raw = [Image.open(io.BytesIO(data)) for data in IMAGES]
+    want_pixels = processor(raw, do_convert_rgb=True, return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(ours.pixel_values(images), want_pixels)
