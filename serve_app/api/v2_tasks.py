@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from serve_app.api.v2_codec import InferRequest, Tensor, object_array
-from serve_app.errors import BadRequest, InvalidInput
+from serve_app.errors import InvalidInput
 from serve_app.loading.architectures import input_width
 from serve_app.storage.manifest import IMAGE_TASKS, Manifest
 from serve_app.vision.processing import DEFAULT_TOP_K
@@ -154,8 +154,8 @@ def to_model_inputs(manifest: Manifest, request: InferRequest) -> list[Any]:
 
 
 def _image_inputs(manifest: Manifest, tensor: Tensor) -> list[Any]:
-    """Encoded images (BYTES `[N]` or `[N, 1]`: the files as binary data, base64 strings
-    as JSON) or raw pixels (UINT8 `[N, H, W, 3]`)."""
+    """Encoded images (BYTES `[N]` or `[N, 1]`: the files as binary data, or base64 text)
+    or raw pixels (UINT8 `[N, H, W, 3]`)."""
     if tensor.datatype == "UINT8":
         if tensor.data.ndim != 4 or tensor.shape[3] != 3:
             raise InvalidInput(
@@ -173,13 +173,11 @@ def _image_inputs(manifest: Manifest, tensor: Tensor) -> list[Any]:
             f"input {IMAGE_INPUT!r} of {manifest.model_id} has shape [-1] (or [-1, 1]), "
             f"got {tensor.shape}"
         )
-    if "binary_data_size" in tensor.parameters:
-        return [bytes(v) for v in tensor.data.ravel()]
-    # NOTE: JSON cannot carry raw bytes: JSON BYTES elements are base64 strings here.
-    try:
-        return [bytes(v).decode("ascii") for v in tensor.data.ravel()]
-    except UnicodeDecodeError as exc:
-        raise BadRequest(f"input {IMAGE_INPUT!r}: as JSON, send images base64-encoded") from exc
+    # NOTE: JSON cannot carry raw bytes, so JSON BYTES elements are base64 text. An element
+    # that is all ASCII is read as base64 (JSON, or binary data that chose base64); a JPEG,
+    # PNG or WebP file never is (their headers and compressed data are binary).
+    items = [bytes(v) for v in tensor.data.ravel()]
+    return [item.decode("ascii") if item.isascii() else item for item in items]
 
 
 def to_output_tensors(manifest: Manifest, outputs: list[Any]) -> list[Tensor]:

@@ -153,6 +153,19 @@ async def test_v2_bytes_binary_and_json_and_uint8(
     response = await client.post(f"/v2/models/{model_id}/infer", json=as_json)
     assert response.status_code == 200, response.text
     assert response.json()["outputs"][0]["data"] == [e["labels"][0] for e in expected[:2]]
+    # base64 text is read as such in binary data too; JSON text that is not base64 is a 400
+    text = b64(IMAGES[0]).encode()
+    body, length = v2_binary("BYTES", [1], len(text).to_bytes(4, "little") + text)
+    response = await client.post(
+        f"/v2/models/{model_id}/infer",
+        content=body,
+        headers={"Inference-Header-Content-Length": str(length)},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == [expected[0]["labels"][0]]
+    as_json["inputs"][0]["data"] = ["not base64!", "x"]
+    response = await client.post(f"/v2/models/{model_id}/infer", json=as_json)
+    assert response.status_code == 400
     # raw pixels: the decoded RGB of the same files, as one UINT8 [N, H, W, 3] tensor
     same = [IMAGES[0], encoded_image(100, 60, "PNG", seed=11)]
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in same])
