@@ -148,3 +148,36 @@ def test_index_of_the_bad_input_is_named() -> None:
     good = encoded_image(8, 8)
     with pytest.raises(InvalidImage, match=r"inputs\[2\]"):
         check_images([good, good, b"junk"], "m")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_mutated_files_never_raise_anything_but_typed_errors(fmt: str) -> None:
+    """Seeded fuzzing: flipped bytes, cut files and spliced garbage either decode to an
+    RGB image or raise a typed 4xx error, never anything a server would turn into a 500."""
+    rng = np.random.default_rng(2026)
+    original = encoded_image(48, 40, fmt, "RGBA" if fmt == "PNG" else "RGB", seed=5)
+    outcomes = {"decoded": 0, "refused": 0}
+    statuses: set[int] = set()
+    for _ in range(300):
+        data = bytearray(original)
+        kind = rng.integers(3)
+        if kind == 0:  # flip a few bytes anywhere (headers included)
+            for at in rng.integers(0, len(data), size=int(rng.integers(1, 6))):
+                data[at] = int(rng.integers(256))
+        elif kind == 1:  # cut the file short
+            data = data[: int(rng.integers(1, len(data)))]
+        else:  # splice random bytes into the middle
+            at = int(rng.integers(0, len(data)))
+            data[at:at] = rng.integers(
+                0, 256, size=int(rng.integers(1, 64)), dtype=np.uint8
+            ).tobytes()
+        try:
+            image = check_then_decode(bytes(data))
+        except FleetError as exc:
+            statuses.add(exc.status_code)
+            outcomes["refused"] += 1
+        else:
+            assert image.mode == "RGB"
+            outcomes["decoded"] += 1
+    assert outcomes["refused"] > 0
+    assert statuses <= {400, 413, 422}
