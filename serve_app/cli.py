@@ -6,7 +6,7 @@ install it.
 
 fleetserve up [--count N]            start SeaweedFS + Ray + the fleet app, demo fleet in S3
 fleetserve down                      stop exactly what `up` started
-fleetserve publish PATH --model-id ID [--version V] [--task T]
+fleetserve publish PATH --model-id ID [--version V] [--task T] [--top-k K]
 fleetserve demo-fleet --count N [--vision N]   publish the demo fleet
 fleetserve models                    published models and where they are resident
 fleetserve predict MODEL_ID JSON     call a model, e.g. '["some text"]'
@@ -68,6 +68,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         args.version,
         args.task,
         progress=print_progress(args.model_id),
+        top_k=args.top_k,
     )
     print(json.dumps({"model_id": manifest.model_id, "version": manifest.version}))
     return 0
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=list(get_args(Task)),
         help="default: inferred from the folder (image-embedding must be given)",
+    )
+    pub.add_argument(
+        "--top-k", type=int, default=None, help="labels an image classifier answers (5)"
     )
     pub.set_defaults(func=cmd_publish)
 

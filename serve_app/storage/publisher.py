@@ -68,8 +68,10 @@ def build_manifest(
     task: Task | None = None,
     description: str = "",
     tags: list[str] | None = None,
+    top_k: int | None = None,
 ) -> Manifest:
-    """Describe the folder `src` as a manifest (files hashed with sha256).
+    """Describe the folder `src` as a manifest (files hashed with sha256); `top_k` sets
+    how many labels an image classifier answers with (default 5).
 
     Raises:
         BadRequest: the folder is not a publishable model.
@@ -110,6 +112,10 @@ def build_manifest(
     elif task is not None and task != inferred and task in IMAGE_TASKS:
         raise BadRequest(f"task {task} needs an image classifier (*ForImageClassification)")
     task = task or inferred
+    if top_k is not None:
+        if task != "image-classification" or top_k < 1:
+            raise BadRequest("top_k is a positive number of labels, for image classifiers")
+        options = {**options, "top_k": top_k}
     labels = None
     if task in ("text-classification", "image-classification"):
         id2label = config.get("id2label") or {}
@@ -190,15 +196,17 @@ def publish_path(
     description: str = "",
     progress: ProgressFn | None = None,
     tags: list[str] | None = None,
+    top_k: int | None = None,
 ) -> Manifest:
     """Publish the folder `src` as `model_id` (next numeric version unless `version` given),
-    with optional manifest `tags` (pool rules can match them).
+    with optional manifest `tags` (pool rules can match them) and an image classifier's
+    `top_k`.
 
     Raises:
         VersionExists: that version is already published.
     """
     version = version or next_version(store, validate_model_id(model_id))
-    manifest = build_manifest(src, model_id, version, task, description, tags)
+    manifest = build_manifest(src, model_id, version, task, description, tags, top_k)
     return store.publish(src, manifest, progress)
 
 

@@ -371,3 +371,21 @@ async def test_image_embedding_is_the_classifier_heads_input(
         reference_features(folders[SPECS[0].model_id], IMAGES),
         atol=1e-5,
     )
+
+
+async def test_top_k_set_at_publish(
+    store: ModelStore, gateway: Gateway, client: httpx.AsyncClient, folders: dict[str, Path]
+) -> None:
+    from serve_app.errors import BadRequest
+
+    folder = folders[SPECS[2].model_id]
+    publish_path(store, folder, "top3", "1", top_k=3)
+    with pytest.raises(BadRequest, match="top_k"):
+        publish_path(store, folder, "top0", "1", top_k=0)
+    gateway.registry.refresh()
+    response = await client.post("/v1/models/top3/predict", json={"inputs": [b64(IMAGES[0])]})
+    assert response.status_code == 200, response.text
+    want = vision_reference(folder, IMAGES[:1], k=3)[0]
+    assert list(response.json()["outputs"][0]["scores"]) == want["labels"]
+    meta = (await client.get("/v2/models/top3")).json()
+    assert meta["outputs"][2] == {"name": "labels", "datatype": "BYTES", "shape": [-1, 3]}
