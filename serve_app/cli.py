@@ -6,8 +6,8 @@ install it.
 
 fleetserve up [--count N]            start SeaweedFS + Ray + the fleet app, demo fleet in S3
 fleetserve down                      stop exactly what `up` started
-fleetserve publish PATH --model-id ID [--version V] [--task T]
-fleetserve demo-fleet --count N      publish the demo fleet
+fleetserve publish PATH --model-id ID [--version V] [--task T] [--top-k K]
+fleetserve demo-fleet --count N [--vision N]   publish the demo fleet
 fleetserve models                    published models and where they are resident
 fleetserve predict MODEL_ID JSON     call a model, e.g. '["some text"]'
 fleetserve load MODEL_ID [--replicas N] | unload MODEL_ID | pin MODEL_ID [--remove]
@@ -26,6 +26,7 @@ import sys
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import get_args
 
 from serve_app.api.client import (
     DEFAULT_URL,
@@ -36,6 +37,7 @@ from serve_app.api.client import (
 )
 from serve_app.config import load_config
 from serve_app.errors import FleetError
+from serve_app.storage.manifest import Task
 from serve_app.storage.store import ModelStore
 
 # NOTE: the local stack (devstack/) adds its commands through this entry-point group, so the
@@ -69,6 +71,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         args.version,
         args.task,
         progress=print_progress(args.model_id),
+        top_k=args.top_k,
     )
     print(json.dumps({"model_id": manifest.model_id, "version": manifest.version}))
     return 0
@@ -313,7 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument(
         "--task",
         default=None,
-        choices=["tabular-classification", "text-classification", "text-embedding"],
+        choices=list(get_args(Task)),
+        help="default: inferred from the folder (image-embedding must be given)",
+    )
+    pub.add_argument(
+        "--top-k", type=int, default=None, help="labels an image classifier answers (5)"
     )
     pub.set_defaults(func=cmd_publish)
 

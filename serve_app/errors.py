@@ -137,6 +137,19 @@ class InvalidInput(FleetError):
     remember = False
 
 
+class InvalidImage(InvalidInput):
+    """An image input that cannot be decoded, or has an unsupported format or mode (422)."""
+
+    code = "invalid_image"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    """An image whose dimensions are over the pixel caps, found before decoding (413)."""
+
+    code = "image_too_large"
+    remember = False
+
+
 class ArtifactCorrupt(FleetError):
     """A model file does not match the sha256 in its manifest (502)."""
 

@@ -16,7 +16,8 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: list[Any] = Field(
-        description="Rows of numbers (tabular models) or strings (text models)."
+        description="Rows of numbers (tabular models), strings (text models) or "
+        "base64-encoded JPEG, PNG or WebP files (image models)."
     )
     version: str | None = Field(None, description="Pinned version; default: the latest.")
 

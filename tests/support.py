@@ -161,3 +161,88 @@ class LocalHostControl:
     async def command(self, command):
         self.delivered.append((command.replica, command.op, command.key))
         return await self.hosts[command.replica].apply(command)
+
+
+def encoded_image(
+    width: int, height: int, fmt: str = "PNG", mode: str = "RGB", seed: int = 0, **save: Any
+) -> bytes:
+    """A real image of random pixels, encoded by Pillow (`fmt`: PNG, JPEG, WEBP, ...)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2, "CMYK": 4}.get(mode, 3)
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    if mode in ("L", "P"):
+        image = Image.fromarray(pixels[..., 0], "L")
+        image = image.convert("P") if mode == "P" else image
+    else:
+        image = Image.fromarray(pixels if channels > 1 else pixels[..., 0], mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def claim_size(png: bytes, width: int, height: int) -> bytes:
+    """`png` with its header (IHDR) rewritten to claim `width` x `height`, CRC fixed."""
+    import struct
+    import zlib
+
+    ihdr = bytearray(png[16:29])
+    ihdr[0:8] = struct.pack(">II", width, height)
+    crc = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)) & 0xFFFFFFFF)
+    return png[:16] + bytes(ihdr) + crc + png[33:]
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk: length, type, payload, CRC."""
+    import struct
+    import zlib
+
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def raw_png(width: int, height: int, depth: int, colour: int, rows: bytes) -> bytes:
+    """A PNG from filtered scanlines `rows` (each starting with its filter byte)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(rows, 9))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A real, valid grayscale PNG of `width` x `height` black pixels: a few KB that
+    inflate to width * height bytes (a decompression bomb)."""
+    return raw_png(width, height, 8, 0, (b"\x00" * (width + 1)) * height)
+
+
+def vision_reference(folder: Path, images: list[bytes], k: int = 5) -> list[dict[str, Any]]:
+    """An image classifier run directly through transformers (its own image processor and
+    model class) on encoded `images`: the top-k labels and scores per image."""
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    processor = AutoImageProcessor.from_pretrained(str(folder))
+    model = AutoModelForImageClassification.from_pretrained(str(folder)).eval()
+    pil = [Image.open(io.BytesIO(b)) for b in images]
+    pixels = processor(pil, do_convert_rgb=True, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        probs = torch.softmax(model(pixel_values=pixels).logits, dim=-1)
+    out = []
+    for row in probs:
+        top = torch.topk(row, k)
+        labels = [model.config.id2label[int(i)] for i in top.indices]
+        out.append({"labels": labels, "scores": top.values.tolist()})
+    return out

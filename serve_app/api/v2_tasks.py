@@ -1,9 +1,10 @@
 """Open Inference Protocol v2: the tensors each task takes and gives, and the mapping
-between them and the native inputs and outputs of the three tasks.
+between them and the native inputs and outputs of the five tasks.
 
 - `signature()` / `model_metadata()`: a model version's input and output tensor metadata,
   derived from its manifest's task (what `GET /v2/models/{m}` answers);
-- `to_model_inputs()`: decoded request tensors to native inputs (rows of numbers, texts);
+- `to_model_inputs()`: decoded request tensors to native inputs (rows of numbers, texts,
+  encoded images from BYTES, raw `[H, W, 3]` pixel arrays from a UINT8 `[N, H, W, 3]`);
 - `to_output_tensors()`: native outputs to the V2 output tensors the codec encodes.
 
 The wire format itself (JSON and binary tensors) is `serve_app.api.v2_codec`. Well-formed
@@ -21,9 +22,11 @@ import numpy as np
 from serve_app.api.v2_codec import InferRequest, Tensor, object_array
 from serve_app.errors import InvalidInput
 from serve_app.loading.architectures import input_width
-from serve_app.storage.manifest import Manifest
+from serve_app.storage.manifest import IMAGE_TASKS, Manifest
+from serve_app.vision.processing import DEFAULT_TOP_K
 
 FLOAT_TYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
+IMAGE_INPUT = "image"
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,22 @@ def signature(manifest: Manifest) -> Signature:
         return Signature(
             inputs=[TensorSpec("input", "FP32", [-1, width])],
             outputs=[TensorSpec("score", "FP32", [-1])],
+        )
+    if manifest.task == "image-embedding":
+        return Signature(
+            inputs=[TensorSpec(IMAGE_INPUT, "BYTES", [-1])],  # or UINT8 [-1, -1, -1, 3]
+            outputs=[TensorSpec("embedding", "FP32", [-1, -1])],
+        )
+    if manifest.task in IMAGE_TASKS:
+        k = int(manifest.task_options.get("top_k", DEFAULT_TOP_K))
+        return Signature(
+            inputs=[TensorSpec(IMAGE_INPUT, "BYTES", [-1])],  # or UINT8 [-1, -1, -1, 3]
+            outputs=[
+                TensorSpec("label", "BYTES", [-1]),
+                TensorSpec("score", "FP32", [-1]),
+                TensorSpec("labels", "BYTES", [-1, k]),
+                TensorSpec("scores", "FP32", [-1, k]),
+            ],
         )
     text = [TensorSpec("text", "BYTES", [-1])]
     if manifest.task == "text-classification":
@@ -100,6 +119,8 @@ def to_model_inputs(manifest: Manifest, request: InferRequest) -> list[Any]:
         names = ", ".join(repr(t.name) for t in request.inputs)
         raise InvalidInput(f"{manifest.model_id} takes one input {spec.name!r}; got {names}")
     tensor = request.inputs[0]
+    if manifest.task in IMAGE_TASKS:
+        return _image_inputs(manifest, tensor)
     if spec.datatype == "BYTES":
         if tensor.datatype != "BYTES":
             raise InvalidInput(
@@ -132,6 +153,33 @@ def to_model_inputs(manifest: Manifest, request: InferRequest) -> list[Any]:
     return values.tolist()
 
 
+def _image_inputs(manifest: Manifest, tensor: Tensor) -> list[Any]:
+    """Encoded images (BYTES `[N]` or `[N, 1]`: the files as binary data, or base64 text)
+    or raw pixels (UINT8 `[N, H, W, 3]`)."""
+    if tensor.datatype == "UINT8":
+        if tensor.data.ndim != 4 or tensor.shape[3] != 3:
+            raise InvalidInput(
+                f"input {IMAGE_INPUT!r} of {manifest.model_id} as UINT8 has shape "
+                f"[N, H, W, 3], got {tensor.shape}"
+            )
+        return list(tensor.data)
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(
+            f"input {IMAGE_INPUT!r} of {manifest.model_id} is BYTES (JPEG, PNG or WebP files) "
+            f"or UINT8 [N, H, W, 3], got {tensor.datatype}"
+        )
+    if tensor.data.ndim not in (1, 2) or (tensor.data.ndim == 2 and tensor.shape[1] != 1):
+        raise InvalidInput(
+            f"input {IMAGE_INPUT!r} of {manifest.model_id} has shape [-1] (or [-1, 1]), "
+            f"got {tensor.shape}"
+        )
+    # NOTE: JSON cannot carry raw bytes, so JSON BYTES elements are base64 text. An element
+    # that is all ASCII is read as base64 (JSON, or binary data that chose base64); a JPEG,
+    # PNG or WebP file never is (their headers and compressed data are binary).
+    items = [bytes(v) for v in tensor.data.ravel()]
+    return [item.decode("ascii") if item.isascii() else item for item in items]
+
+
 def to_output_tensors(manifest: Manifest, outputs: list[Any]) -> list[Tensor]:
     """The V2 output tensors for a model's native outputs."""
     if manifest.task == "tabular-classification":
@@ -145,5 +193,16 @@ def to_output_tensors(manifest: Manifest, outputs: list[Any]) -> list[Tensor]:
             Tensor("label", "BYTES", object_array([o["label"].encode() for o in outputs])),
             Tensor("score", "FP32", np.asarray([o["score"] for o in outputs], dtype=np.float32)),
             Tensor("scores", "FP32", scores),
+        ]
+    if manifest.task == "image-classification":
+        ranked = [list(o["scores"].items()) for o in outputs]
+        k = min((len(r) for r in ranked), default=0)
+        top_labels = [label.encode() for r in ranked for label, _ in r[:k]]
+        top_scores = [score for r in ranked for _, score in r[:k]]
+        return [
+            Tensor("label", "BYTES", object_array([o["label"].encode() for o in outputs])),
+            Tensor("score", "FP32", np.asarray([o["score"] for o in outputs], dtype=np.float32)),
+            Tensor("labels", "BYTES", object_array(top_labels).reshape(len(outputs), k)),
+            Tensor("scores", "FP32", np.asarray(top_scores, dtype=np.float32).reshape(-1, k)),
         ]
     return [Tensor("embedding", "FP32", np.asarray(outputs, dtype=np.float32))]

@@ -1,10 +1,14 @@
 """Task-specific input checks and predictions of loaded models.
 
-Three tasks, each a `Predictor`:
+Five tasks, each a `Predictor`:
 
 - `tabular-classification`: rows of numbers -> one score in [0, 1] per row;
 - `text-classification`: texts -> `{"label", "score", "scores"}` per text;
-- `text-embedding`: texts -> one vector per text (mean pooling, optionally normalised).
+- `text-embedding`: texts -> one vector per text (mean pooling, optionally normalised);
+- `image-classification`: images (encoded bytes or uint8 `[H, W, 3]` arrays) ->
+  `{"label", "score", "scores"}` per image, `scores` holding the top-k labels, best first;
+- `image-embedding`: images -> one vector per image: the features an image classifier's
+  head sees (pooled, optionally normalised).
 
 `validate_inputs()` needs only the manifest, so the ingress rejects bad input (422/400)
 before a model is routed to or loaded.
@@ -21,9 +25,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from serve_app.errors import EmptyInputs, InvalidInput
+from serve_app.errors import EmptyInputs, InvalidInput, ModelLoadFailed
 from serve_app.loading.architectures import input_width
-from serve_app.storage.manifest import Manifest
+from serve_app.storage.manifest import IMAGE_TASKS, Manifest
+from serve_app.vision.images import check_images, decode_rgb
+from serve_app.vision.processing import DEFAULT_TOP_K, ImageProcessing
 
 MAX_TEXT_CHARS = 100_000
 
@@ -41,6 +47,8 @@ def validate_inputs(manifest: Manifest, inputs: Any, max_rows: int) -> list[Any]
         raise EmptyInputs("inputs is empty: send at least one row or text")
     if len(inputs) > max_rows:
         raise InvalidInput(f"{len(inputs)} inputs in one call; the limit is {max_rows}")
+    if manifest.task in IMAGE_TASKS:
+        return list(check_images(inputs, manifest.model_id))
     if manifest.task == "tabular-classification":
         width = input_width(manifest.architecture)
         for i, row in enumerate(inputs):
@@ -216,6 +224,110 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+class _ImagePredictor(Predictor):
+    """Each batch is decoded (with the size and mode checks again: a handle caller is not
+    trusted either) and preprocessed with the model's own settings in the predict thread,
+    off the event loop; then one forward pass."""
+
+    batch_size = 32
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        module: nn.Module,
+        device: torch.device,
+        processing: ImageProcessing,
+    ) -> None:
+        super().__init__(manifest, module, device)
+        self.processing = processing
+
+    def predict(self, inputs: list[Any]) -> list[Any]:
+        """Classify images, in mini-batches; a bad image's error names its index."""
+        if self.module is None:
+            raise RuntimeError(f"{self.manifest.key} was closed")
+        outputs: list[Any] = []
+        with torch.inference_mode():
+            for start in range(0, len(inputs), self.batch_size):
+                outputs.extend(self._classify(inputs[start : start + self.batch_size], start))
+        return outputs
+
+    def _predict_batch(self, batch: list[Any]) -> list[Any]:
+        return self._classify(batch, 0)
+
+    def _classify(self, batch: list[Any], start: int) -> list[Any]:
+        assert self.module is not None
+        images = (decode_rgb(item, start + i) for i, item in enumerate(batch))
+        pixels = torch.from_numpy(self.processing.pixel_values(images))
+        dtype = next(self.module.parameters()).dtype
+        return self._answer(self.module(pixel_values=pixels.to(self.device, dtype)).logits)
+
+    @abstractmethod
+    def _answer(self, logits: torch.Tensor) -> list[Any]: ...
+
+
+class ImageClassifier(_ImagePredictor):
+    """Images -> the top-k labels by softmax score (`task_options.top_k`, default 5)."""
+
+    task = "image-classification"
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        module: nn.Module,
+        device: torch.device,
+        processing: ImageProcessing,
+    ) -> None:
+        super().__init__(manifest, module, device, processing)
+        labels = len(getattr(module.config, "id2label", {}) or {}) or 1
+        self.top_k = max(1, min(int(manifest.task_options.get("top_k", DEFAULT_TOP_K)), labels))
+
+    def _answer(self, logits: torch.Tensor) -> list[Any]:
+        assert self.module is not None
+        probs = torch.softmax(logits.float(), dim=-1)
+        top = torch.topk(probs, self.top_k, dim=-1)
+        scores, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+        id2label = self.module.config.id2label
+        out = []
+        for row_scores, row_indices in zip(scores, indices, strict=True):
+            ranked = {
+                str(id2label[i]): float(p) for i, p in zip(row_indices, row_scores, strict=True)
+            }
+            out.append(
+                {"label": str(id2label[row_indices[0]]), "score": row_scores[0], "scores": ranked}
+            )
+        return out
+
+
+class ImageEmbedder(_ImagePredictor):
+    """Images -> the features an image classifier's head would see (ViT: the normalised
+    [CLS] token; ResNet, ConvNeXt: the pooled last stage), L2-normalised unless
+    `task_options.normalize` is false. The head itself is dropped at load."""
+
+    task = "image-embedding"
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        module: nn.Module,
+        device: torch.device,
+        processing: ImageProcessing,
+    ) -> None:
+        if not isinstance(getattr(module, "classifier", None), nn.Module):
+            raise ModelLoadFailed(
+                f"{manifest.key}: image-embedding needs an image classifier with a "
+                "`classifier` head (its input is the embedding)"
+            )
+        module.classifier = nn.Identity()
+        super().__init__(manifest, module, device, processing)
+
+    def _answer(self, logits: torch.Tensor) -> list[Any]:
+        vectors = logits.flatten(1).float()
+        if self.manifest.task_options.get("normalize", True):
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+        return vectors.cpu().tolist()
+
+
 PREDICTORS: dict[str, type[Predictor]] = {
-    cls.task: cls for cls in (TabularClassifier, TextClassifier, TextEmbedder)
+    cls.task: cls
+    for cls in (TabularClassifier, TextClassifier, TextEmbedder, ImageClassifier, ImageEmbedder)
 }

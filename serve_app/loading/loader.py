@@ -29,8 +29,9 @@ from serve_app.loading.ram_tier import RamTier
 from serve_app.loading.staging import HostToDevice
 from serve_app.loading.tensorfile import tensors_from_buffer
 from serve_app.storage.fetch import Buffer
-from serve_app.storage.manifest import Manifest
+from serve_app.storage.manifest import IMAGE_TASKS, Manifest
 from serve_app.storage.store import ModelStore
+from serve_app.vision.processing import ImageProcessing
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,8 @@ class ModelLoader:
         return module.to(self.device)
 
     def _prepare(self, manifest: Manifest, folder: Path) -> tuple[object, object] | None:
-        """For a transformers model: its config and tokenizer, from the version's folder."""
+        """For a transformers model: its config and its preprocessor (the tokenizer of a
+        text model, the `ImageProcessing` of an image model), from the version's folder."""
         if manifest.format != "hf-transformers":
             return None
         from transformers import AutoConfig, AutoTokenizer
@@ -226,6 +228,8 @@ class ModelLoader:
             config = AutoConfig.from_pretrained(
                 str(folder), local_files_only=True, trust_remote_code=False
             )
+            if manifest.task in IMAGE_TASKS:
+                return config, ImageProcessing.from_folder(folder, manifest.key)
             tokenizer = AutoTokenizer.from_pretrained(
                 str(folder), local_files_only=True, trust_remote_code=False
             )
@@ -241,14 +245,19 @@ class ModelLoader:
         prepared: tuple[object, object],
         state: dict[str, torch.Tensor],
     ) -> tuple[torch.nn.Module, object]:
-        from transformers import AutoModel, AutoModelForSequenceClassification
+        from transformers import (
+            AutoModel,
+            AutoModelForImageClassification,
+            AutoModelForSequenceClassification,
+        )
 
         config, tokenizer = prepared
-        auto_cls = (
-            AutoModelForSequenceClassification
-            if manifest.task == "text-classification"
-            else AutoModel
-        )
+        auto_cls = {
+            "text-classification": AutoModelForSequenceClassification,
+            "image-classification": AutoModelForImageClassification,
+            # NOTE: the embedder is the classifier without its head (see ImageEmbedder)
+            "image-embedding": AutoModelForImageClassification,
+        }.get(manifest.task, AutoModel)
         try:
             # NOTE: the concrete class for this config (never remote code); it adopts the
             # state dict, whose tensors are views of the fetched bytes.

@@ -27,7 +27,16 @@ MAX_FILE_DEPTH = 4
 MAX_FILES = 256
 
 ModelFormat = Literal["hf-transformers", "torch-module"]
-Task = Literal["tabular-classification", "text-classification", "text-embedding"]
+Task = Literal[
+    "tabular-classification",
+    "text-classification",
+    "text-embedding",
+    "image-classification",
+    "image-embedding",
+]
+IMAGE_TASKS = frozenset(
+    {"image-classification", "image-embedding"}
+)  # tasks whose inputs are images
 
 
 def validate_model_id(model_id: str) -> str:

@@ -23,6 +23,7 @@ from serve_app import __version__
 from serve_app.errors import BadRequest
 from serve_app.storage.manifest import (
     FILE_SUFFIXES,
+    IMAGE_TASKS,
     FileEntry,
     Manifest,
     Task,
@@ -32,6 +33,7 @@ from serve_app.storage.manifest import (
     validate_version,
 )
 from serve_app.storage.store import ModelStore, ProgressFn, storage_errors
+from serve_app.vision.processing import DEFAULT_TOP_K, PROCESSOR_FILE, ImageProcessing
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +68,10 @@ def build_manifest(
     task: Task | None = None,
     description: str = "",
     tags: list[str] | None = None,
+    top_k: int | None = None,
 ) -> Manifest:
-    """Describe the folder `src` as a manifest (files hashed with sha256).
+    """Describe the folder `src` as a manifest (files hashed with sha256); `top_k` sets
+    how many labels an image classifier answers with (default 5).
 
     Raises:
         BadRequest: the folder is not a publishable model.
@@ -103,9 +107,17 @@ def build_manifest(
     if config.get("auto_map"):
         raise BadRequest("models that need custom code (auto_map) are not accepted")
     inferred, options = _infer_hf_task(src, config)
+    if task == "image-embedding" and inferred == "image-classification":
+        options = {"normalize": True}
+    elif task is not None and task != inferred and task in IMAGE_TASKS:
+        raise BadRequest(f"task {task} needs an image classifier (*ForImageClassification)")
     task = task or inferred
+    if top_k is not None:
+        if task != "image-classification" or top_k < 1:
+            raise BadRequest("top_k is a positive number of labels, for image classifiers")
+        options = {**options, "top_k": top_k}
     labels = None
-    if task == "text-classification":
+    if task in ("text-classification", "image-classification"):
         id2label = config.get("id2label") or {}
         labels = [str(id2label[k]) for k in sorted(id2label, key=int)] or None
     return Manifest(
@@ -147,7 +159,21 @@ def _infer_hf_task(src: Path, config: dict[str, Any]) -> tuple[Task, dict[str, A
     architectures = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "text-classification", {}
+    if any(a.endswith("ForImageClassification") for a in architectures):
+        return "image-classification", _image_options(src, config)
     raise BadRequest("cannot tell the task of this model: pass --task")
+
+
+def _image_options(src: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """An image classifier's task options; its preprocessor settings must be servable."""
+    try:
+        ImageProcessing.from_config(json.loads((src / PROCESSOR_FILE).read_text()))
+    except FileNotFoundError as exc:
+        raise BadRequest(f"an image classifier needs its {PROCESSOR_FILE}") from exc
+    except ValueError as exc:
+        raise BadRequest(f"{PROCESSOR_FILE}: {exc}") from exc
+    labels = len(config.get("id2label") or {}) or 1
+    return {"top_k": min(DEFAULT_TOP_K, labels)}
 
 
 def next_version(store: ModelStore, model_id: str) -> str:
@@ -170,15 +196,17 @@ def publish_path(
     description: str = "",
     progress: ProgressFn | None = None,
     tags: list[str] | None = None,
+    top_k: int | None = None,
 ) -> Manifest:
     """Publish the folder `src` as `model_id` (next numeric version unless `version` given),
-    with optional manifest `tags` (pool rules can match them).
+    with optional manifest `tags` (pool rules can match them) and an image classifier's
+    `top_k`.
 
     Raises:
         VersionExists: that version is already published.
     """
     version = version or next_version(store, validate_model_id(model_id))
-    manifest = build_manifest(src, model_id, version, task, description, tags)
+    manifest = build_manifest(src, model_id, version, task, description, tags, top_k)
     return store.publish(src, manifest, progress)
 
 

@@ -62,7 +62,9 @@ def store(store_config: StoreConfig) -> ModelStore:
 def fleet(store: ModelStore) -> dict[str, Manifest]:
     """The session's fleet by `model_id@version`: minilm-embed v1 and v2, 3 text
     classifiers, 40 fraud models."""
-    manifests = publish_demo_fleet(store, FRAUD_COUNT, progress=False, classifiers=CLASSIFIERS)
+    manifests = publish_demo_fleet(
+        store, FRAUD_COUNT, progress=False, classifiers=CLASSIFIERS, vision=0
+    )
     by_key = {m.key: m for m in manifests}
     # a second version of the embedder: same weights, its own cache key and ~91 MB
     from devstack.demo_fleet import minilm_dir

@@ -52,7 +52,9 @@ def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProc
 def test_fresh_shell_drivers_and_jobs_reach_the_local_stack(tmp_path: Path) -> None:
     state = tmp_path / "state"
     fleetserve = str(BIN / "fleetserve")
-    up = _run([fleetserve, "--state-dir", str(state), "up", "--count", "4"], ROOT, 900)
+    up = _run(
+        [fleetserve, "--state-dir", str(state), "up", "--count", "4", "--vision", "2"], ROOT, 900
+    )
     try:
         assert up.returncode == 0, (up.stdout + up.stderr)[-3000:]
 

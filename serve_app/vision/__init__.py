@@ -1,0 +1,2 @@
+"""Images for vision models: checks and decoding (`images`), the model's preprocessing
+(`processing`)."""
