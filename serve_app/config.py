@@ -84,6 +84,12 @@ class StoreConfig(_Strict):
     download_timeout_s: float = Field(
         600.0, gt=0, description="Most seconds one version's download may take (then 503)."
     )
+    stall_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="A download from which the store sent no byte for this long fails with "
+        "503 (a stalled store: it accepts connections and never answers).",
+    )
     max_aux_file_bytes: ByteSize = Field(
         64 * 2**20,
         description="Largest non-weight file (config, tokenizer) a manifest may declare.",

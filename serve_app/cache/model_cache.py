@@ -45,7 +45,14 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from serve_app.cache.policy import EvictionPolicy, LRUPolicy
-from serve_app.errors import FleetError, ModelLoadFailed, ModelTooLarge, NoRoom, PinRefused
+from serve_app.errors import (
+    FleetError,
+    LoadTimeout,
+    ModelLoadFailed,
+    ModelTooLarge,
+    NoRoom,
+    PinRefused,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +121,7 @@ class CacheStats:
     load_failures: int = 0
     evictions: int = 0
     failure_memory_hits: int = 0
+    load_timeouts: int = 0
     peak_resident_bytes: int = 0
     evicted_keys: list[str] = field(default_factory=list)
 
@@ -149,6 +157,7 @@ class ModelCache(Generic[M]):
         self._loading: dict[str, asyncio.Task[CacheEntry[M]]] = {}
         self._waiters: dict[str, int] = {}
         self._failures: dict[str, _Failure] = {}
+        self._room_waits: set[str] = set()  # loads waiting for room (their timeout: NoRoom)
         self._reserved = 0
         # NOTE: unloaded while leased: out of the cache (a new request loads a fresh copy),
         # still counted as resident until the last in-flight request lets go.
@@ -267,13 +276,24 @@ class ModelCache(Generic[M]):
             self._changed()
         self._waiters[key] = self._waiters.get(key, 0) + 1
         try:
-            # NOTE: shield: a caller that gives up must not cancel a load others share.
-            entry = await asyncio.shield(task)
-        except asyncio.CancelledError:
+            # NOTE: shield: a caller that gives up must not cancel a load others share. The
+            # wait is bounded by load_timeout_s whatever the load waits on (a stalled store,
+            # a slow disk); the load itself goes on, and a later request finds it resident.
+            entry = await asyncio.wait_for(asyncio.shield(task), self.load_timeout_s)
+        except (asyncio.CancelledError, TimeoutError) as exc:
             if task.done() and not task.cancelled() and task.exception() is None:
                 self.release(key, task.result().model)  # the lease was granted at admission
             elif not task.done():
                 self._waiters[key] -= 1
+            if isinstance(exc, TimeoutError):
+                self.stats.load_timeouts += 1
+                if key in self._room_waits:
+                    raise _no_room(key, self.load_timeout_s) from None
+                raise LoadTimeout(
+                    f"{key} did not load within {self.load_timeout_s:g}s "
+                    "(host.load_timeout_s); it goes on loading, retry later",
+                    retry_after_s=5.0,
+                ) from None
             raise
         return Lease(key, entry.model, hit=False, wait_seconds=self._clock() - start)
 
@@ -399,13 +419,13 @@ class ModelCache(Generic[M]):
                 continue
             remaining = deadline - self._clock()
             if remaining <= 0:
-                raise NoRoom(
-                    f"no room for {key} within {self.load_timeout_s:.0f}s: every resident "
-                    "model is pinned or in use by a request",
-                    retry_after_s=1.0,
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room_freed.wait(), timeout=remaining)
+                raise _no_room(key, self.load_timeout_s)
+            self._room_waits.add(key)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room_freed.wait(), timeout=remaining)
+            finally:
+                self._room_waits.discard(key)
 
     def _evict(self, entry: CacheEntry[M], reason: str) -> None:
         del self._entries[entry.key]
@@ -545,6 +565,14 @@ def _copy_error(error: FleetError, retry_after_s: float) -> FleetError:
     if retry is not None:
         retry = max(retry_after_s, 0.0)
     return type(error)(error.message, retry)
+
+
+def _no_room(key: str, timeout_s: float) -> NoRoom:
+    return NoRoom(
+        f"no room for {key} within {timeout_s:.0f}s: every resident model is pinned or in "
+        "use by a request",
+        retry_after_s=1.0,
+    )
 
 
 def _retrieve(task: asyncio.Task[object]) -> None:

@@ -27,7 +27,7 @@ from botocore.exceptions import ClientError
 
 from serve_app.config import StoreConfig
 from serve_app.errors import ModelTooLarge, StorageUnavailable, VersionExists
-from serve_app.storage.fetch import Buffer, VersionFetch, storage_errors
+from serve_app.storage.fetch import Buffer, ByteClock, VersionFetch, storage_errors
 from serve_app.storage.listing import ListingFailed, S3Lister
 from serve_app.storage.manifest import MANIFEST_NAME, Manifest, now_iso
 from serve_app.storage.ranged import FsspecRangeReader, RangeReader, S3RangeReader
@@ -80,6 +80,8 @@ class ModelStore:
         self.root = config.root
         # NOTE: one pool per store bounds the GETs in flight across concurrent loads.
         self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="s3-fetch")
+        # NOTE: shared by every fetch of this store: see ByteClock.
+        self._clock = ByteClock()
 
     # ----------------------------------------------------------------- paths
     def version_dir(self, model_id: str, version: str) -> str:
@@ -270,6 +272,8 @@ class ModelStore:
             base=self.version_dir(manifest.model_id, manifest.version),
             chunk_bytes=self.config.chunk_bytes,
             timeout_s=self.config.download_timeout_s,
+            stall_timeout_s=self.config.stall_timeout_s,
+            clock=self._clock,
         )
 
     def fetch(self, manifest: Manifest, limit_bytes: int | None = None) -> dict[str, Buffer]:
