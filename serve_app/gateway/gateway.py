@@ -33,6 +33,7 @@ from serve_app.storage.registry import Registry
 
 Dispatch = Callable[[PredictCall], Awaitable[PredictResponse]]
 access_log = logging.getLogger("serve_app.access")
+logger = logging.getLogger(__name__)
 
 
 class Gateway:
@@ -75,12 +76,50 @@ class Gateway:
         """Record a routing config that was refused (the active one keeps serving)."""
         self.rejected = {"error": error, "config": config, "at": time.time()}
 
+    def recheck_routing(
+        self,
+        save: Callable[[dict[str, Any]], None] | None = None,
+        fallback: Callable[[], RoutingTable | None] | None = None,
+    ) -> list[str]:
+        """Check the active routing against the registry as it is now; returns the problems.
+
+        Called after every registry change (`Registry.on_change`, from its thread). A
+        routing accepted while the registry was unreadable (not `checked`) is validated
+        here for the first time: if it passes, `save(config)` records it as the accepted
+        routing; if not, it is refused like any bad config: `fallback()` (the last accepted
+        routing, or None) takes over when there is one, and the refusal shows at
+        `GET /v1/routing`. A routing that was checked keeps serving when versions it names
+        vanish later; its problems show at `GET /v1/routing` and in the log.
+        """
+        table = self.routing
+        was_checked = table.checked
+        problems = table.recheck()
+        if problems:
+            logger.warning("routing re-check found problems", extra={"problems": problems})
+        if was_checked or self.routing is not table:
+            return problems
+        config = table.config.model_dump(mode="json")
+        if not problems:
+            if table.checked and save is not None:
+                save(config)
+            return problems
+        replacement = fallback() if fallback is not None else None
+        if replacement is not None and self.routing is table:
+            self.set_routing(replacement)
+        self.reject_routing(
+            config,
+            "routing config refused when checked against the registry: " + "; ".join(problems),
+        )
+        return problems
+
     def routing_report(self) -> dict[str, Any]:
         """The active routing, the last refused one (if any), per-arm counters, and whether
         each host replica took the same pins from its own `user_config` (blocking: call it
         off the event loop)."""
         report = {
             "active": self.routing.config.model_dump(),
+            "checked": self.routing.checked,
+            "problems": list(self.routing.problems),
             "pools": list(self.routing.pools),
             "rejected": self.rejected,
             "arms": self.arm_stats.snapshot(peer.get("arms") or {} for peer in self._peers()),
@@ -128,8 +167,7 @@ class Gateway:
             call = PredictCall(
                 manifest=manifest, inputs=rows, request_id=request_id, pool=route.pool
             )
-            if route.shadow is not None:
-                self._send_shadow(route, rows, request_id)
+            self._shadow(route, rows, request_id)
             result = await self.dispatch(call)
             if route.alias is not None:
                 result = result.model_copy(update={"alias": route.alias, "arm": route.arm})
@@ -151,6 +189,22 @@ class Gateway:
         self.arm_stats.record(alias, arm, role, ok, latency_ms)
         if self.arm_metrics is not None:
             self.arm_metrics.observe(alias, arm, role, "ok" if ok else "error", latency_ms)
+
+    def _shadow(self, route: Route, rows: list[Any], request_id: str) -> None:
+        """Send the route's shadow copy, if any; whatever happens, the request goes on."""
+        if route.alias is not None and route.shadow_missing is not None:
+            # NOTE: the target is gone from the registry: counted as dropped, logged by the
+            # routing re-check (GET /v1/routing shows the problem).
+            self.arm_stats.dropped(route.alias, route.shadow_missing)
+            if self.arm_metrics is not None:
+                self.arm_metrics.observe(route.alias, route.shadow_missing, "shadow", "dropped", 0)
+            return
+        if route.shadow is None:
+            return
+        try:
+            self._send_shadow(route, rows, request_id)
+        except Exception:
+            logger.exception("shadow not sent", extra={"request_id": request_id})
 
     def _send_shadow(self, route: Route, rows: list[Any], request_id: str) -> None:
         """Send a copy to the shadow candidate in the background (never awaited by the
