@@ -166,6 +166,9 @@ class ModelCache(Generic[M]):
         self.policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
         self._resident = 0  # NOTE: kept as a running sum: cheap, and safe to read from threads
         self._load_slots = asyncio.Semaphore(max_concurrent_loads)
+        # NOTE: loads from local copies have slots of their own: a stalled store holding
+        # every slot must not stall a version the disk tier already has.
+        self._local_slots = asyncio.Semaphore(max_concurrent_loads)
         # NOTE: replaced on every signal; waiters hold the one that was current when they
         # found no room, so a signal between their check and their wait is never lost.
         self._room_freed = asyncio.Event()
@@ -245,8 +248,14 @@ class ModelCache(Generic[M]):
         finally:
             self.release(key, lease.model)
 
-    async def acquire(self, key: str, load: LoadFn[M], size_hint: int = 0) -> Lease[M]:
-        """Like `lease()`, but the caller must call `release(key)` when done."""
+    async def acquire(
+        self, key: str, load: LoadFn[M], size_hint: int = 0, local: bool = False
+    ) -> Lease[M]:
+        """Like `lease()`, but the caller must call `release(key)` when done.
+
+        `local`: the load reads only local copies (disk or RAM tier), so it takes one of its
+        own `max_concurrent_loads` slots and never queues behind loads waiting on the store.
+        """
         start = self._clock()
         entry = self._entries.get(key)
         if entry is not None:
@@ -269,7 +278,7 @@ class ModelCache(Generic[M]):
         self._emit(CacheEvent("miss", key))
         task = self._loading.get(key)
         if task is None:
-            task = asyncio.create_task(self._load(key, load, size_hint), name=f"load:{key}")
+            task = asyncio.create_task(self._load(key, load, size_hint, local), name=f"load:{key}")
             # NOTE: retrieve the outcome even when every waiter has gone away.
             task.add_done_callback(_retrieve)
             self._loading[key] = task
@@ -333,11 +342,13 @@ class ModelCache(Generic[M]):
                 work.add_done_callback(_retrieve)
 
     # ------------------------------------------------------------------ loading
-    async def _load(self, key: str, load: LoadFn[M], size_hint: int) -> CacheEntry[M]:
+    async def _load(
+        self, key: str, load: LoadFn[M], size_hint: int, local: bool = False
+    ) -> CacheEntry[M]:
         reserved = 0
         try:
             self._check_fits(key, size_hint, measured=False)
-            async with self._load_slots:
+            async with self._local_slots if local else self._load_slots:
                 await self._make_room(size_hint, key)
                 self._reserved += size_hint
                 reserved = size_hint

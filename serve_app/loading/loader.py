@@ -98,6 +98,13 @@ class ModelLoader:
         if self.owns_disk:
             shutil.rmtree(self.disk.root, ignore_errors=True)
 
+    def has_local_copy(self, manifest: Manifest) -> bool:
+        """Whether the RAM or disk tier holds every file of this version (by size: the
+        load verifies the sha256, and falls back to the store on a mismatch)."""
+        if self.ram is not None and manifest.key in self.ram:
+            return True
+        return self.disk.has(manifest)
+
     def load(self, manifest: Manifest, limit_bytes: int | None = None) -> Predictor:
         """Fetch, verify and build `manifest`'s model on the device.
 

@@ -6,6 +6,7 @@ loads without the store."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -125,3 +126,52 @@ async def test_disk_tier_loads_while_the_store_is_stalled_and_the_rest_get_503(
         assert reader.calls >= 1
     finally:
         await host.close()
+
+
+async def test_a_disk_tier_load_never_queues_behind_loads_stuck_on_the_store(
+    published: ModelStore, tmp_path: Path
+) -> None:
+    """Every load slot held by a load waiting on a stalled store: a version on disk still
+    loads at once, on slots of its own."""
+    config = published.config.model_copy(update={"stall_timeout_s": 5.0, "chunk_bytes": 256})
+    store = ModelStore(config, fs=published.fs)
+    on_disk = store.read_manifest("m-a", "1")
+    remote = [store.read_manifest("m-a", "2"), store.read_manifest("m-b", "1")]
+    host = ModelHost(
+        HostConfig(
+            memory_budget=2**20,
+            disk_cache_dir=str(tmp_path / "disk"),
+            accelerator="cpu",
+            max_concurrent_loads=2,
+        ),
+        store,
+        replica="unit",
+    )
+    stalled = StalledReader(store)
+    try:
+        call = PredictCall(manifest=on_disk, inputs=[[0.0] * 4], request_id="a")
+        await host.predict(call)
+        for thread in threading.enumerate():
+            if thread.name.startswith("disk-tier:"):
+                thread.join(30)
+        host.cache.unload(on_disk.key)
+        store.reader = stalled
+        stuck = [
+            asyncio.create_task(
+                host.predict(PredictCall(manifest=m, inputs=[[0.0] * 4], request_id=m.key))
+            )
+            for m in remote
+        ]
+        await asyncio.sleep(0.2)
+        assert sorted(host.cache.loading_keys()) == sorted(m.key for m in remote)
+        started = time.monotonic()
+        response = await asyncio.wait_for(host.predict(call), 10)
+        assert time.monotonic() - started < 2  # not the 5 s stall timeout
+        assert not response.resident
+        assert all(not task.done() for task in stuck)
+        stalled.resume.set()
+        await asyncio.gather(*stuck, return_exceptions=True)
+    finally:
+        stalled.resume.set()
+        await host.close()
+        store.close()
