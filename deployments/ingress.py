@@ -217,6 +217,12 @@ class Ingress:
             # NOTE: one accepted while the registry was unreadable is recorded only once
             # the registry re-check has validated it (Gateway.recheck_routing).
             await asyncio.to_thread(self._save_accepted, table.config.model_dump(mode="json"))
+        elif self.registry.age_s is not None:
+            # NOTE: the registry was first read while this table was being built: the
+            # change callback checked the previous table, so check this one now.
+            await asyncio.to_thread(
+                self.gateway.recheck_routing, self._save_accepted, self._fallback
+            )
 
     def _save_accepted(self, config: dict[str, Any]) -> None:
         """Record `config` as the accepted routing (blocking: S3)."""

@@ -97,3 +97,33 @@ async def test_a_routing_accepted_while_the_registry_is_unreadable_is_recorded_o
 
 async def _no_dispatch(call: object) -> Any:
     pytest.fail("no request is dispatched in this test")
+
+
+async def test_a_routing_built_just_before_the_first_registry_read_is_checked_at_once(
+    published: ModelStore,
+) -> None:
+    """The registry's first read lands while the new table is being built: its change
+    callback checks the previous table, so reconfigure checks the new one itself."""
+    registry = Registry(published, refresh_s=60)
+    ingress = object.__new__(_BareIngress)
+    ingress.registry = registry
+    ingress._pool_configs = [PoolConfig()]
+    ingress._accepted = False
+    ingress._accepted_routing = AcceptedRouting(StoreKeyValue.of(published), "fleet")
+    ingress.gateway = Gateway(registry, _no_dispatch, IngressConfig())
+    registry.on_change = lambda: ingress.gateway.recheck_routing(
+        ingress._save_accepted, ingress._fallback
+    )
+    compile_unread = ingress._compile
+
+    def compile_then_registry_read(user_config: dict[str, Any]) -> Any:
+        table = compile_unread(user_config)  # the store still unreadable: unchecked
+        registry.refresh()  # ... and readable right after
+        return table
+
+    ingress._compile = compile_then_registry_read
+    await ingress.reconfigure({"default_versions": {"m-a": "1"}})
+    assert ingress.gateway.routing.config.default_versions == {"m-a": "1"}
+    assert ingress.gateway.routing.checked
+    saved = ingress._accepted_routing.read()
+    assert saved == ingress.gateway.routing.config.model_dump(mode="json")
