@@ -182,9 +182,7 @@ class Ingress:
         # NOTE: every registry change re-checks the routing (from the refresh thread): a
         # routing accepted while the registry was unreadable is validated (and recorded)
         # then, and vanished targets show at GET /v1/routing.
-        self.registry.on_change = lambda: self.gateway.recheck_routing(
-            self._save_accepted, self._fallback
-        )
+        self.registry.on_change = self._on_registry_change
         self.manager = ModelManager(
             self.registry,
             ServeHostControl(pools, self._app, config.management.command_timeout_s),
@@ -223,6 +221,13 @@ class Ingress:
             await asyncio.to_thread(
                 self.gateway.recheck_routing, self._save_accepted, self._fallback
             )
+
+    def _on_registry_change(self) -> None:
+        """Re-check the routing against the changed registry (from the refresh thread)."""
+        # NOTE: before the first reconfigure() the default routing serves: it is nobody's
+        # accepted config, and recording it would overwrite the one in the store.
+        if self._accepted:
+            self.gateway.recheck_routing(self._save_accepted, self._fallback)
 
     def _save_accepted(self, config: dict[str, Any]) -> None:
         """Record `config` as the accepted routing (blocking: S3)."""

@@ -80,9 +80,7 @@ async def test_a_routing_accepted_while_the_registry_is_unreadable_is_recorded_o
     ingress._accepted = False
     ingress._accepted_routing = AcceptedRouting(StoreKeyValue.of(published), "fleet")
     ingress.gateway = Gateway(registry, _no_dispatch, IngressConfig())
-    registry.on_change = lambda: ingress.gateway.recheck_routing(
-        ingress._save_accepted, ingress._fallback
-    )
+    registry.on_change = ingress._on_registry_change
     config = {"aliases": {"ab": {"arms": [{"target": "m-a@1", "weight": 100}]}}}
     await ingress.reconfigure(config)
     assert ingress.gateway.routing.config.aliases["ab"].arms[0].target == "m-a@1"
@@ -111,9 +109,7 @@ async def test_a_routing_built_just_before_the_first_registry_read_is_checked_at
     ingress._accepted = False
     ingress._accepted_routing = AcceptedRouting(StoreKeyValue.of(published), "fleet")
     ingress.gateway = Gateway(registry, _no_dispatch, IngressConfig())
-    registry.on_change = lambda: ingress.gateway.recheck_routing(
-        ingress._save_accepted, ingress._fallback
-    )
+    registry.on_change = ingress._on_registry_change
     compile_unread = ingress._compile
 
     def compile_then_registry_read(user_config: dict[str, Any]) -> Any:
@@ -127,3 +123,19 @@ async def test_a_routing_built_just_before_the_first_registry_read_is_checked_at
     assert ingress.gateway.routing.checked
     saved = ingress._accepted_routing.read()
     assert saved == ingress.gateway.routing.config.model_dump(mode="json")
+
+
+def test_the_default_routing_is_never_recorded_as_accepted(published: ModelStore) -> None:
+    """Before any reconfigure() the default routing serves; a registry read then must not
+    record it over the accepted routing in the store."""
+    registry = Registry(published, refresh_s=60)
+    ingress = object.__new__(_BareIngress)
+    ingress.registry = registry
+    ingress._pool_configs = [PoolConfig()]
+    ingress._accepted = False
+    ingress._accepted_routing = AcceptedRouting(StoreKeyValue.of(published), "fleet")
+    ingress._accepted_routing.save({"default_versions": {"m-a": "1"}})
+    ingress.gateway = Gateway(registry, _no_dispatch, IngressConfig())
+    registry.on_change = ingress._on_registry_change
+    registry.refresh()
+    assert ingress._accepted_routing.read() == {"default_versions": {"m-a": "1"}}
