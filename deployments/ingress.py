@@ -97,7 +97,8 @@ class ServeHostControl:
             FleetError: what the replica raised.
         """
         if command.replica not in self._pool_of:
-            self.replicas()
+            # NOTE: GCS reads (and actor lookups): never on the event loop.
+            await asyncio.to_thread(self.replicas)
         pool = self._pools.get(self._pool_of.get(command.replica, DEFAULT_POOL))
         if pool is None:
             raise ReplicaUnavailable(f"replica {command.replica} is in no pool of this app")
@@ -178,6 +179,10 @@ class Ingress:
             else None
         )
         self._accepted = False
+        # NOTE: every registry change re-checks the routing (from the refresh thread): a
+        # routing accepted while the registry was unreadable is validated (and recorded)
+        # then, and vanished targets show at GET /v1/routing.
+        self.registry.on_change = self._on_registry_change
         self.manager = ModelManager(
             self.registry,
             ServeHostControl(pools, self._app, config.management.command_timeout_s),
@@ -202,10 +207,32 @@ class Ingress:
             return
         self.gateway.set_routing(table)
         self._accepted = True
-        logger.info("routing config applied", extra={"aliases": sorted(table.config.aliases)})
+        logger.info(
+            "routing config applied",
+            extra={"aliases": sorted(table.config.aliases), "checked": table.checked},
+        )
+        if table.checked:
+            # NOTE: one accepted while the registry was unreadable is recorded only once
+            # the registry re-check has validated it (Gateway.recheck_routing).
+            await asyncio.to_thread(self._save_accepted, table.config.model_dump(mode="json"))
+        elif self.registry.age_s is not None:
+            # NOTE: the registry was first read while this table was being built: the
+            # change callback checked the previous table, so check this one now.
+            await asyncio.to_thread(
+                self.gateway.recheck_routing, self._save_accepted, self._fallback
+            )
+
+    def _on_registry_change(self) -> None:
+        """Re-check the routing against the changed registry (from the refresh thread)."""
+        # NOTE: before the first reconfigure() the default routing serves: it is nobody's
+        # accepted config, and recording it would overwrite the one in the store.
+        if self._accepted:
+            self.gateway.recheck_routing(self._save_accepted, self._fallback)
+
+    def _save_accepted(self, config: dict[str, Any]) -> None:
+        """Record `config` as the accepted routing (blocking: S3)."""
         try:
-            config = table.config.model_dump(mode="json")
-            await asyncio.to_thread(self._accepted_routing.save, config)
+            self._accepted_routing.save(config)
         except StorageUnavailable as exc:
             # NOTE: the record is only a fallback for replicas started later with a refused
             # config; failing the reconfigure would make Serve stop this replica.

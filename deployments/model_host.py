@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -70,6 +71,7 @@ class ModelHostDeployment:
         self._app = context.app_name
         self._pool = config.name
         self._replica_id = context.replica_id
+        self._push_thread = ThreadPoolExecutor(1, "model-ids")
         replica = self._replica_id.unique_id
         self._advertiser: Coalescer[list[str]] = Coalescer(
             self._push_routing_info, ADVERTISE_EVERY_S, asyncio.get_running_loop()
@@ -180,10 +182,18 @@ class ModelHostDeployment:
         self._advertiser.submit(keys)
 
     def _push_routing_info(self, keys: list[str]) -> None:
-        # NOTE: the same controller call Ray's @serve.multiplexed wrapper makes.
-        push_model_ids(self._replica_id, keys)
+        # NOTE: the same controller call Ray's @serve.multiplexed wrapper makes, made from
+        # one thread of its own (pushes stay in order): the first one may look up Serve's
+        # controller in the GCS, a blocking call that must not hold this event loop.
+        self._push_thread.submit(self._push_now, keys)
         if hasattr(self, "_directory"):
             self._directory.publish(self.status())
+
+    def _push_now(self, keys: list[str]) -> None:
+        try:
+            push_model_ids(self._replica_id, keys)
+        except Exception:  # NOTE: logged; the next residency change pushes again
+            logger.exception("pushing model ids to Serve's controller failed")
 
     async def predict(self, call: PredictCall) -> PredictResponse:
         """Predict with the model named by `call.manifest` (loads it on a miss)."""
@@ -242,3 +252,4 @@ class ModelHostDeployment:
                 await task
         self._directory.close()
         await self.host.close()
+        self._push_thread.shutdown(wait=False)

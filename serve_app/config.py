@@ -84,6 +84,24 @@ class StoreConfig(_Strict):
     download_timeout_s: float = Field(
         600.0, gt=0, description="Most seconds one version's download may take (then 503)."
     )
+    stall_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="A download from which the store sent no byte for this long fails with "
+        "503 (a stalled store: it accepts connections and never answers).",
+    )
+    max_list_pages: int = Field(
+        10_000,
+        ge=1,
+        description="Most ListObjectsV2 pages (1,000 keys each) one listing of the store "
+        "may take; past it (or on a repeated continuation token) the listing fails (503).",
+    )
+    max_manifest_bytes: ByteSize = Field(
+        1 * 2**20,
+        ge=1,
+        description="Largest manifest.json read from the store; a bigger one is skipped "
+        "(registry) or refused (502).",
+    )
     max_aux_file_bytes: ByteSize = Field(
         64 * 2**20,
         description="Largest non-weight file (config, tokenizer) a manifest may declare.",

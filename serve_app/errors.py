@@ -151,7 +151,8 @@ class ImageTooLarge(PayloadTooLarge):
 
 
 class ArtifactCorrupt(FleetError):
-    """A model file does not match the sha256 in its manifest (502)."""
+    """A model artifact contradicts its manifest: a file does not match its sha256, or the
+    weights do not fit the declared architecture (502)."""
 
     status_code = 502
     code = "artifact_corrupt"

@@ -45,7 +45,14 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from serve_app.cache.policy import EvictionPolicy, LRUPolicy
-from serve_app.errors import FleetError, ModelLoadFailed, ModelTooLarge, NoRoom, PinRefused
+from serve_app.errors import (
+    FleetError,
+    LoadTimeout,
+    ModelLoadFailed,
+    ModelTooLarge,
+    NoRoom,
+    PinRefused,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +121,7 @@ class CacheStats:
     load_failures: int = 0
     evictions: int = 0
     failure_memory_hits: int = 0
+    load_timeouts: int = 0
     peak_resident_bytes: int = 0
     evicted_keys: list[str] = field(default_factory=list)
 
@@ -149,6 +157,7 @@ class ModelCache(Generic[M]):
         self._loading: dict[str, asyncio.Task[CacheEntry[M]]] = {}
         self._waiters: dict[str, int] = {}
         self._failures: dict[str, _Failure] = {}
+        self._room_waits: set[str] = set()  # loads waiting for room (their timeout: NoRoom)
         self._reserved = 0
         # NOTE: unloaded while leased: out of the cache (a new request loads a fresh copy),
         # still counted as resident until the last in-flight request lets go.
@@ -157,6 +166,9 @@ class ModelCache(Generic[M]):
         self.policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
         self._resident = 0  # NOTE: kept as a running sum: cheap, and safe to read from threads
         self._load_slots = asyncio.Semaphore(max_concurrent_loads)
+        # NOTE: loads from local copies have slots of their own: a stalled store holding
+        # every slot must not stall a version the disk tier already has.
+        self._local_slots = asyncio.Semaphore(max_concurrent_loads)
         # NOTE: replaced on every signal; waiters hold the one that was current when they
         # found no room, so a signal between their check and their wait is never lost.
         self._room_freed = asyncio.Event()
@@ -236,8 +248,14 @@ class ModelCache(Generic[M]):
         finally:
             self.release(key, lease.model)
 
-    async def acquire(self, key: str, load: LoadFn[M], size_hint: int = 0) -> Lease[M]:
-        """Like `lease()`, but the caller must call `release(key)` when done."""
+    async def acquire(
+        self, key: str, load: LoadFn[M], size_hint: int = 0, local: bool = False
+    ) -> Lease[M]:
+        """Like `lease()`, but the caller must call `release(key)` when done.
+
+        `local`: the load reads only local copies (disk or RAM tier), so it takes one of its
+        own `max_concurrent_loads` slots and never queues behind loads waiting on the store.
+        """
         start = self._clock()
         entry = self._entries.get(key)
         if entry is not None:
@@ -260,20 +278,31 @@ class ModelCache(Generic[M]):
         self._emit(CacheEvent("miss", key))
         task = self._loading.get(key)
         if task is None:
-            task = asyncio.create_task(self._load(key, load, size_hint), name=f"load:{key}")
+            task = asyncio.create_task(self._load(key, load, size_hint, local), name=f"load:{key}")
             # NOTE: retrieve the outcome even when every waiter has gone away.
             task.add_done_callback(_retrieve)
             self._loading[key] = task
             self._changed()
         self._waiters[key] = self._waiters.get(key, 0) + 1
         try:
-            # NOTE: shield: a caller that gives up must not cancel a load others share.
-            entry = await asyncio.shield(task)
-        except asyncio.CancelledError:
+            # NOTE: shield: a caller that gives up must not cancel a load others share. The
+            # wait is bounded by load_timeout_s whatever the load waits on (a stalled store,
+            # a slow disk); the load itself goes on, and a later request finds it resident.
+            entry = await asyncio.wait_for(asyncio.shield(task), self.load_timeout_s)
+        except (asyncio.CancelledError, TimeoutError) as exc:
             if task.done() and not task.cancelled() and task.exception() is None:
                 self.release(key, task.result().model)  # the lease was granted at admission
             elif not task.done():
                 self._waiters[key] -= 1
+            if isinstance(exc, TimeoutError):
+                self.stats.load_timeouts += 1
+                if key in self._room_waits:
+                    raise _no_room(key, self.load_timeout_s) from None
+                raise LoadTimeout(
+                    f"{key} did not load within {self.load_timeout_s:g}s "
+                    "(host.load_timeout_s); it goes on loading, retry later",
+                    retry_after_s=5.0,
+                ) from None
             raise
         return Lease(key, entry.model, hit=False, wait_seconds=self._clock() - start)
 
@@ -313,11 +342,13 @@ class ModelCache(Generic[M]):
                 work.add_done_callback(_retrieve)
 
     # ------------------------------------------------------------------ loading
-    async def _load(self, key: str, load: LoadFn[M], size_hint: int) -> CacheEntry[M]:
+    async def _load(
+        self, key: str, load: LoadFn[M], size_hint: int, local: bool = False
+    ) -> CacheEntry[M]:
         reserved = 0
         try:
             self._check_fits(key, size_hint, measured=False)
-            async with self._load_slots:
+            async with self._local_slots if local else self._load_slots:
                 await self._make_room(size_hint, key)
                 self._reserved += size_hint
                 reserved = size_hint
@@ -399,13 +430,13 @@ class ModelCache(Generic[M]):
                 continue
             remaining = deadline - self._clock()
             if remaining <= 0:
-                raise NoRoom(
-                    f"no room for {key} within {self.load_timeout_s:.0f}s: every resident "
-                    "model is pinned or in use by a request",
-                    retry_after_s=1.0,
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room_freed.wait(), timeout=remaining)
+                raise _no_room(key, self.load_timeout_s)
+            self._room_waits.add(key)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room_freed.wait(), timeout=remaining)
+            finally:
+                self._room_waits.discard(key)
 
     def _evict(self, entry: CacheEntry[M], reason: str) -> None:
         del self._entries[entry.key]
@@ -545,6 +576,14 @@ def _copy_error(error: FleetError, retry_after_s: float) -> FleetError:
     if retry is not None:
         retry = max(retry_after_s, 0.0)
     return type(error)(error.message, retry)
+
+
+def _no_room(key: str, timeout_s: float) -> NoRoom:
+    return NoRoom(
+        f"no room for {key} within {timeout_s:.0f}s: every resident model is pinned or in "
+        "use by a request",
+        retry_after_s=1.0,
+    )
 
 
 def _retrieve(task: asyncio.Task[object]) -> None:

@@ -35,6 +35,9 @@ class Route:
     arm: str | None = None  # the arm's target as configured, e.g. "ranker@7"
     shadow: Manifest | None = None
     shadow_pool: str | None = None
+    # NOTE: the alias's shadow target as configured, when it no longer resolves (removed
+    # from the store): the request is served without its copy, which counts as dropped.
+    shadow_missing: str | None = None
 
 
 def parse_target(target: str) -> tuple[str, str | None]:
@@ -107,12 +110,33 @@ class RoutingTable:
             for name, alias in config.aliases.items()
         }
         problems = self._check_names()
+        # NOTE: whether the targets were checked against the registry. A table built while
+        # the registry was unreadable is not: `recheck()` checks it once the registry has
+        # been read, and until then it is never recorded as the accepted routing.
+        self.checked = False
+        self.problems: list[str] = []
         if not problems and registry.age_s is not None:
             problems = self._check_against_registry()
+            self.checked = not problems
         elif registry.age_s is None:
             logger.warning("routing checked without the registry: the store is not readable yet")
         if problems:
             raise InvalidRouting("; ".join(problems))
+
+    def recheck(self) -> list[str]:
+        """Check the targets and pins against the registry as it is now (after a refresh:
+        versions come and go); returns the problems found, kept in `problems`.
+
+        A table first checked here becomes `checked`; a table that was checked stays so
+        (it was valid when accepted), and its problems are reported, not raised: requests
+        for a vanished target get their 404, shadows of one are skipped.
+        """
+        if self.registry.age_s is None:
+            return self.problems
+        self.problems = self._check_against_registry()
+        if not self.problems:
+            self.checked = True
+        return self.problems
 
     # ------------------------------------------------------------------ validation
     def _targets(self) -> list[tuple[str, str]]:
@@ -191,8 +215,14 @@ class RoutingTable:
         manifest = self._manifest(arm.target)
         shadow = self.config.aliases[model_id].shadow
         shadow_manifest: Manifest | None = None
+        shadow_missing: str | None = None
         if shadow is not None and (shadow.fraction >= 1 or self._rng.random() < shadow.fraction):
-            shadow_manifest = self._manifest(shadow.target)
+            try:
+                shadow_manifest = self._manifest(shadow.target)
+            except FleetError:
+                # NOTE: a shadow never fails the request it copies (its target was removed
+                # from the store, or the registry lost it): served without the copy.
+                shadow_missing = shadow.target
         return Route(
             manifest,
             self.placement.pool_for(manifest),
@@ -202,6 +232,7 @@ class RoutingTable:
             shadow_pool=None
             if shadow_manifest is None
             else self.placement.pool_for(shadow_manifest),
+            shadow_missing=shadow_missing,
         )
 
     def sticky_header(self, name: str) -> str | None:

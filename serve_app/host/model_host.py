@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from serve_app.cache.model_cache import CacheEvent, ModelCache
+from serve_app.cache.model_cache import CacheEvent, Lease, ModelCache
 from serve_app.cache.policy import make_policy
 from serve_app.config import DEFAULT_POOL, HostConfig
 from serve_app.errors import CommandMisrouted, FleetError, unwrap
@@ -107,6 +107,9 @@ class ModelHost:
         self._load_pool = ThreadPoolExecutor(
             config.max_concurrent_loads, "fleet-load", initializer=_lower_priority
         )
+        self._local_load_pool = ThreadPoolExecutor(
+            config.max_concurrent_loads, "fleet-load-local", initializer=_lower_priority
+        )
         self._predict_pool = ThreadPoolExecutor(config.predict_threads, "fleet-predict")
         self.batcher: MicroBatcher[tuple[str, Predictor], list[Any], list[Any]] = MicroBatcher(
             self._run_batch, self._batch_policy
@@ -148,14 +151,30 @@ class ModelHost:
         if self.metrics is not None:
             self.metrics.on_event(event, time.monotonic())
 
-    def _loader_for(self, manifest: Manifest) -> Callable[[], Awaitable[Predictor]]:
+    def _loader_for(
+        self, manifest: Manifest, local: bool = False
+    ) -> Callable[[], Awaitable[Predictor]]:
+        pool = self._local_load_pool if local else self._load_pool
+
         async def load() -> Predictor:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
-                self._load_pool, self.loader.load, manifest, self.cache.budget_bytes
+                pool, self.loader.load, manifest, self.cache.budget_bytes
             )
 
         return load
+
+    async def _acquire(self, manifest: Manifest) -> Lease[Predictor]:
+        """Lease `manifest`'s model, loading it on a miss: a version the RAM or disk tier
+        holds loads on threads and cache slots of its own, so it never waits behind loads
+        stuck on the store (a stalled S3 holds those until `store.stall_timeout_s`)."""
+        local = self.loader.has_local_copy(manifest)
+        return await self.cache.acquire(
+            manifest.key,
+            self._loader_for(manifest, local),
+            size_hint=manifest.total_bytes,
+            local=local,
+        )
 
     async def set_pins(self, manifests: list[Manifest]) -> dict[str, str]:
         """Keep exactly `manifests` pinned here; returns the errors by key (empty if none).
@@ -211,10 +230,9 @@ class ModelHost:
         rows join the model's dynamic batches; a request's own failure is returned in its
         slot (typed), a load failure is raised for all."""
         manifest = batch.manifest
-        load = self._loader_for(manifest)
         # NOTE: every file is in memory during a load, so all of them count against the
         # budget (a manifest's declared sizes are untrusted; see ModelStore.check_sizes).
-        lease = await self.cache.acquire(manifest.key, load, size_hint=manifest.total_bytes)
+        lease = await self._acquire(manifest)
         key = (manifest.key, lease.model)
         work = asyncio.gather(
             *(self._predict_rows(key, rows) for rows in batch.inputs), return_exceptions=True
@@ -308,9 +326,7 @@ class ModelHost:
     # ------------------------------------------------------------------ management
     async def prewarm(self, manifest: Manifest) -> None:
         """Make `manifest`'s model resident (a load without a request)."""
-        lease = await self.cache.acquire(
-            manifest.key, self._loader_for(manifest), manifest.total_bytes
-        )
+        lease = await self._acquire(manifest)
         self.cache.release(lease.key, lease.model)
 
     async def pin(self, manifest: Manifest) -> None:
@@ -414,6 +430,7 @@ class ModelHost:
         self.loader.close()
         self._predict_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
+        self._local_load_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _wall(monotonic_at: float) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from serve_app.config import HostConfig
-from serve_app.errors import ModelLoadFailed
+from serve_app.errors import ArtifactCorrupt, ModelLoadFailed
 from serve_app.host.predictor import PREDICTORS, Predictor
 from serve_app.loading.architectures import build_module
 from serve_app.loading.disk_tier import DiskTier
@@ -99,6 +99,13 @@ class ModelLoader:
         if self.owns_disk:
             shutil.rmtree(self.disk.root, ignore_errors=True)
 
+    def has_local_copy(self, manifest: Manifest) -> bool:
+        """Whether the RAM or disk tier holds every file of this version (by size: the
+        load verifies the sha256, and falls back to the store on a mismatch)."""
+        if self.ram is not None and manifest.key in self.ram:
+            return True
+        return self.disk.has(manifest)
+
     def load(self, manifest: Manifest, limit_bytes: int | None = None) -> Predictor:
         """Fetch, verify and build `manifest`'s model on the device.
 
@@ -113,7 +120,8 @@ class ModelLoader:
         Raises:
             ModelTooLarge: a declared file size is over its limit (`limit_bytes` for all
                 files together, `store.max_aux_file_bytes` for a non-weight file).
-            ArtifactCorrupt: a file failed its sha256 check.
+            ArtifactCorrupt: a file failed its sha256 check, or the weights do not match the
+                manifest's architecture.
             StorageUnavailable: the store could not be read, or the download timed out.
             ModelLoadFailed: the artifact is not a loadable model.
         """
@@ -214,7 +222,13 @@ class ModelLoader:
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
-            raise ModelLoadFailed(f"{manifest.key}: weights do not match the architecture") from exc
+            # NOTE: the store's bytes disagree with the store's own manifest: a bad
+            # artifact (502), not a server fault (500). torch names missing, unexpected and
+            # mis-shaped keys in one RuntimeError, so its type is all there is to go by.
+            raise ArtifactCorrupt(
+                f"{manifest.key}: its weights do not match the manifest's architecture "
+                "(missing, unexpected or mis-shaped tensors); not loaded"
+            ) from exc
         return module.to(self.device)
 
     def _prepare(self, manifest: Manifest, folder: Path) -> tuple[object, object] | None:
@@ -263,6 +277,15 @@ class ModelLoader:
             # state dict, whose tensors are views of the fetched bytes.
             model_cls = auto_cls._model_mapping[type(config)]
             module = model_cls.from_pretrained(None, config=config, state_dict=state)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            # NOTE: transformers raises RuntimeError for tensors whose shapes differ from
+            # the config's (ignore_mismatched_sizes=False); OOM (a subclass) is not that.
+            raise ArtifactCorrupt(
+                f"{manifest.key}: its weights do not match its config (mis-shaped tensors); "
+                "not loaded"
+            ) from exc
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadFailed(
                 f"{manifest.key}: not a loadable transformers model ({type(exc).__name__})"

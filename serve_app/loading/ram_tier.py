@@ -51,6 +51,11 @@ class RamTier:
             self.stats.hits += 1
             return dict(entry[0])
 
+    def __contains__(self, key: object) -> bool:
+        """Whether the tier holds version `key` (no hit counted, no LRU change)."""
+        with self._lock:
+            return key in self._entries
+
     def put(self, key: str, buffers: dict[str, Buffer]) -> bool:
         """Hold `buffers` (verified files of version `key`), dropping least recently used
         versions until they fit; False, holding nothing, if they exceed the whole budget."""

@@ -104,6 +104,22 @@ class _StreamDigest:
         return self._next
 
 
+class ByteClock:
+    """When bytes last arrived from the store, for any fetch: the stall watchdog's clock.
+
+    One per store, shared by its concurrent fetches: a fetch whose GETs queue behind
+    another load's (the pool is shared) is waiting on a busy store, not a stalled one, and
+    must not time out while bytes keep flowing.
+    """
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def tick(self, nbytes: int) -> None:
+        """`nbytes` just arrived (thread-safe: one float assignment)."""
+        self.last = time.monotonic()
+
+
 class VersionFetch:
     """The files of one version streaming from the store into preallocated buffers.
 
@@ -113,7 +129,10 @@ class VersionFetch:
     chunks arrive, so verification needs no second pass. `wait(paths)` returns verified
     buffers for some files while the others are still arriving (the loader builds the
     tokenizer meanwhile). The whole download is bounded by `timeout_s`
-    (`store.download_timeout_s`); the first failure cancels the remaining GETs. Started by
+    (`store.download_timeout_s`), and cut off once the store has sent no byte for
+    `stall_timeout_s` (`store.stall_timeout_s`): a stalled server (it accepts connections
+    and never answers) costs a 503 after that long, not after the socket read timeouts of
+    every retry. The first failure cancels the remaining GETs. Started by
     `ModelStore.start_fetch`, which checks the declared sizes first.
     """
 
@@ -127,10 +146,15 @@ class VersionFetch:
         base: str,
         chunk_bytes: int,
         timeout_s: float,
+        stall_timeout_s: float | None = None,
+        clock: ByteClock | None = None,
     ) -> None:
         self.manifest = manifest
         self._reader = reader
-        self._deadline = time.monotonic() + timeout_s
+        self._started = time.monotonic()
+        self._deadline = self._started + timeout_s
+        self._stall_s = stall_timeout_s
+        self._clock = clock or ByteClock()
         self._cancelled = threading.Event()
         self._error: BaseException | None = None
         entries = {e.path: e for e in manifest.files}
@@ -150,7 +174,7 @@ class VersionFetch:
         if self._cancelled.is_set():
             return
         try:
-            self._reader.read_into(key, start, view, self._deadline)
+            self._reader.read_into(key, start, view, self._deadline, self._clock.tick)
         except BaseException as exc:
             if self._error is None:
                 self._error = exc
@@ -164,26 +188,37 @@ class VersionFetch:
         Raises:
             ArtifactCorrupt: a file does not match its manifest sha256, or is missing from
                 the store (the manifest is there, so the artifact is incomplete).
-            StorageUnavailable: the store failed, or the download passed its deadline.
+            StorageUnavailable: the store failed, the download passed its deadline, or the
+                store sent nothing for `stall_timeout_s`.
         """
         paths = list(self.buffers) if paths is None else paths
         pending = [f for p in paths for f in self._futures[p]]
-        remaining = max(0.0, self._deadline - time.monotonic())
-        _, not_done = futures_wait(pending, timeout=remaining, return_when=FIRST_EXCEPTION)
-        if self._error is not None:
-            self.cancel()
-            if isinstance(self._error, FileNotFoundError):
-                raise ArtifactCorrupt(
-                    f"{self.manifest.key}: a file of its manifest is missing from the store"
-                ) from self._error
-            with storage_errors("downloading model files"):
-                raise self._error
-        if not_done:
-            self.cancel()
-            raise StorageUnavailable(
-                f"download of {self.manifest.key} exceeded store.download_timeout_s",
-                retry_after_s=5.0,
+        while pending:
+            _, not_done = futures_wait(
+                pending, timeout=self._next_check(), return_when=FIRST_EXCEPTION
             )
+            if self._error is not None:
+                self.cancel()
+                if isinstance(self._error, FileNotFoundError):
+                    raise ArtifactCorrupt(
+                        f"{self.manifest.key}: a file of its manifest is missing from the store"
+                    ) from self._error
+                with storage_errors("downloading model files"):
+                    raise self._error
+            pending = list(not_done)
+            if pending and time.monotonic() >= self._deadline:
+                self.cancel()
+                raise StorageUnavailable(
+                    f"download of {self.manifest.key} exceeded store.download_timeout_s",
+                    retry_after_s=5.0,
+                )
+            if pending and self._stalled():
+                self.cancel()
+                raise StorageUnavailable(
+                    f"download of {self.manifest.key}: the model store sent no data for "
+                    f"{self._stall_s:g}s (store.stall_timeout_s)",
+                    retry_after_s=5.0,
+                )
         entries = {e.path: e for e in self.manifest.files}
         for path in paths:
             digest = self._digests[path].hexdigest()
@@ -195,6 +230,19 @@ class VersionFetch:
                     "not loaded"
                 )
         return {p: self.buffers[p] for p in paths}
+
+    def _stall_at(self) -> float:
+        """When the fetch counts as stalled if no byte arrives before (inf: no watchdog)."""
+        if self._stall_s is None:
+            return float("inf")
+        return max(self._started, self._clock.last) + self._stall_s
+
+    def _stalled(self) -> bool:
+        return time.monotonic() >= self._stall_at()
+
+    def _next_check(self) -> float:
+        """Seconds to wait before checking the deadline and the stall watchdog again."""
+        return max(0.0, min(self._deadline, self._stall_at()) - time.monotonic())
 
     def cancel(self) -> None:
         """Stop issuing this version's GETs (those in flight finish or fail on their own)."""

@@ -33,10 +33,31 @@ class ListingFailed(OSError):
         self.code = code
 
 
+class EndlessListing(OSError):
+    """The store's listing would never end: a continuation token came back a second time,
+    or the pages passed `store.max_list_pages`. An OSError, so the store's callers see
+    StorageUnavailable (503), as for any store in trouble, and no fallback lister retries
+    the same loop."""
+
+    def __init__(self, reason: str, pages: int) -> None:
+        super().__init__(reason, pages)
+        self.reason = reason
+        self.pages = pages
+
+    def __str__(self) -> str:
+        return f"listing stopped after {self.pages} pages: {self.reason}"
+
+
 class S3Lister:
-    """Keys under a prefix, one ListObjectsV2 page (1,000 keys) per request."""
+    """Keys under a prefix, one ListObjectsV2 page (1,000 keys) per request.
+
+    The bucket is untrusted input and so is its listing: a store (or a proxy) that hands
+    back a continuation token it gave before, or pages without end, would keep a refresh
+    listing forever; the lister stops at a repeated token and after `store.max_list_pages`.
+    """
 
     def __init__(self, config: StoreConfig) -> None:
+        self._max_pages = config.max_list_pages
         self._client = s3_client(config, signature_version="s3v4")
         self._http = urllib3.PoolManager(
             maxsize=2,
@@ -45,17 +66,31 @@ class S3Lister:
         )
 
     def keys(self, bucket: str, prefix: str) -> list[str]:
-        """Every key in `bucket` that starts with `prefix`, in S3's (lexicographic) order.
+        """Every key in `bucket` that starts with `prefix`, in S3's order (see `objects`)."""
+        return [key for key, _ in self.objects(bucket, prefix)]
+
+    def objects(self, bucket: str, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of every object in `bucket` whose key starts with `prefix`, in S3's
+        (lexicographic) order.
 
         Raises:
             FileNotFoundError: the bucket does not exist.
             ListingFailed: any other error answer (a wrong region, a refused key, ...), or
                 an answer that is not an S3 listing at all.
+            EndlessListing: a continuation token came back twice, or the listing passed
+                `store.max_list_pages` pages.
             urllib3.exceptions.HTTPError: the store could not be reached.
         """
-        keys: list[str] = []
+        objects: list[tuple[str, int]] = []
         token: str | None = None
+        seen: set[str] = set()
+        pages = 0
         while True:
+            if pages >= self._max_pages:
+                raise EndlessListing(
+                    f"more than {self._max_pages} pages (store.max_list_pages)", pages
+                )
+            pages += 1
             params = {"Bucket": bucket, "Prefix": prefix}
             if token is not None:
                 params["ContinuationToken"] = token
@@ -74,12 +109,24 @@ class S3Lister:
                 raise ListingFailed(200, "NotAListing")
             # NOTE: botocore asks for encoding-type=url (keys may hold any character);
             # botocore's own parser decodes them with unquote_plus, and so do we.
-            keys.extend(urllib.parse.unquote_plus(e.text or "") for e in root.iter(f"{ns}Key"))
+            objects.extend(
+                (urllib.parse.unquote_plus(e.findtext(f"{ns}Key") or ""), _size(e, ns))
+                for e in root.iter(f"{ns}Contents")
+            )
             if root.findtext(f"{ns}IsTruncated") != "true":
-                return keys
+                return objects
             token = root.findtext(f"{ns}NextContinuationToken")
             if not token:
                 raise ListingFailed(200, "TruncatedWithoutToken")
+            if token in seen:
+                raise EndlessListing("the store repeated a continuation token", pages)
+            seen.add(token)
+
+
+def _size(contents: ET.Element, ns: str) -> int:
+    """The `Size` of one listed object (-1 when the answer gives none, or no number)."""
+    text = contents.findtext(f"{ns}Size") or ""
+    return int(text) if text.isascii() and text.isdigit() else -1
 
 
 def _parse(body: bytes) -> ET.Element | None:

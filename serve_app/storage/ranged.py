@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import fsspec
@@ -24,11 +25,22 @@ from serve_app.errors import ArtifactCorrupt, StorageUnavailable
 PIECE_BYTES = 2**20
 
 
+Progress = Callable[[int], None]  # called with the bytes that just landed
+
+
 class RangeReader(Protocol):
     """Reads `len(view)` bytes at `start` of `path` (`bucket/key`) into `view`."""
 
-    def read_into(self, path: str, start: int, view: memoryview, deadline: float) -> None:
-        """Fill `view` exactly, or raise.
+    def read_into(
+        self,
+        path: str,
+        start: int,
+        view: memoryview,
+        deadline: float,
+        progress: Progress | None = None,
+    ) -> None:
+        """Fill `view` exactly, or raise; `progress(n)` is called as each piece of n bytes
+        lands (the fetch's stall watchdog, `store.stall_timeout_s`, watches it).
 
         Raises:
             FileNotFoundError: the object does not exist.
@@ -81,7 +93,14 @@ class S3RangeReader:
             max_pool_connections=max(10, config.max_concurrency * 2),
         )
 
-    def read_into(self, path: str, start: int, view: memoryview, deadline: float) -> None:
+    def read_into(
+        self,
+        path: str,
+        start: int,
+        view: memoryview,
+        deadline: float,
+        progress: Progress | None = None,
+    ) -> None:
         """One ranged GET of `path`, its body read into `view` (see RangeReader)."""
         from botocore.exceptions import ClientError
 
@@ -115,6 +134,8 @@ class S3RangeReader:
                     raise ArtifactCorrupt(f"{path}: short read at byte {start + done}")
                 view[done : done + len(data)] = data
                 done += len(data)
+                if progress is not None:
+                    progress(len(data))
         finally:
             body.close()
 
@@ -125,7 +146,14 @@ class FsspecRangeReader:
     def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
         self.fs = fs
 
-    def read_into(self, path: str, start: int, view: memoryview, deadline: float) -> None:
+    def read_into(
+        self,
+        path: str,
+        start: int,
+        view: memoryview,
+        deadline: float,
+        progress: Progress | None = None,
+    ) -> None:
         """`cat_file` of the range, copied into `view` (see RangeReader)."""
         if time.monotonic() > deadline:
             raise _deadline_passed(path)
@@ -133,3 +161,5 @@ class FsspecRangeReader:
         if len(data) != len(view):
             raise ArtifactCorrupt(f"{path}: short read at byte {start + len(data)}")
         view[:] = data
+        if progress is not None:
+            progress(len(data))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from serve_app.errors import ModelNotFound, StorageUnavailable, VersionNotFound
 from serve_app.schemas import ModelSummary
@@ -29,9 +30,18 @@ logger = logging.getLogger(__name__)
 class Registry:
     """In-memory view of the store's manifests (see module docstring)."""
 
-    def __init__(self, store: ModelStore, refresh_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        refresh_s: float = 2.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_change` runs (in the refreshing thread) after a refresh that changed the
+        published versions, and after the first successful one: the ingress re-checks its
+        routing there."""
         self.store = store
         self.refresh_s = refresh_s
+        self.on_change = on_change
         self._by_path: dict[str, Manifest] = {}
         self._by_model: dict[str, dict[str, Manifest]] = {}
         self._refreshed_at: float | None = None
@@ -55,9 +65,15 @@ class Registry:
         by_model: dict[str, dict[str, Manifest]] = {}
         for manifest in fresh.values():
             by_model.setdefault(manifest.model_id, {})[manifest.version] = manifest
+        changed = self._refreshed_at is None or fresh.keys() != self._by_path.keys()
         self._by_path, self._by_model = fresh, by_model
         self._refreshed_at = time.monotonic()
         self.last_error = None
+        if changed and self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:
+                logger.exception("registry change callback failed")
         return len(fresh)
 
     def refresh_quietly(self) -> bool:

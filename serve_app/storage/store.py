@@ -26,8 +26,8 @@ import fsspec
 from botocore.exceptions import ClientError
 
 from serve_app.config import StoreConfig
-from serve_app.errors import ModelTooLarge, StorageUnavailable, VersionExists
-from serve_app.storage.fetch import Buffer, VersionFetch, storage_errors
+from serve_app.errors import ArtifactCorrupt, ModelTooLarge, StorageUnavailable, VersionExists
+from serve_app.storage.fetch import Buffer, ByteClock, VersionFetch, storage_errors
 from serve_app.storage.listing import ListingFailed, S3Lister
 from serve_app.storage.manifest import MANIFEST_NAME, Manifest, now_iso
 from serve_app.storage.ranged import FsspecRangeReader, RangeReader, S3RangeReader
@@ -77,9 +77,12 @@ class ModelStore:
         self.reader: RangeReader = S3RangeReader(config) if fs is None else FsspecRangeReader(fs)
         # NOTE: the registry lists the whole store every few seconds; see serve_app.storage.listing.
         self._lister: S3Lister | None = S3Lister(config) if fs is None else None
+        self._manifest_sizes: dict[str, int] = {}  # manifest path -> size, last listing
         self.root = config.root
         # NOTE: one pool per store bounds the GETs in flight across concurrent loads.
         self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="s3-fetch")
+        # NOTE: shared by every fetch of this store: see ByteClock.
+        self._clock = ByteClock()
 
     # ----------------------------------------------------------------- paths
     def version_dir(self, model_id: str, version: str) -> str:
@@ -98,29 +101,31 @@ class ModelStore:
                 self.fs.mkdir(self.config.bucket)
 
     def list_manifest_paths(self) -> list[str]:
-        """Every published manifest under the root, from one recursive listing."""
+        """Every published manifest under the root, from one recursive listing (their
+        listed sizes are kept for `read_manifests`, which skips oversized ones unread)."""
         with storage_errors("listing models"):
             try:
-                paths = self._list_root()
+                listed = self._list_root()
             except FileNotFoundError:
                 return []
-        out = []
-        for path in paths:
+        sizes = {}
+        for path, size in listed:
             # NOTE: <root>/<model_id>/<version>/manifest.json, nothing deeper or shallower.
             rel = path.lstrip("/").removeprefix(self.root + "/").split("/")
             if len(rel) == 3 and rel[2] == MANIFEST_NAME:
-                out.append(path)
-        return sorted(out)
+                sizes[path] = size
+        self._manifest_sizes = sizes
+        return sorted(sizes)
 
-    def _list_root(self) -> list[str]:
-        """`bucket/key` of every object under the root: the lean S3 lister when this store
-        owns its S3 client, s3fs otherwise (an injected filesystem, or a store the lister
-        could not list: a redirect to another region, say, which s3fs follows)."""
+    def _list_root(self) -> list[tuple[str, int]]:
+        """(`bucket/key`, size) of every object under the root: the lean S3 lister when
+        this store owns its S3 client, s3fs otherwise (an injected filesystem, or a store
+        the lister could not list: a redirect to another region, say, which s3fs follows)."""
         if self._lister is None:
-            return self.fs.find(self.root)
+            return self._find_root()
         bucket, _, prefix = self.root.partition("/")
         try:
-            keys = self._lister.keys(bucket, f"{prefix}/" if prefix else "")
+            objects = self._lister.objects(bucket, f"{prefix}/" if prefix else "")
         except ListingFailed as exc:
             if exc.status >= 500:
                 raise  # the store is in trouble, not our request: StorageUnavailable
@@ -129,11 +134,27 @@ class ModelStore:
                 extra={"status": exc.status, "code": exc.code},
             )
             self._lister = None
-            return self.fs.find(self.root)
-        return [f"{bucket}/{key}" for key in keys]
+            return self._find_root()
+        return [(f"{bucket}/{key}", size) for key, size in objects]
+
+    def _find_root(self) -> list[tuple[str, int]]:
+        found = self.fs.find(self.root, detail=True)
+        return [(path, int(info.get("size") or 0)) for path, info in found.items()]
+
+    def _oversized(self, path: str, size: int) -> bool:
+        """Whether a manifest of `size` bytes is over `store.max_manifest_bytes` (logged)."""
+        if size <= self.config.max_manifest_bytes:
+            return False
+        logger.warning(
+            "skipping oversized manifest",
+            extra={"path": path, "bytes": size, "limit": self.config.max_manifest_bytes},
+        )
+        return True
 
     def read_manifests(self, paths: list[str]) -> dict[str, Manifest]:
-        """Read many manifests concurrently; unreadable or vanished ones are left out."""
+        """Read many manifests concurrently; unreadable, vanished and oversized ones
+        (`store.max_manifest_bytes`, by their listed size: never downloaded) are left out."""
+        paths = [p for p in paths if not self._oversized(p, self._manifest_sizes.get(p, 0))]
         if not paths:
             return {}
         with storage_errors("reading manifests"):
@@ -145,6 +166,8 @@ class ModelStore:
             if isinstance(data, BaseException):
                 with storage_errors("reading manifests"):
                     raise data
+            if self._oversized(path, len(data)):  # NOTE: listed smaller than it is
+                continue
             try:
                 manifest = Manifest.model_validate_json(data)
             except ValueError:
@@ -161,9 +184,22 @@ class ModelStore:
         return out
 
     def read_manifest(self, model_id: str, version: str) -> Manifest:
-        """Read one manifest by id and version (raises FileNotFoundError if absent)."""
+        """Read one manifest by id and version.
+
+        Raises:
+            FileNotFoundError: it is not published.
+            ArtifactCorrupt: it is over `store.max_manifest_bytes` (never downloaded).
+            StorageUnavailable: the store could not be read.
+        """
+        path = self.manifest_path(model_id, version)
         with storage_errors("reading a manifest"):
-            raw = self.fs.cat_file(self.manifest_path(model_id, version))
+            size = int(self.fs.info(path).get("size") or 0)
+            if self._oversized(path, size):
+                raise ArtifactCorrupt(
+                    f"the manifest of {model_id}@{version} is {size} bytes, over "
+                    f"store.max_manifest_bytes ({self.config.max_manifest_bytes})"
+                )
+            raw = self.fs.cat_file(path)
         manifest = Manifest.model_validate_json(raw)
         if (manifest.model_id, manifest.version) != (model_id, version):
             raise ValueError(f"manifest of {model_id}@{version} claims to be {manifest.key}")
@@ -270,6 +306,8 @@ class ModelStore:
             base=self.version_dir(manifest.model_id, manifest.version),
             chunk_bytes=self.config.chunk_bytes,
             timeout_s=self.config.download_timeout_s,
+            stall_timeout_s=self.config.stall_timeout_s,
+            clock=self._clock,
         )
 
     def fetch(self, manifest: Manifest, limit_bytes: int | None = None) -> dict[str, Buffer]:

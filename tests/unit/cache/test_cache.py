@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 
 import pytest
 
@@ -425,3 +426,26 @@ async def test_a_cancelled_request_keeps_its_lease_until_its_thread_is_done() ->
     assert seen_closed == [False]
     assert cache.resident_keys() == ["b"]
     assert loader.models["a"].closed
+
+
+async def test_waiting_for_a_load_is_bounded_by_the_load_timeout() -> None:
+    """A load stuck on the store (issue 15 item 4): the request gets a 503 at
+    load_timeout_s; the load itself goes on, and a later request finds the model."""
+    loader = FakeLoader({"a": 10 * MB})
+    gate = loader.gate("a")
+    cache: ModelCache = ModelCache(100 * MB, load_timeout_s=0.1)
+    started = time.monotonic()
+    with pytest.raises(LoadTimeout) as info:
+        await asyncio.wait_for(get(cache, loader, "a"), 5)  # NOTE: fails, not hangs, if unbounded
+    assert 0.1 <= time.monotonic() - started < 1
+    assert info.value.status_code == 503
+    assert info.value.code == "load_timeout"
+    assert info.value.retry_after_s is not None
+    assert cache.loading_keys() == ["a"]
+    assert cache.stats.load_timeouts == 1
+    gate.set()
+    await asyncio.sleep(0.01)
+    lease = await get(cache, loader, "a")
+    assert lease.hit
+    assert loader.calls == ["a"]
+    assert cache.entries()[0].leases == 0  # the timed-out waiter holds no lease
