@@ -31,6 +31,7 @@ from serve_app.api.body import BodyReader
 from serve_app.api.management import ManagementGuard
 from serve_app.errors import BadRequest, FleetError, InvalidModelId
 from serve_app.gateway.gateway import Gateway, new_id
+from serve_app.gateway.routing_table import Route
 from serve_app.management.manager import ModelManager
 from serve_app.observability.stats import StatsReport
 from serve_app.schemas import ErrorBody, ModelDetail, ModelList, PredictRequest, PredictResponse
@@ -113,25 +114,33 @@ def _add_predict_routes(router: APIRouter, gateway: Gateway, body: BodyReader) -
 async def _predict(
     gateway: Gateway, body: BodyReader, request: Request, model_id: str, version: str | None
 ) -> JSONResponse:
-    """Read the body, predict through the gateway, answer with the cache/version/arm headers."""
+    """Resolve the model (an unknown one is a 404 whatever the body), read the body,
+    predict through the gateway, answer with the cache/version/arm headers."""
     # NOTE: latency is measured from here (body read and parse included) so /v1/stats is
     # as close as the server can get to what the client sees.
     started = time.perf_counter()
     given_id = request.headers.get(REQUEST_ID_HEADER)
     request_id = given_id or new_id()
+    sticky = gateway.routing.sticky_header(model_id)
+    sticky_key = request.headers.get(sticky) if sticky else None
+    route: Route | None = None
     try:
+        route = gateway.resolve(model_id, version, sticky_key)
         parsed = await body.model(request, PredictRequest)
     except FleetError as exc:
-        gateway.observe(request_id, None, exc.status_code, started, None)
+        gateway.observe(request_id, route and route.manifest, exc.status_code, started, None)
         raise
-    sticky = gateway.routing.sticky_header(model_id)
+    if version is None and parsed.version is not None:
+        # NOTE: a version named in the body: the model was checked above, now the version.
+        route = None
     result = await gateway.predict(
         model_id,
         parsed.inputs,
         version or parsed.version,
         request_id,
         started=started,
-        sticky_key=request.headers.get(sticky) if sticky else None,
+        sticky_key=sticky_key,
+        route=route,
     )
     headers = {
         CACHE_HEADER: "hit" if result.resident else "miss",

@@ -8,6 +8,11 @@ Routes (the `/versions/{v}` segment is optional wherever it appears):
     POST /v2/models/{m}[/versions/{v}]/infer        inference (JSON and binary tensors)
     POST /v2/repository/index                       every version and whether it is resident
     POST /v2/repository/models/{m}/load|unload      prewarm on one replica / unload everywhere
+A model name may be an id, `id@version` or an alias: every route resolves it through the
+gateway's routing (aliases with sticky keys and shadows, default versions), as the native
+API does, and the infer route resolves it before it reads the body, so an unknown model is
+a 404 whatever the body holds; the resolved model's element limit then bounds the decode,
+which runs off the event loop for large or compressed bodies.
 `v2_router()` puts together one small function per group of routes. The wire codec is
 `serve_app.api.v2_codec`, the tensors of each task `serve_app.api.v2_tasks`, bodies (size
 limit, gzip/deflate) `serve_app.api.body`; errors leave through the app's single mapping
@@ -23,7 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serve_app import __version__
-from serve_app.api.body import BodyReader, compress
+from serve_app.api.body import BodyReader, compress, decompress, off_loop
 from serve_app.api.management import ManagementGuard
 from serve_app.api.v2_codec import (
     HEADER_LENGTH,
@@ -31,16 +36,22 @@ from serve_app.api.v2_codec import (
     encode_infer_response,
     parse_infer_request,
 )
-from serve_app.api.v2_tasks import model_metadata, to_model_inputs, to_output_tensors
-from serve_app.errors import FleetError, NotSupported, StorageUnavailable
+from serve_app.api.v2_tasks import (
+    max_elements,
+    model_metadata,
+    to_model_inputs,
+    to_output_tensors,
+)
+from serve_app.errors import BadRequest, FleetError, NotSupported, StorageUnavailable
 from serve_app.gateway.gateway import Gateway, new_id
+from serve_app.gateway.routing_table import Route
 from serve_app.management.manager import ModelManager
-from serve_app.storage.manifest import Manifest
 from serve_app.storage.registry import Registry
 
 SERVER_NAME = "fleetserve"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 REQUEST_ID_HEADER = "X-Request-Id"
+ARM_HEADER = "X-Fleet-Arm"
 COMPRESS_OVER_BYTES = 1024
 
 
@@ -53,7 +64,7 @@ def v2_router(
     """The V2 routes (see module docstring), reading bodies with `body`."""
     router = APIRouter(tags=["open inference protocol v2"])
     _add_server_routes(router, gateway.registry)
-    _add_model_routes(router, gateway.registry)
+    _add_model_routes(router, gateway)
     _add_infer_route(router, gateway, body)
     _add_unsupported_routes(router)
     _add_repository_routes(router, body, manager, guard)
@@ -83,7 +94,7 @@ def _add_server_routes(router: APIRouter, registry: Registry) -> None:
         return {"ready": True}
 
 
-def _add_model_routes(router: APIRouter, registry: Registry) -> None:
+def _add_model_routes(router: APIRouter, gateway: Gateway) -> None:
     """Model metadata and readiness (and the server-wide statistics, refused)."""
 
     @router.get("/v2/models/stats")
@@ -95,14 +106,14 @@ def _add_model_routes(router: APIRouter, registry: Registry) -> None:
     @router.get("/v2/models/{model}/versions/{version}")
     async def metadata(model: str, version: str | None = None) -> dict[str, Any]:
         """Inputs and outputs (name, datatype, shape; -1 = any) of a model version."""
-        manifest = registry.resolve(model, version)
-        return model_metadata(manifest, registry.versions(model))
+        manifest = gateway.resolve(model, version).manifest
+        return model_metadata(manifest, gateway.registry.versions(manifest.model_id))
 
     @router.get("/v2/models/{model}/ready")
     @router.get("/v2/models/{model}/versions/{version}/ready")
     async def model_ready(model: str, version: str | None = None) -> dict[str, Any]:
         """200 when the version is published: it is served, loading on first use."""
-        manifest = registry.resolve(model, version)
+        manifest = gateway.resolve(model, version).manifest
         return {"name": manifest.model_id, "version": manifest.version, "ready": True}
 
 
@@ -116,39 +127,72 @@ def _add_infer_route(router: APIRouter, gateway: Gateway, body: BodyReader) -> N
         started = time.perf_counter()
         given_id = request.headers.get(REQUEST_ID_HEADER)
         request_id = given_id or new_id()
-        manifest: Manifest | None = None
+        route: Route | None = None
         try:
-            parsed = await _read_infer_request(request, body)
-            manifest = gateway.registry.resolve(model, version)
-            inputs = to_model_inputs(manifest, parsed)
+            route = _route(gateway, request, model, version)
+            limit = max_elements(route.manifest, gateway.config.max_batch_rows)
+            parsed = await _read_infer_request(request, body, limit)
+            inputs = to_model_inputs(route.manifest, parsed)
         except FleetError as exc:
+            manifest = None if route is None else route.manifest
             gateway.observe(request_id, manifest, exc.status_code, started, None)
             raise
-        result = await gateway.predict(model, inputs, manifest.version, request_id, started=started)
+        manifest = route.manifest
+        result = await gateway.predict(
+            model, inputs, request_id=request_id, started=started, route=route
+        )
         encoded, header_length = encode_infer_response(
             manifest.model_id, result.version, parsed, to_output_tensors(manifest, result.outputs)
         )
         return _infer_response(
-            request, encoded, header_length, None if given_id is not None else request_id
+            request, encoded, header_length, None if given_id is not None else request_id, route
         )
 
 
-async def _read_infer_request(request: Request, body: BodyReader) -> InferRequest:
-    """The decoded inference request (size limit and Content-Encoding applied)."""
-    raw = await body.decoded(request)
-    return parse_infer_request(raw, request.headers.get(HEADER_LENGTH))
+def _route(gateway: Gateway, request: Request, model: str, version: str | None) -> Route:
+    """Where a V2 request for `model` goes, decided before its body is read: the same
+    routing as the native API (aliases, their sticky header, shadows, default versions).
+
+    Raises:
+        FleetError: 400 for a malformed name, 404 for an unknown model or version.
+    """
+    sticky = gateway.routing.sticky_header(model)
+    return gateway.resolve(model, version, request.headers.get(sticky) if sticky else None)
+
+
+async def _read_infer_request(request: Request, body: BodyReader, limit: int) -> InferRequest:
+    """The decoded inference request: size limit, Content-Encoding, at most `limit`
+    elements per tensor; decoded in a worker thread when large or compressed."""
+    raw = await body.raw(request)
+    header_length = request.headers.get(HEADER_LENGTH)
+    encoding = request.headers.get("content-encoding")
+    size = body.max_bytes if encoding else len(raw)
+    return await off_loop(size, _decode, raw, encoding, header_length, body.max_bytes, limit)
+
+
+def _decode(
+    raw: bytes, encoding: str | None, header_length: str | None, max_bytes: int, limit: int
+) -> InferRequest:
+    return parse_infer_request(decompress(raw, encoding, max_bytes), header_length, limit)
 
 
 def _infer_response(
-    request: Request, encoded: bytes, header_length: int | None, request_id: str | None
+    request: Request,
+    encoded: bytes,
+    header_length: int | None,
+    request_id: str | None,
+    route: Route,
 ) -> Response:
     """The HTTP response for an encoded inference result: binary header length, request id
-    (only when no proxy set one), compressed when large and the client accepts it."""
+    (only when no proxy set one), the alias arm that served, compressed when large and the
+    client accepts it."""
     headers = {}
     if header_length is not None:
         headers[HEADER_LENGTH] = str(header_length)
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
+    if route.arm is not None:
+        headers[ARM_HEADER] = route.arm
     if len(encoded) > COMPRESS_OVER_BYTES:
         encoded, encoding = compress(encoded, request.headers.get("accept-encoding"))
         if encoding is not None:
@@ -192,7 +236,10 @@ def _add_repository_routes(
         """Load the latest version on one replica (as `POST /v1/models/{m}/load`)."""
         guard.check(request)
         options = await body.optional_object(request)
-        if (options.get("parameters") or {}).get("config") is not None:
+        parameters = options.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise BadRequest("'parameters' must be a JSON object")
+        if (parameters or {}).get("config") is not None:
             raise NotSupported("loading with an override config is not supported")
         await _manager(manager).load(model)
         return {}

@@ -11,19 +11,25 @@ Pure functions and small dataclasses, no HTTP framework and no Ray:
 What the tensors mean to a model (its signature, the mapping to native inputs and outputs)
 is `serve_app.api.v2_tasks`; gzip/deflate bodies are undone before this codec sees them
 (`serve_app.api.body`). Protocol-level mistakes (unreadable JSON, sizes that do not add
-up, unknown datatypes) are `BadRequest` (400); a requested output the model does not
-produce is `InvalidInput` (422).
+up, unknown datatypes, mistyped parameters, shapes over the element limit) are
+`BadRequest` (400); a requested output the model does not produce is `InvalidInput` (422).
+
+Hostile input costs little: the element limit (`max_elements`, per tensor; the routes pass
+the resolved model's own limit) is checked against the declared shape before any data is
+decoded, and BYTES and JSON data are walked only as far as the shape allows.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from serve_app.api.json_text import parse_json
 from serve_app.errors import BadRequest, InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -46,6 +52,10 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "BYTES": np.dtype(object),
 }
 MAX_DIMS = 8
+# NOTE: the default per-tensor element limit when no model limit is given (2**31 - 1,
+# Triton's int32 element counts); the routes always pass the model's own, far smaller one.
+MAX_ELEMENTS = 2**31 - 1
+_U32 = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -87,23 +97,25 @@ class InferRequest:
 
 
 # ---------------------------------------------------------------------- requests
-def parse_infer_request(body: bytes, header_length: str | int | None) -> InferRequest:
+def parse_infer_request(
+    body: bytes, header_length: str | int | None, max_elements: int = MAX_ELEMENTS
+) -> InferRequest:
     """Decode an inference request: a JSON header, then the binary tensor data, if any.
 
     Args:
         body: the (decompressed) request body.
         header_length: the `Inference-Header-Content-Length` header, or None when the whole
             body is JSON.
+        max_elements: the most elements one input tensor may have (checked on its shape
+            before its data is decoded).
 
     Raises:
-        BadRequest: malformed JSON, sizes or tensors (400).
+        BadRequest: malformed JSON, sizes, parameters or tensors, or a tensor over
+            `max_elements` (400).
     """
     split = _header_length(header_length, len(body))
     raw_header = body if split is None else body[:split]
-    try:
-        header = json.loads(raw_header) if raw_header.strip() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the inference request header is not valid JSON: {exc}") from exc
+    header = parse_json(raw_header, "the inference request header") if raw_header.strip() else None
     if not isinstance(header, dict):
         raise BadRequest("the inference request must be a JSON object with 'inputs'")
     specs = header.get("inputs")
@@ -113,7 +125,7 @@ def parse_infer_request(body: bytes, header_length: str | int | None) -> InferRe
     offset = 0
     inputs = []
     for spec in specs:
-        tensor, used = decode_tensor(spec, binary[offset:])
+        tensor, used = decode_tensor(spec, binary[offset:], max_elements)
         offset += used
         inputs.append(tensor)
     if offset != len(binary):
@@ -134,10 +146,12 @@ def parse_infer_request(body: bytes, header_length: str | int | None) -> InferRe
 def _header_length(value: str | int | None, body_length: int) -> int | None:
     if value is None:
         return None
-    try:
-        length = int(value)
-    except ValueError as exc:
-        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {value!r}") from exc
+    if isinstance(value, str):
+        # NOTE: int() would also take " 12", "+12", "1_2" and non-ASCII digits.
+        if not (value.isascii() and value.isdigit()) or len(value) > 12:
+            raise BadRequest(f"{HEADER_LENGTH} must be ASCII digits, got {value[:20]!r}")
+        value = int(value)
+    length = value
     if length <= 0:
         # NOTE: 0 is Triton's "raw binary request" (one input, no JSON); tritonclient never
         # sends it.
@@ -147,8 +161,15 @@ def _header_length(value: str | int | None, body_length: int) -> int | None:
     return length
 
 
-def decode_tensor(spec: Any, binary: memoryview) -> tuple[Tensor, int]:
-    """Decode one input tensor; return it and the binary bytes it consumed."""
+def decode_tensor(
+    spec: Any, binary: memoryview, max_elements: int = MAX_ELEMENTS
+) -> tuple[Tensor, int]:
+    """Decode one input tensor; return it and the binary bytes it consumed.
+
+    Raises:
+        BadRequest: a malformed tensor, or a shape over `max_elements` (400), before any
+            of its data is decoded.
+    """
     if not isinstance(spec, dict):
         raise BadRequest("each input must be a JSON object with name, datatype, shape")
     name = spec.get("name")
@@ -166,6 +187,13 @@ def decode_tensor(spec: Any, binary: memoryview) -> tuple[Tensor, int]:
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
+    # NOTE: zero dimensions are skipped: [0, 10**30] holds nothing, but numpy cannot shape it.
+    spanned = math.prod(d for d in shape if d != 0)
+    if spanned > max_elements:
+        raise BadRequest(
+            f"input {name!r}: shape {_shown(shape)} spans more than the {max_elements} "
+            "elements allowed for one tensor of this model"
+        )
     parameters = _parameters(spec.get("parameters"), f"input {name!r}")
     count = math.prod(shape)
     size = parameters.get("binary_data_size")
@@ -178,7 +206,7 @@ def decode_tensor(spec: Any, binary: memoryview) -> tuple[Tensor, int]:
             raise BadRequest(
                 f"input {name!r}: binary_data_size {size} but only {len(binary)} bytes remain"
             )
-        data = _from_binary(name, datatype, bytes(binary[:size]), count)
+        data = _from_binary(name, datatype, binary[:size], count)
         used = size
     else:
         if "data" not in spec:
@@ -190,12 +218,9 @@ def decode_tensor(spec: Any, binary: memoryview) -> tuple[Tensor, int]:
     return Tensor(name, datatype, data.reshape(shape), parameters), used
 
 
-def _from_binary(name: str, datatype: str, raw: bytes, count: int) -> np.ndarray:
+def _from_binary(name: str, datatype: str, raw: memoryview, count: int) -> np.ndarray:
     if datatype == "BYTES":
-        items = _unpack_bytes(name, raw)
-        if len(items) != count:
-            raise BadRequest(f"input {name!r}: {len(items)} BYTES elements for {count} in shape")
-        return object_array(items)
+        return _unpack_bytes(name, raw, count)
     itemsize = 2 if datatype == "BF16" else DATATYPES[datatype].itemsize
     if len(raw) != count * itemsize:
         raise BadRequest(
@@ -207,7 +232,7 @@ def _from_binary(name: str, datatype: str, raw: bytes, count: int) -> np.ndarray
 
 
 def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
-    flat = _flatten(data)
+    flat = _flatten(name, data, count)
     if len(flat) != count:
         raise BadRequest(f"input {name!r}: {len(flat)} elements of data for {count} in shape")
     if datatype == "BYTES":
@@ -225,7 +250,8 @@ def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
         raise BadRequest(f"input {name!r}: a value does not fit {datatype}") from exc
 
 
-def _flatten(data: Any) -> list[Any]:
+def _flatten(name: str, data: Any, count: int) -> list[Any]:
+    """`data` (nested lists, at most `MAX_DIMS` deep) flattened; stops past `count` items."""
     if not isinstance(data, list):
         return [data]
     out: list[Any] = []
@@ -233,26 +259,45 @@ def _flatten(data: Any) -> list[Any]:
     while stack:
         for item in stack[-1]:
             if isinstance(item, list):
+                if len(stack) >= MAX_DIMS:
+                    raise BadRequest(f"input {name!r}: data nested deeper than {MAX_DIMS}")
                 stack.append(iter(item))
                 break
             out.append(item)
+            if len(out) > count:
+                raise BadRequest(f"input {name!r}: more elements of data than {count} in shape")
         else:
             stack.pop()
     return out
 
 
-def _unpack_bytes(name: str, raw: bytes) -> list[bytes]:
-    items = []
+def _unpack_bytes(name: str, raw: memoryview, count: int) -> np.ndarray:
+    """`count` length-prefixed BYTES elements, which must fill `raw` exactly.
+
+    NOTE: each element's offset depends on every length before it, so the walk is
+    sequential; it is bounded by `count`, which the shape check has already held to the
+    model's element limit, and nothing past `count` elements is ever read.
+    """
+    items = np.empty(count, dtype=object)
+    end = len(raw)
     offset = 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
+    unpack = _U32.unpack_from
+    for i in range(count):
+        if offset + 4 > end:
+            if offset == end:
+                raise BadRequest(f"input {name!r}: {i} BYTES elements for {count} in shape")
             raise BadRequest(f"input {name!r}: truncated BYTES length prefix")
-        (length,) = np.frombuffer(raw, dtype="<u4", count=1, offset=offset)
+        (length,) = unpack(raw, offset)
         offset += 4
-        if offset + int(length) > len(raw):
+        if length > end - offset:
             raise BadRequest(f"input {name!r}: a BYTES element runs past the end of its data")
-        items.append(raw[offset : offset + int(length)])
-        offset += int(length)
+        items[i] = bytes(raw[offset : offset + length])
+        offset += length
+    if offset != end:
+        raise BadRequest(
+            f"input {name!r}: {end - offset} bytes of BYTES data after the {count} elements "
+            "in shape"
+        )
     return items
 
 
@@ -272,7 +317,7 @@ def object_array(items: list[Any]) -> np.ndarray:
     return array
 
 
-def _bf16_to_float32(raw: bytes) -> np.ndarray:
+def _bf16_to_float32(raw: bytes | memoryview) -> np.ndarray:
     halves = np.frombuffer(raw, dtype="<u2").astype("<u4")
     return (halves << 16).view("<f4")
 
@@ -283,12 +328,25 @@ def _float32_to_bf16(values: np.ndarray) -> bytes:
     return (bits >> 16).astype("<u2").tobytes()
 
 
+# NOTE: the parameters this server reads, and the JSON type each must have.
+_PARAMETER_TYPES: dict[str, type] = {"binary_data_output": bool, "binary_data": bool}
+
+
 def _parameters(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise BadRequest(f"{where} parameters must be a JSON object")
+    for key, kind in _PARAMETER_TYPES.items():
+        if key in value and not isinstance(value[key], kind):
+            raise BadRequest(f"{where} parameter {key!r} must be true or false")
     return value
+
+
+def _shown(shape: list[int]) -> str:
+    """A shape for a message, cut short (a hostile one may have huge numbers)."""
+    text = str(shape)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _optional_str(value: Any, what: str) -> str | None:
