@@ -30,11 +30,18 @@ from fastapi.responses import Response
 from serve_app import __version__
 from serve_app.api.body import BodyReader, compress, decompress, off_loop
 from serve_app.api.management import ManagementGuard
+from serve_app.api.params import HeaderLength, ModelId, ModelName, PathVersion
 from serve_app.api.v2_codec import (
     HEADER_LENGTH,
     InferRequest,
     encode_infer_response,
     parse_infer_request,
+)
+from serve_app.api.v2_schemas import (
+    INFER_EXAMPLE,
+    InferRequestBody,
+    RepositoryRequest,
+    request_body,
 )
 from serve_app.api.v2_tasks import (
     max_elements,
@@ -46,6 +53,7 @@ from serve_app.errors import BadRequest, FleetError, NotSupported, StorageUnavai
 from serve_app.gateway.gateway import Gateway, new_id
 from serve_app.gateway.routing_table import Route
 from serve_app.management.manager import ModelManager
+from serve_app.schemas import ErrorBody
 from serve_app.storage.registry import Registry
 
 SERVER_NAME = "fleetserve"
@@ -53,6 +61,9 @@ EXTENSIONS = ["binary_tensor_data", "model_repository"]
 REQUEST_ID_HEADER = "X-Request-Id"
 ARM_HEADER = "X-Fleet-Arm"
 COMPRESS_OVER_BYTES = 1024
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 422, 500, 502, 503, 507)
+}
 
 
 def v2_router(
@@ -97,56 +108,89 @@ def _add_server_routes(router: APIRouter, registry: Registry) -> None:
 def _add_model_routes(router: APIRouter, gateway: Gateway) -> None:
     """Model metadata and readiness (and the server-wide statistics, refused)."""
 
-    @router.get("/v2/models/stats")
+    @router.get("/v2/models/stats", responses=ERRORS)
     async def all_stats() -> None:
         """Triton's statistics extension is not served (400); see GET /v1/stats."""
         raise NotSupported("/v2/models/stats is not served; GET /v1/stats has per-model stats")
 
-    @router.get("/v2/models/{model}")
-    @router.get("/v2/models/{model}/versions/{version}")
-    async def metadata(model: str, version: str | None = None) -> dict[str, Any]:
-        """Inputs and outputs (name, datatype, shape; -1 = any) of a model version."""
+    def metadata(model: str, version: str | None) -> dict[str, Any]:
         manifest = gateway.resolve(model, version).manifest
         return model_metadata(manifest, gateway.registry.versions(manifest.model_id))
 
-    @router.get("/v2/models/{model}/ready")
-    @router.get("/v2/models/{model}/versions/{version}/ready")
-    async def model_ready(model: str, version: str | None = None) -> dict[str, Any]:
-        """200 when the version is published: it is served, loading on first use."""
+    def ready(model: str, version: str | None) -> dict[str, Any]:
         manifest = gateway.resolve(model, version).manifest
         return {"name": manifest.model_id, "version": manifest.version, "ready": True}
 
+    @router.get("/v2/models/{model}", responses=ERRORS)
+    async def model_metadata_default(model: ModelName) -> dict[str, Any]:
+        """Inputs and outputs (name, datatype, shape; -1 = any) of the default version."""
+        return metadata(model, None)
+
+    @router.get("/v2/models/{model}/versions/{version}", responses=ERRORS)
+    async def model_metadata_version(model: ModelId, version: PathVersion) -> dict[str, Any]:
+        """Inputs and outputs (name, datatype, shape; -1 = any) of a model version."""
+        return metadata(model, version)
+
+    @router.get("/v2/models/{model}/ready", responses=ERRORS)
+    async def model_ready_default(model: ModelName) -> dict[str, Any]:
+        """200 when the default version is published: served, loading on first use."""
+        return ready(model, None)
+
+    @router.get("/v2/models/{model}/versions/{version}/ready", responses=ERRORS)
+    async def model_ready_version(model: ModelId, version: PathVersion) -> dict[str, Any]:
+        """200 when the version is published: it is served, loading on first use."""
+        return ready(model, version)
+
 
 def _add_infer_route(router: APIRouter, gateway: Gateway, body: BodyReader) -> None:
-    """Inference: decode, predict through the gateway, encode."""
+    """Inference: resolve, decode, predict through the gateway, encode."""
+    documented = request_body(InferRequestBody, INFER_EXAMPLE)
 
-    @router.post("/v2/models/{model}/infer")
-    @router.post("/v2/models/{model}/versions/{version}/infer")
-    async def infer(model: str, request: Request, version: str | None = None) -> Response:
-        """Run the model on V2 tensors; JSON or binary tensor data both ways."""
-        started = time.perf_counter()
-        given_id = request.headers.get(REQUEST_ID_HEADER)
-        request_id = given_id or new_id()
-        route: Route | None = None
-        try:
-            route = _route(gateway, request, model, version)
-            limit = max_elements(route.manifest, gateway.config.max_batch_rows)
-            parsed = await _read_infer_request(request, body, limit)
-            inputs = to_model_inputs(route.manifest, parsed)
-        except FleetError as exc:
-            manifest = None if route is None else route.manifest
-            gateway.observe(request_id, manifest, exc.status_code, started, None)
-            raise
-        manifest = route.manifest
-        result = await gateway.predict(
-            model, inputs, request_id=request_id, started=started, route=route
-        )
-        encoded, header_length = encode_infer_response(
-            manifest.model_id, result.version, parsed, to_output_tensors(manifest, result.outputs)
-        )
-        return _infer_response(
-            request, encoded, header_length, None if given_id is not None else request_id, route
-        )
+    @router.post("/v2/models/{model}/infer", responses=ERRORS, openapi_extra=documented)
+    async def infer(
+        model: ModelName, request: Request, header_length: HeaderLength = None
+    ) -> Response:
+        """Run the model's default version on V2 tensors; JSON or binary data both ways."""
+        return await _infer(gateway, body, request, model, None)
+
+    @router.post(
+        "/v2/models/{model}/versions/{version}/infer", responses=ERRORS, openapi_extra=documented
+    )
+    async def infer_version(
+        model: ModelId, version: PathVersion, request: Request, header_length: HeaderLength = None
+    ) -> Response:
+        """Run a model version on V2 tensors; JSON or binary tensor data both ways."""
+        return await _infer(gateway, body, request, model, version)
+
+
+async def _infer(
+    gateway: Gateway, body: BodyReader, request: Request, model: str, version: str | None
+) -> Response:
+    """Resolve `model` (404 before the body is read), decode within its element limit,
+    predict through the gateway, encode."""
+    started = time.perf_counter()
+    given_id = request.headers.get(REQUEST_ID_HEADER)
+    request_id = given_id or new_id()
+    route: Route | None = None
+    try:
+        route = _route(gateway, request, model, version)
+        limit = max_elements(route.manifest, gateway.config.max_batch_rows)
+        parsed = await _read_infer_request(request, body, limit)
+        inputs = to_model_inputs(route.manifest, parsed)
+    except FleetError as exc:
+        manifest = None if route is None else route.manifest
+        gateway.observe(request_id, manifest, exc.status_code, started, None)
+        raise
+    manifest = route.manifest
+    result = await gateway.predict(
+        model, inputs, request_id=request_id, started=started, route=route
+    )
+    encoded, header_length = encode_infer_response(
+        manifest.model_id, result.version, parsed, to_output_tensors(manifest, result.outputs)
+    )
+    return _infer_response(
+        request, encoded, header_length, None if given_id is not None else request_id, route
+    )
 
 
 def _route(gateway: Gateway, request: Request, model: str, version: str | None) -> Route:
@@ -204,16 +248,31 @@ def _infer_response(
 def _add_unsupported_routes(router: APIRouter) -> None:
     """Triton extensions that are not served (400 `not_supported`)."""
 
-    @router.get("/v2/models/{model}/config")
-    @router.get("/v2/models/{model}/versions/{version}/config")
-    @router.get("/v2/models/{model}/stats")
-    @router.get("/v2/models/{model}/versions/{version}/stats")
-    async def unsupported(request: Request) -> None:
-        """Triton's model config and statistics extensions are not served (400)."""
+    def refuse(request: Request) -> None:
         raise NotSupported(
             f"{request.url.path} is a Triton extension fleetserve does not serve; "
             "see GET /v2/models/{model} for metadata and GET /v1/stats for statistics"
         )
+
+    @router.get("/v2/models/{model}/config", responses=ERRORS)
+    async def model_config(model: ModelName, request: Request) -> None:
+        """Triton's model configuration extension is not served (400 `not_supported`)."""
+        refuse(request)
+
+    @router.get("/v2/models/{model}/versions/{version}/config", responses=ERRORS)
+    async def model_version_config(model: ModelId, version: PathVersion, request: Request) -> None:
+        """Triton's model configuration extension is not served (400 `not_supported`)."""
+        refuse(request)
+
+    @router.get("/v2/models/{model}/stats", responses=ERRORS)
+    async def model_stats(model: ModelName, request: Request) -> None:
+        """Triton's statistics extension is not served (400); see GET /v1/stats."""
+        refuse(request)
+
+    @router.get("/v2/models/{model}/versions/{version}/stats", responses=ERRORS)
+    async def model_version_stats(model: ModelId, version: PathVersion, request: Request) -> None:
+        """Triton's statistics extension is not served (400); see GET /v1/stats."""
+        refuse(request)
 
 
 def _add_repository_routes(
@@ -221,7 +280,9 @@ def _add_repository_routes(
 ) -> None:
     """The model repository extension, over the model manager and its guard."""
 
-    @router.post("/v2/repository/index")
+    documented = request_body(RepositoryRequest)
+
+    @router.post("/v2/repository/index", responses=ERRORS, openapi_extra=documented)
     async def repository_index(request: Request) -> list[dict[str, Any]]:
         """Every published version: READY (resident), LOADING or UNAVAILABLE."""
         guard.check(request)
@@ -231,8 +292,8 @@ def _add_repository_routes(
             index = [entry for entry in index if entry["state"] == "READY"]
         return index
 
-    @router.post("/v2/repository/models/{model}/load")
-    async def repository_load(model: str, request: Request) -> dict[str, Any]:
+    @router.post("/v2/repository/models/{model}/load", responses=ERRORS, openapi_extra=documented)
+    async def repository_load(model: ModelId, request: Request) -> dict[str, Any]:
         """Load the latest version on one replica (as `POST /v1/models/{m}/load`)."""
         guard.check(request)
         options = await body.optional_object(request)
@@ -244,8 +305,8 @@ def _add_repository_routes(
         await _manager(manager).load(model)
         return {}
 
-    @router.post("/v2/repository/models/{model}/unload")
-    async def repository_unload(model: str, request: Request) -> dict[str, Any]:
+    @router.post("/v2/repository/models/{model}/unload", responses=ERRORS, openapi_extra=documented)
+    async def repository_unload(model: ModelId, request: Request) -> dict[str, Any]:
         """Unload every version from every replica (as `POST /v1/models/{m}/unload`)."""
         guard.check(request)
         await body.optional_object(request)
