@@ -6,10 +6,12 @@ benchmark runs the real ingress app (`serve_app.api.app.create_app` over a real
 `ModelHost`, models in an in-memory store) in its own process under uvicorn, so what it
 measures is the ingress alone (no Ray: the issue's stall was in the ingress), and reports:
 
-    cpu      the server process's CPU time per hostile body (sent one at a time);
-             goal < 50 ms;
+    cpu      the server process's CPU time per hostile body (sent one at a time), for the
+             BYTES body and for a JSON bomb (8 MiB of `0,0,0,...` in `data`, ~8 KB of
+             gzip); goal < 50 ms each;
     p99      one closed-loop client's warm p99 on a tabular model while hostile bodies
-             arrive at `--rate`/s, over its warm p99 in a quiet window of the same round;
+             (both kinds in turn) arrive at `--rate`/s, over its warm p99 in a quiet
+             window of the same round;
              goal <= 1.2.
 
 Rounds alternate the window order; medians over `--runs` rounds.
@@ -64,6 +66,13 @@ def hostile_body(limit: int = LIMIT) -> bytes:
     return gzip.compress(head + bytes(count * 4), compresslevel=9)
 
 
+def json_bomb(limit: int = LIMIT) -> bytes:
+    """Gzip of a JSON V2 request whose `data` is `limit` bytes of `0,0,0,...`."""
+    head = b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ['
+    values = b"0," * ((limit - len(head) - 16) // 2)
+    return gzip.compress(head + values + b"0]}]}", compresslevel=9)
+
+
 def _serve(port: int) -> None:
     """The server process: the ingress app over a real host, models in memory."""
     import fsspec
@@ -108,22 +117,25 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _send_hostile(url: str, body: bytes, split: int, statuses: list[int]) -> None:
+def _send_hostile(url: str, body: bytes, split: int | None, statuses: list[int]) -> None:
+    headers = {"Content-Encoding": "gzip"}
+    if split is not None:
+        headers["Inference-Header-Content-Length"] = str(split)
     try:
         response = httpx.post(
-            f"{url}/v2/models/{TEXT_ID}/infer",
-            content=body,
-            headers={"Content-Encoding": "gzip", "Inference-Header-Content-Length": str(split)},
-            timeout=130,
+            f"{url}/v2/models/{TEXT_ID}/infer", content=body, headers=headers, timeout=130
         )
         statuses.append(response.status_code)
     except httpx.HTTPError:
         statuses.append(-1)
 
 
-def _warm_window(url: str, seconds: float, hostile: tuple[bytes, int, float] | None) -> dict:
-    """Warm latencies (ms) of one closed-loop client for `seconds`, with hostile bodies at
-    `rate`/s meanwhile when `hostile` is given; the window waits for every body's answer."""
+def _warm_window(
+    url: str, seconds: float, hostile: tuple[list[tuple[bytes, int | None]], float] | None
+) -> dict:
+    """Warm latencies (ms) of one closed-loop client for `seconds`, with hostile bodies
+    (taken in turn) at `rate`/s meanwhile when `hostile` is given; the window waits for
+    every body's answer."""
     row = [[0.1] * 32]
     stop = threading.Event()
     statuses: list[int] = []
@@ -132,10 +144,13 @@ def _warm_window(url: str, seconds: float, hostile: tuple[bytes, int, float] | N
     def storm() -> None:
         if hostile is None:
             return
-        body, split, rate = hostile
+        bodies, rate = hostile
         next_at = time.monotonic()
+        sent = 0
         while not stop.is_set():
+            body, split = bodies[sent % len(bodies)]
             pool.submit(_send_hostile, url, body, split, statuses)
+            sent += 1
             next_at += 1 / rate
             time.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -181,7 +196,9 @@ def main() -> None:
         raw = gzip.decompress(body)
         split = raw.index(b"}]}") + 3
         split += len(raw[split:]) - len(raw[split:].lstrip(b" "))
+        bomb = json_bomb()
         progress(f"hostile body: {len(body)} bytes gzip, {len(raw)} inflated")
+        progress(f"JSON bomb: {len(bomb)} bytes gzip, {len(gzip.decompress(bomb))} inflated")
         assert httpx.post(f"{url}/v1/models/{WARM_ID}/predict", json={"inputs": [[0.1] * 32]})
         statuses: list[int] = []
         for _ in range(2):  # warm up the code path
@@ -195,11 +212,18 @@ def main() -> None:
             wall_ms = (time.perf_counter() - wall) / args.bodies * 1000
             result.sample("hostile_cpu_ms", per_body)
             result.sample("hostile_wall_ms", wall_ms)
+            cpu_before = _cpu_s(server.pid)
+            for _ in range(args.bodies):
+                _send_hostile(url, bomb, None, statuses)
+            json_ms = (_cpu_s(server.pid) - cpu_before) / args.bodies * 1000
+            result.sample("json_bomb_cpu_ms", json_ms)
             windows = {}
             order = ["quiet", "storm"] if run % 2 == 0 else ["storm", "quiet"]
             for name in order:
                 window = _warm_window(
-                    url, args.seconds, (body, split, args.rate) if name == "storm" else None
+                    url,
+                    args.seconds,
+                    ([(body, split), (bomb, None)], args.rate) if name == "storm" else None,
                 )
                 windows[name] = window["latencies"]
                 result.sample(f"{name}_p99_ms", percentile(window["latencies"], 99))
@@ -211,7 +235,8 @@ def main() -> None:
             ratio = percentile(windows["storm"], 99) / percentile(windows["quiet"], 99)
             result.sample("p99_ratio", ratio)
             progress(
-                f"round {run + 1}: {per_body:.1f} ms CPU/body ({wall_ms:.0f} ms wall), warm p99 "
+                f"round {run + 1}: {per_body:.1f} ms CPU/body ({wall_ms:.0f} ms wall), JSON bomb "
+                f"{json_ms:.1f} ms CPU, warm p99 "
                 f"quiet {percentile(windows['quiet'], 99):.1f} ms, storm "
                 f"{percentile(windows['storm'], 99):.1f} ms ({ratio:.2f}x)"
             )
@@ -221,6 +246,12 @@ def main() -> None:
         result.goal(
             "V2 hostile body ingress CPU / 50 ms",
             result.medians["hostile_cpu_ms"] / CPU_GOAL_MS,
+            "<=",
+            1.0,
+        )
+        result.goal(
+            "V2 JSON bomb ingress CPU / 50 ms",
+            result.medians["json_bomb_cpu_ms"] / CPU_GOAL_MS,
             "<=",
             1.0,
         )

@@ -72,15 +72,22 @@ class BodyReader:
         raw = await self.raw(request)
         return decompress(raw, request.headers.get("content-encoding"), self.max_bytes)
 
-    async def model(self, request: Request, model: type[M]) -> M:
+    async def model(self, request: Request, model: type[M], max_tokens: int | None = None) -> M:
         """The (unencoded) JSON body validated as `model`.
+
+        Args:
+            request: the request.
+            model: the pydantic model of the body.
+            max_tokens: the most commas and brackets (outside strings) the body may hold,
+                checked before it is parsed (see `serve_app.api.json_text`).
 
         Raises:
             PayloadTooLarge: over the limit (413).
-            MalformedBody: not JSON, or JSON that does not validate as `model` (400).
+            MalformedBody: not JSON, over `max_tokens`, or JSON that does not validate as
+                `model` (400).
         """
         raw = await self.raw(request)
-        data = await off_loop(len(raw), parse_json, raw, "the body", MalformedBody)
+        data = await off_loop(len(raw), parse_json, raw, "the body", MalformedBody, max_tokens)
         try:
             return model.model_validate(data)
         except ValidationError as exc:

@@ -40,7 +40,7 @@ from serve_app.api.params import (
 from serve_app.errors import BadRequest, FleetError, InvalidModelId
 from serve_app.gateway.gateway import Gateway, new_id
 from serve_app.gateway.routing_table import Route
-from serve_app.host.predictor import MAX_TEXT_CHARS
+from serve_app.host.predictor import MAX_TEXT_CHARS, element_limit
 from serve_app.management.manager import ModelManager
 from serve_app.observability.stats import StatsReport
 from serve_app.schemas import ErrorBody, ModelDetail, ModelList, PredictRequest, PredictResponse
@@ -157,7 +157,8 @@ async def _predict(
     route: Route | None = None
     try:
         route = gateway.resolve(model_id, version, sticky_key)
-        parsed = await body.model(request, PredictRequest)
+        limit = element_limit(route.manifest, gateway.config.max_batch_rows)
+        parsed = await body.model(request, PredictRequest, max_tokens=2 * limit + 64)
     except FleetError as exc:
         gateway.observe(request_id, route and route.manifest, exc.status_code, started, None)
         raise

@@ -43,15 +43,11 @@ from serve_app.api.v2_schemas import (
     RepositoryRequest,
     request_body,
 )
-from serve_app.api.v2_tasks import (
-    max_elements,
-    model_metadata,
-    to_model_inputs,
-    to_output_tensors,
-)
+from serve_app.api.v2_tasks import model_metadata, to_model_inputs, to_output_tensors
 from serve_app.errors import BadRequest, FleetError, NotSupported, StorageUnavailable
 from serve_app.gateway.gateway import Gateway, new_id
 from serve_app.gateway.routing_table import Route
+from serve_app.host.predictor import element_limit
 from serve_app.management.manager import ModelManager
 from serve_app.schemas import ErrorBody
 from serve_app.storage.registry import Registry
@@ -174,7 +170,7 @@ async def _infer(
     route: Route | None = None
     try:
         route = _route(gateway, request, model, version)
-        limit = max_elements(route.manifest, gateway.config.max_batch_rows)
+        limit = element_limit(route.manifest, gateway.config.max_batch_rows)
         parsed = await _read_infer_request(request, body, limit)
         inputs = to_model_inputs(route.manifest, parsed)
     except FleetError as exc:

@@ -56,6 +56,7 @@ MAX_DIMS = 8
 # Triton's int32 element counts); the routes always pass the model's own, far smaller one.
 MAX_ELEMENTS = 2**31 - 1
 _U32 = struct.Struct("<I")
+HEADER_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,14 @@ def parse_infer_request(
     """
     split = _header_length(header_length, len(body))
     raw_header = body if split is None else body[:split]
-    header = parse_json(raw_header, "the inference request header") if raw_header.strip() else None
+    # NOTE: every element costs at least one comma or bracket in JSON data; the rest of a
+    # header (names, shapes, parameters) stays far below HEADER_TOKENS.
+    budget = 2 * max_elements + HEADER_TOKENS if max_elements < MAX_ELEMENTS else None
+    header = (
+        parse_json(raw_header, "the inference request", max_tokens=budget)
+        if raw_header.strip()
+        else None
+    )
     if not isinstance(header, dict):
         raise BadRequest("the inference request must be a JSON object with 'inputs'")
     specs = header.get("inputs")

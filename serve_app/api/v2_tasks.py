@@ -3,8 +3,6 @@ between them and the native inputs and outputs of the three tasks.
 
 - `signature()` / `model_metadata()`: a model version's input and output tensor metadata,
   derived from its manifest's task (what `GET /v2/models/{m}` answers);
-- `max_elements()`: the most elements an input tensor of a model may have (checked on the
-  shape before the codec decodes any data);
 - `to_model_inputs()`: decoded request tensors to native inputs (rows of numbers, texts);
 - `to_output_tensors()`: native outputs to the V2 output tensors the codec encodes.
 
@@ -26,8 +24,6 @@ from serve_app.loading.architectures import input_width
 from serve_app.storage.manifest import Manifest
 
 FLOAT_TYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
-# NOTE: features assumed for a tabular model whose manifest does not give its input width.
-UNKNOWN_WIDTH_FEATURES = 1024
 
 
 @dataclass(frozen=True)
@@ -71,15 +67,6 @@ def signature(manifest: Manifest) -> Signature:
             ],
         )
     return Signature(inputs=text, outputs=[TensorSpec("embedding", "FP32", [-1, -1])])
-
-
-def max_elements(manifest: Manifest, max_rows: int) -> int:
-    """The most elements one input tensor for `manifest` may have: `max_rows` rows
-    (`ingress.max_batch_rows`, the native API's limit too) of the model's input width
-    (one text per row for text models)."""
-    if manifest.task == "tabular-classification":
-        return max_rows * (input_width(manifest.architecture) or UNKNOWN_WIDTH_FEATURES)
-    return max_rows
 
 
 def model_metadata(manifest: Manifest, versions: list[str]) -> dict[str, Any]:

@@ -26,6 +26,17 @@ from serve_app.loading.architectures import input_width
 from serve_app.storage.manifest import Manifest
 
 MAX_TEXT_CHARS = 100_000
+# NOTE: features assumed for a tabular model whose manifest does not give its input width.
+UNKNOWN_WIDTH_FEATURES = 1024
+
+
+def element_limit(manifest: Manifest, max_rows: int) -> int:
+    """The most values one call's inputs may hold for `manifest`: `max_rows` rows
+    (`ingress.max_batch_rows`) of the model's input width (one text per row for text
+    models). The HTTP layer bounds request bodies by it before it decodes them."""
+    if manifest.task == "tabular-classification":
+        return max_rows * (input_width(manifest.architecture) or UNKNOWN_WIDTH_FEATURES)
+    return max_rows
 
 
 def validate_inputs(manifest: Manifest, inputs: Any, max_rows: int) -> list[Any]:

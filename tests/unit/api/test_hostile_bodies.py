@@ -19,6 +19,7 @@ import pytest
 
 from serve_app.api.app import create_app
 from serve_app.api.body import OFF_LOOP_BYTES, decompress, off_loop
+from serve_app.api.json_text import structural_tokens
 from serve_app.api.v2_codec import HEADER_LENGTH, parse_infer_request
 from serve_app.errors import BadRequest
 from serve_app.gateway.gateway import Gateway
@@ -232,3 +233,43 @@ async def test_large_decodes_run_off_the_event_loop() -> None:
     loop_thread = threading.get_ident()
     assert await off_loop(OFF_LOOP_BYTES - 1, threading.get_ident) == loop_thread
     assert await off_loop(OFF_LOOP_BYTES, threading.get_ident) != loop_thread
+
+
+def json_bomb(kind: str, size: int = LIMIT - 200) -> bytes:
+    """~8 KB of gzip that inflates to `size` bytes of JSON values in one tensor."""
+    unit = b"0," if kind == "numbers" else b"[],"
+    head = b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": ['
+    values = unit * ((size - len(head)) // len(unit))
+    return head + values + b"0]}]}"
+
+
+@pytest.mark.parametrize("kind", ["numbers", "empties"])
+@pytest.mark.parametrize("path", ["/v2/models/m-a/infer", "/v1/models/m-a/predict"])
+async def test_json_bombs_are_refused_before_they_are_parsed(
+    big: httpx.AsyncClient, kind: str, path: str
+) -> None:
+    """`[0,0,...]` / `[[],[],...]` of 8 MiB: json.loads would take 0.2-0.5 s of CPU."""
+    raw = json_bomb(kind)
+    if path.startswith("/v1"):
+        raw = b'{"inputs": [' + (b"0," if kind == "numbers" else b"[],") * (LIMIT // 4) + b"0]}"
+    packed = gzip.compress(raw, 9)
+    headers = {"Content-Encoding": "gzip"} if path.startswith("/v2") else {}
+    response = await big.post(path, content=packed if headers else raw, headers=headers)
+    assert "element limit" in assert_error(response, 400)
+
+
+def test_structural_tokens_skip_strings_and_escapes() -> None:
+    assert structural_tokens(b'["a,b", "c[d", 1]', 0) == 3
+    assert structural_tokens(b'["a\\",[,", 2]', 0) == 2  # escaped quote stays in the string
+    assert structural_tokens(b'["a\\\\", [1, 2]]', 0) == 4  # escaped backslash ends it
+    assert structural_tokens(b'{"k": "x,y,z"}', 0) == 1
+
+
+async def test_texts_full_of_commas_are_not_mistaken_for_values(
+    big: httpx.AsyncClient,
+) -> None:
+    """Commas inside strings never count against the budget (m-a is tabular: a 422 for
+    texts, but after the body was parsed, not a 400 before)."""
+    body = {"inputs": ["a, " * 20_000, "b, " * 20_000]}
+    response = await big.post("/v1/models/m-a/predict", json=body)
+    assert_error(response, 422, "invalid_input")
