@@ -38,6 +38,7 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 # NOTE: below this a body's parse takes well under a millisecond: a thread hop costs more.
 OFF_LOOP_BYTES = 64 * 1024
+INFLATE_STEP = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,21 @@ class BodyReader:
         return body
 
 
-def decompress(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
+def decompress(
+    body: bytes,
+    encoding: str | None,
+    max_bytes: int,
+    inspect: Callable[[bytes], None] | None = None,
+) -> bytes:
     """Undo `Content-Encoding: gzip|deflate`; at most `max_bytes` come out.
+
+    Args:
+        body: the body as sent.
+        encoding: its `Content-Encoding` header.
+        max_bytes: the most bytes that may come out.
+        inspect: called with each piece of the output as it inflates (at most
+            `INFLATE_STEP` bytes at a time; the whole body when it is not encoded); it may
+            raise to stop a body that is already bad before the rest is inflated.
 
     Raises:
         BadRequest: unknown encoding or a corrupt stream (400).
@@ -118,6 +132,8 @@ def decompress(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
     """
     name = (encoding or "identity").strip().lower()
     if name in ("", "identity"):
+        if inspect is not None:
+            inspect(body)
         return body
     if name == "gzip":
         inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
@@ -126,11 +142,9 @@ def decompress(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
     else:
         raise BadRequest(f"unsupported Content-Encoding {name!r}: use gzip or deflate")
     try:
-        out = inflater.decompress(body, max_bytes + 1)
+        out = _inflate(inflater, body, max_bytes, inspect)
     except zlib.error as exc:
         raise BadRequest(f"the {name} request body is corrupt: {exc}") from exc
-    if len(out) > max_bytes or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body over the {max_bytes}-byte limit")
     if not inflater.eof:
         raise BadRequest(f"the {name} request body is truncated (the stream does not end)")
     if inflater.unused_data:
@@ -139,6 +153,33 @@ def decompress(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
             "its stream (trailing data or a second gzip member)"
         )
     return out
+
+
+def _inflate(
+    inflater: Any, body: bytes, max_bytes: int, inspect: Callable[[bytes], None] | None
+) -> bytes:
+    """Inflate `body` (at most `max_bytes` out), in `INFLATE_STEP` pieces when `inspect`
+    looks at each."""
+    too_large = PayloadTooLarge(f"decompressed request body over the {max_bytes}-byte limit")
+    if inspect is None:
+        out = inflater.decompress(body, max_bytes + 1)
+        if len(out) > max_bytes or inflater.unconsumed_tail:
+            raise too_large
+        return bytes(out)
+    pieces: list[bytes] = []
+    size = 0
+    pending = body
+    while True:
+        piece = inflater.decompress(pending, INFLATE_STEP)
+        pending = inflater.unconsumed_tail
+        size += len(piece)
+        if size > max_bytes:
+            raise too_large
+        if piece:
+            pieces.append(piece)
+            inspect(piece)
+        if inflater.eof or (not pending and len(piece) < INFLATE_STEP):
+            return b"".join(pieces)
 
 
 async def off_loop(size: int, fn: Callable[..., T], *args: object) -> T:

@@ -6,10 +6,11 @@ arrays nested past the interpreter's recursion limit, `ValueError` for integers 
 of them into one typed error, so no body can reach the 500 handler through the parser.
 
 It also takes a token budget: 8 KB of gzip can inflate to 8 MiB of `[0,0,0,...]` or
-`[[],[],...]`, which `json.loads` needs 0.2-0.5 s of CPU (holding the GIL) to build. Before
-parsing, `structural_tokens()` counts the commas and opening brackets outside strings
-with C-speed byte counts and one vectorised pass, and a body with more than the caller's
-budget (derived from the model's element limit) is refused without being parsed.
+`[[],[],...]`, which `json.loads` needs 0.2-0.5 s of CPU (holding the GIL) to build.
+`TokenCounter` counts the commas and opening brackets outside strings (C-speed byte
+counts, then one vectorised pass), chunk by chunk as a body inflates, and a body with more
+than the caller's budget (derived from the model's element limit) is refused without
+being parsed, or even inflated any further.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from serve_app.errors import BadRequest
 
 _STRUCTURAL = (ord(","), ord("["), ord("{"))
+_STRUCTURAL_BYTES = tuple(bytes([c]) for c in _STRUCTURAL)
 
 
 def parse_json(
@@ -43,7 +45,7 @@ def parse_json(
         BadRequest: (`error`) unreadable, too deep, over the token budget, or with an
             unrepresentable number (400).
     """
-    if max_tokens is not None and structural_tokens(raw, max_tokens) > max_tokens:
+    if max_tokens is not None and TokenCounter(max_tokens).feed(raw) > max_tokens:
         raise error(
             f"{what} holds more values than this model's element limit allows "
             f"(over {max_tokens} commas and brackets)"
@@ -62,21 +64,60 @@ def parse_json(
 
 
 def structural_tokens(raw: bytes, budget: int) -> int:
-    """Commas, `[` and `{` outside JSON strings in `raw` (exact when over `budget`).
+    """Commas, `[` and `{` outside JSON strings in `raw` (exact when over `budget`)."""
+    return TokenCounter(budget).feed(raw)
 
-    The count of those bytes anywhere (C-speed `bytes.count`) is an upper bound; only when
-    it passes `budget` are the ones inside strings told apart: escape pairs (`\\\\`,
-    `\\"`) are blanked out left to right, as a JSON parser reads them, then a running XOR
-    over the quote bytes marks what lies inside strings.
+
+class TokenCounter:
+    """Counts commas, `[` and `{` outside JSON strings over a stream of chunks.
+
+    While the count of those bytes anywhere (C-speed `bytes.count`) stays within `budget`
+    that upper bound is returned; once it passes, the chunks seen so far and every later
+    one are counted exactly: escape pairs (backslash-backslash, backslash-quote) are
+    blanked out left to right as a JSON parser reads them (an escape cut by a chunk
+    boundary carries over), then a running XOR over the quote bytes (vectorised) marks
+    what lies inside strings.
     """
-    upper = sum(raw.count(bytes([c])) for c in _STRUCTURAL)
-    if upper <= budget:
-        return upper
-    text = raw.replace(b"\\\\", b"  ").replace(b'\\"', b"  ") if b"\\" in raw else raw
-    data = np.frombuffer(text, dtype=np.uint8)
-    inside = np.bitwise_xor.accumulate((data == ord('"')).view(np.uint8))
-    structural = data == _STRUCTURAL[0]
-    for c in _STRUCTURAL[1:]:
-        structural |= data == c
-    structural &= inside == 0
-    return int(np.count_nonzero(structural))
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.count = 0
+        self._exact = False
+        self._seen: list[bytes] = []
+        self._in_string = False
+        self._escape = False
+
+    def feed(self, chunk: bytes) -> int:
+        """Count `chunk` (the next bytes of the text); return the count so far."""
+        if not self._exact:
+            self.count += sum(chunk.count(c) for c in _STRUCTURAL_BYTES)
+            self._seen.append(chunk)
+            if self.count <= self.budget:
+                return self.count
+            self._exact, self.count = True, 0
+            seen, self._seen = self._seen, []
+            for part in seen:
+                self._count(part)
+            return self.count
+        self._count(chunk)
+        return self.count
+
+    def _count(self, chunk: bytes) -> None:
+        if self._escape and chunk:
+            chunk, self._escape = b" " + chunk[1:], False
+        if b"\\" in chunk:
+            chunk = chunk.replace(b"\\\\", b"  ").replace(b'\\"', b"  ")
+            if chunk.endswith(b"\\"):
+                chunk, self._escape = chunk[:-1] + b" ", True
+        data = np.frombuffer(chunk, dtype=np.uint8)
+        if not data.size:
+            return
+        inside = np.bitwise_xor.accumulate((data == ord('"')).view(np.uint8))
+        if self._in_string:
+            inside ^= 1
+        structural = data == _STRUCTURAL[0]
+        for c in _STRUCTURAL[1:]:
+            structural |= data == c
+        structural &= inside == 0
+        self.count += int(np.count_nonzero(structural))
+        self._in_string = bool(inside[-1])

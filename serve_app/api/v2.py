@@ -37,6 +37,7 @@ from serve_app.api.v2_codec import (
     encode_infer_response,
     parse_infer_request,
 )
+from serve_app.api.v2_header import EarlyCheck
 from serve_app.api.v2_schemas import (
     INFER_EXAMPLE,
     InferRequestBody,
@@ -213,7 +214,10 @@ async def _read_infer_request(request: Request, body: BodyReader, limit: int) ->
 def _decode(
     raw: bytes, encoding: str | None, header_length: str | None, max_bytes: int, limit: int
 ) -> InferRequest:
-    return parse_infer_request(decompress(raw, encoding, max_bytes), header_length, limit)
+    # NOTE: the header (or, without binary data, the token budget) is checked while the
+    # body inflates: a body that is already refused is never inflated in full.
+    body = decompress(raw, encoding, max_bytes, EarlyCheck(header_length, limit))
+    return parse_infer_request(body, header_length, limit)
 
 
 def _infer_response(

@@ -29,34 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.api.json_text import parse_json
+from serve_app.api.v2_header import (
+    DATATYPES,
+    HEADER_LENGTH,
+    MAX_DIMS,
+    MAX_ELEMENTS,
+    header_digits,
+    parameters_of,
+    read_header,
+    tensor_spec,
+)
 from serve_app.errors import BadRequest, InvalidInput
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
-
-# NOTE: BF16 has no numpy dtype; it is carried as the upper half of a float32 (see _bf16_*).
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BF16": np.dtype("<f4"),
-    "BYTES": np.dtype(object),
-}
-MAX_DIMS = 8
-# NOTE: the default per-tensor element limit when no model limit is given (2**31 - 1,
-# Triton's int32 element counts); the routes always pass the model's own, far smaller one.
-MAX_ELEMENTS = 2**31 - 1
 _U32 = struct.Struct("<I")
-HEADER_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -116,19 +101,7 @@ def parse_infer_request(
     """
     split = _header_length(header_length, len(body))
     raw_header = body if split is None else body[:split]
-    # NOTE: every element costs at least one comma or bracket in JSON data; the rest of a
-    # header (names, shapes, parameters) stays far below HEADER_TOKENS.
-    budget = 2 * max_elements + HEADER_TOKENS if max_elements < MAX_ELEMENTS else None
-    header = (
-        parse_json(raw_header, "the inference request", max_tokens=budget)
-        if raw_header.strip()
-        else None
-    )
-    if not isinstance(header, dict):
-        raise BadRequest("the inference request must be a JSON object with 'inputs'")
-    specs = header.get("inputs")
-    if not isinstance(specs, list) or not specs:
-        raise BadRequest("the inference request needs a non-empty 'inputs' list")
+    header, specs = read_header(raw_header, max_elements)
     binary = memoryview(body)[split:] if split is not None else memoryview(b"")
     offset = 0
     inputs = []
@@ -146,20 +119,15 @@ def parse_infer_request(
     return InferRequest(
         inputs=inputs,
         id=_optional_str(header.get("id"), "id"),
-        parameters=_parameters(header.get("parameters"), "request"),
+        parameters=parameters_of(header.get("parameters"), "request"),
         outputs=_requested_outputs(header.get("outputs")),
     )
 
 
 def _header_length(value: str | int | None, body_length: int) -> int | None:
-    if value is None:
+    length = header_digits(value)
+    if length is None:
         return None
-    if isinstance(value, str):
-        # NOTE: int() would also take " 12", "+12", "1_2" and non-ASCII digits.
-        if not (value.isascii() and value.isdigit()) or len(value) > 12:
-            raise BadRequest(f"{HEADER_LENGTH} must be ASCII digits, got {value[:20]!r}")
-        value = int(value)
-    length = value
     if length <= 0:
         # NOTE: 0 is Triton's "raw binary request" (one input, no JSON); tritonclient never
         # sends it.
@@ -178,31 +146,7 @@ def decode_tensor(
         BadRequest: a malformed tensor, or a shape over `max_elements` (400), before any
             of its data is decoded.
     """
-    if not isinstance(spec, dict):
-        raise BadRequest("each input must be a JSON object with name, datatype, shape")
-    name = spec.get("name")
-    datatype = spec.get("datatype")
-    shape = spec.get("shape")
-    if not isinstance(name, str) or not name:
-        raise BadRequest("an input has no 'name'")
-    if datatype not in DATATYPES:
-        raise BadRequest(
-            f"input {name!r}: unknown datatype {datatype!r}; known: {', '.join(DATATYPES)}"
-        )
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    ):
-        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
-    # NOTE: zero dimensions are skipped: [0, 10**30] holds nothing, but numpy cannot shape it.
-    spanned = math.prod(d for d in shape if d != 0)
-    if spanned > max_elements:
-        raise BadRequest(
-            f"input {name!r}: shape {_shown(shape)} spans more than the {max_elements} "
-            "elements allowed for one tensor of this model"
-        )
-    parameters = _parameters(spec.get("parameters"), f"input {name!r}")
+    name, datatype, shape, parameters = tensor_spec(spec, max_elements)
     count = math.prod(shape)
     size = parameters.get("binary_data_size")
     if size is not None:
@@ -336,27 +280,6 @@ def _float32_to_bf16(values: np.ndarray) -> bytes:
     return (bits >> 16).astype("<u2").tobytes()
 
 
-# NOTE: the parameters this server reads, and the JSON type each must have.
-_PARAMETER_TYPES: dict[str, type] = {"binary_data_output": bool, "binary_data": bool}
-
-
-def _parameters(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise BadRequest(f"{where} parameters must be a JSON object")
-    for key, kind in _PARAMETER_TYPES.items():
-        if key in value and not isinstance(value[key], kind):
-            raise BadRequest(f"{where} parameter {key!r} must be true or false")
-    return value
-
-
-def _shown(shape: list[int]) -> str:
-    """A shape for a message, cut short (a hostile one may have huge numbers)."""
-    text = str(shape)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _optional_str(value: Any, what: str) -> str | None:
     if value is None:
         return None
@@ -374,7 +297,7 @@ def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
     for item in value:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequest("each requested output needs a 'name'")
-        parameters = _parameters(item.get("parameters"), f"output {item['name']!r}")
+        parameters = parameters_of(item.get("parameters"), f"output {item['name']!r}")
         binary = parameters.get("binary_data")
         out.append(RequestedOutput(item["name"], None if binary is None else bool(binary)))
     return out

@@ -21,6 +21,7 @@ from serve_app.api.app import create_app
 from serve_app.api.body import OFF_LOOP_BYTES, decompress, off_loop
 from serve_app.api.json_text import structural_tokens
 from serve_app.api.v2_codec import HEADER_LENGTH, parse_infer_request
+from serve_app.api.v2_header import EarlyCheck
 from serve_app.errors import BadRequest
 from serve_app.gateway.gateway import Gateway
 from serve_app.host.model_host import ModelHost
@@ -273,3 +274,31 @@ async def test_texts_full_of_commas_are_not_mistaken_for_values(
     body = {"inputs": ["a, " * 20_000, "b, " * 20_000]}
     response = await big.post("/v1/models/m-a/predict", json=body)
     assert_error(response, 422, "invalid_input")
+
+
+@pytest.mark.parametrize("kind", ["bytes", "json"])
+def test_a_refused_body_is_never_inflated_in_full(kind: str) -> None:
+    """The header (or the token budget) is checked while the body inflates."""
+    if kind == "bytes":
+        count = (LIMIT - 200) // 4
+        body, length = bytes_request(count, bytes(count * 4))
+    else:
+        body, length = json_bomb("numbers"), None
+    inflated: list[int] = []
+    check = EarlyCheck(length, max_elements=4096)
+
+    def inspect(piece: bytes) -> None:
+        inflated.append(len(piece))
+        check(piece)
+
+    with pytest.raises(BadRequest, match="element"):
+        decompress(gzip.compress(body, 9), "gzip", LIMIT, inspect)
+    assert sum(inflated) <= 128 * 1024 < len(body)
+
+
+def test_inspect_sees_every_byte_of_a_good_body() -> None:
+    raw = json.dumps(tabular()).encode() * 3000
+    pieces: list[bytes] = []
+    assert decompress(gzip.compress(raw), "gzip", LIMIT, pieces.append) == raw
+    assert b"".join(pieces) == raw
+    assert len(pieces) > 1
