@@ -25,16 +25,17 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import multiprocessing
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -130,21 +131,13 @@ def _send_hostile(url: str, body: bytes, split: int | None, statuses: list[int])
         statuses.append(-1)
 
 
-def _warm_window(
-    url: str, seconds: float, hostile: tuple[list[tuple[bytes, int | None]], float] | None
-) -> dict:
-    """Warm latencies (ms) of one closed-loop client for `seconds`, with hostile bodies
-    (taken in turn) at `rate`/s meanwhile when `hostile` is given; the window waits for
-    every body's answer."""
-    row = [[0.1] * 32]
-    stop = threading.Event()
+def _storm(
+    url: str, bodies: list[tuple[bytes, int | None]], rate: float, stop: Any, out: Any
+) -> None:
+    """(In its own process, so its client CPU never shares a GIL with the warm client.)
+    Send `bodies` in turn at `rate`/s until `stop` is set; put the statuses on `out`."""
     statuses: list[int] = []
-    pool = ThreadPoolExecutor(max_workers=256)
-
-    def storm() -> None:
-        if hostile is None:
-            return
-        bodies, rate = hostile
+    with ThreadPoolExecutor(max_workers=64) as pool:
         next_at = time.monotonic()
         sent = 0
         while not stop.is_set():
@@ -153,20 +146,35 @@ def _warm_window(
             sent += 1
             next_at += 1 / rate
             time.sleep(max(0.0, next_at - time.monotonic()))
+    out.put(statuses)
 
-    sender = threading.Thread(target=storm, daemon=True)
+
+def _warm_window(
+    url: str, seconds: float, hostile: tuple[list[tuple[bytes, int | None]], float] | None
+) -> dict:
+    """Warm latencies (ms) of one closed-loop client for `seconds`, with hostile bodies
+    (taken in turn, sent from another process) at `rate`/s meanwhile when `hostile` is
+    given; the window waits for every body's answer."""
+    row = [[0.1] * 32]
+    context = multiprocessing.get_context("spawn")
+    stop, out = context.Event(), context.Queue()
+    sender = None
+    if hostile is not None:
+        sender = context.Process(target=_storm, args=(url, *hostile, stop, out), daemon=True)
+        sender.start()
     latencies: list[float] = []
     with httpx.Client(timeout=130) as http:
-        sender.start()
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             started = time.perf_counter()
             response = http.post(f"{url}/v1/models/{WARM_ID}/predict", json={"inputs": row})
             latencies.append((time.perf_counter() - started) * 1000)
             assert response.status_code == 200, response.text
+    statuses: list[int] = []
+    if sender is not None:
         stop.set()
-        sender.join()
-        pool.shutdown(wait=True)
+        statuses = out.get(timeout=300)
+        sender.join(timeout=30)
     return {"latencies": latencies, "statuses": statuses}
 
 
