@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
+from serve_app.api.params import ModelId, QueryVersion
 from serve_app.config import ManagementConfig
 from serve_app.errors import ManagementDisabled, Unauthorized
 from serve_app.management.manager import ModelManager
@@ -78,9 +79,9 @@ def management_router(manager: ModelManager, guard: ManagementGuard) -> APIRoute
 
     @router.post("/v1/models/{model_id}/load", response_model=ManagementResult)
     async def load(
-        model_id: str,
+        model_id: ModelId,
         request: Request,
-        version: str | None = None,
+        version: QueryVersion = None,
         replicas: int = Query(1, ge=1, le=1024),
     ) -> ManagementResult:
         """Load (prewarm) the model on `replicas` replicas; latest version by default."""
@@ -89,21 +90,23 @@ def management_router(manager: ModelManager, guard: ManagementGuard) -> APIRoute
 
     @router.post("/v1/models/{model_id}/unload", response_model=ManagementResult)
     async def unload(
-        model_id: str, request: Request, version: str | None = None
+        model_id: ModelId, request: Request, version: QueryVersion = None
     ) -> ManagementResult:
         """Unpin and evict the model from every replica (in-flight requests finish)."""
         guard.check(request)
         return await manager.unload(model_id, version)
 
     @router.put("/v1/models/{model_id}/pin", response_model=ManagementResult)
-    async def pin(model_id: str, request: Request, version: str | None = None) -> ManagementResult:
+    async def pin(
+        model_id: ModelId, request: Request, version: QueryVersion = None
+    ) -> ManagementResult:
         """Pin the model on every replica (507 `pin_exceeds_budget` if it cannot fit)."""
         guard.check(request)
         return await manager.pin(model_id, version)
 
     @router.delete("/v1/models/{model_id}/pin", response_model=ManagementResult)
     async def unpin(
-        model_id: str, request: Request, version: str | None = None
+        model_id: ModelId, request: Request, version: QueryVersion = None
     ) -> ManagementResult:
         """Release the model's pin on every replica (it stays until evicted)."""
         guard.check(request)

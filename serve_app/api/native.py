@@ -22,15 +22,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from serve_app.api.body import BodyReader
 from serve_app.api.management import ManagementGuard
+from serve_app.api.params import (
+    VERSION_PATTERN,
+    ModelId,
+    ModelName,
+    PathVersion,
+    QueryVersion,
+    model_header,
+)
 from serve_app.errors import BadRequest, FleetError, InvalidModelId
 from serve_app.gateway.gateway import Gateway, new_id
+from serve_app.gateway.routing_table import Route
+from serve_app.host.predictor import MAX_TEXT_CHARS, element_limit
 from serve_app.management.manager import ModelManager
 from serve_app.observability.stats import StatsReport
 from serve_app.schemas import ErrorBody, ModelDetail, ModelList, PredictRequest, PredictResponse
@@ -46,12 +56,31 @@ ARM_HEADER = "X-Fleet-Arm"
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 404, 413, 422, 500, 502, 503, 507)
 }
-_PREDICT_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+
+
+def predict_body(max_rows: int) -> dict[str, Any]:
+    """The documented request body of the predict routes: `PredictRequest` plus the limits
+    the server checks (1 to `max_rows` inputs, rows of numbers or texts of at most
+    MAX_TEXT_CHARS characters, a version name's pattern), with a demo-fleet example."""
+    schema = PredictRequest.model_json_schema()
+    schema["properties"]["inputs"].update(
+        minItems=1,
+        maxItems=max_rows,
+        items={
+            "anyOf": [
+                {"type": "array", "items": {"type": "number"}, "minItems": 1},
+                {"type": "string", "maxLength": MAX_TEXT_CHARS},
+            ]
+        },
+    )
+    schema["properties"]["version"]["anyOf"][0]["pattern"] = VERSION_PATTERN
+    example = {"inputs": [[0.1] * 32]}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema, "example": example}},
+        }
     }
-}
 
 
 def native_router(
@@ -75,14 +104,15 @@ def native_router(
 
 def _add_predict_routes(router: APIRouter, gateway: Gateway, body: BodyReader) -> None:
     """The three predict routes; the model id comes from the path or the header."""
+    documented = predict_body(gateway.config.max_batch_rows)
 
     @router.post(
         "/v1/models/{model_id}/predict",
         response_model=PredictResponse,
         responses=ERRORS,
-        openapi_extra=_PREDICT_BODY,
+        openapi_extra=documented,
     )
-    async def predict(model_id: str, request: Request) -> JSONResponse:
+    async def predict(model_id: ModelName, request: Request) -> JSONResponse:
         """Predict with the latest (or body `version`) version of `model_id`."""
         return await _predict(gateway, body, request, model_id, None)
 
@@ -90,9 +120,11 @@ def _add_predict_routes(router: APIRouter, gateway: Gateway, body: BodyReader) -
         "/v1/models/{model_id}/versions/{version}/predict",
         response_model=PredictResponse,
         responses=ERRORS,
-        openapi_extra=_PREDICT_BODY,
+        openapi_extra=documented,
     )
-    async def predict_version(model_id: str, version: str, request: Request) -> JSONResponse:
+    async def predict_version(
+        model_id: ModelId, version: PathVersion, request: Request
+    ) -> JSONResponse:
         """Predict with a pinned version of `model_id`."""
         return await _predict(gateway, body, request, model_id, version)
 
@@ -100,38 +132,47 @@ def _add_predict_routes(router: APIRouter, gateway: Gateway, body: BodyReader) -
         "/v1/predict",
         response_model=PredictResponse,
         responses=ERRORS,
-        openapi_extra=_PREDICT_BODY,
+        openapi_extra=documented,
     )
-    async def predict_by_header(request: Request) -> JSONResponse:
+    async def predict_by_header(
+        request: Request,
+        model_id: Annotated[str, model_header(MODEL_ID_HEADER)],
+    ) -> JSONResponse:
         """Predict with the model named in the `serve_multiplexed_model_id` header."""
-        model_id = request.headers.get(MODEL_ID_HEADER)
-        if not model_id:
-            raise BadRequest(f"missing the {MODEL_ID_HEADER} header naming the model")
         return await _predict(gateway, body, request, model_id, None)
 
 
 async def _predict(
     gateway: Gateway, body: BodyReader, request: Request, model_id: str, version: str | None
 ) -> JSONResponse:
-    """Read the body, predict through the gateway, answer with the cache/version/arm headers."""
+    """Resolve the model (an unknown one is a 404 whatever the body), read the body,
+    predict through the gateway, answer with the cache/version/arm headers."""
     # NOTE: latency is measured from here (body read and parse included) so /v1/stats is
     # as close as the server can get to what the client sees.
     started = time.perf_counter()
     given_id = request.headers.get(REQUEST_ID_HEADER)
     request_id = given_id or new_id()
-    try:
-        parsed = await body.model(request, PredictRequest)
-    except FleetError as exc:
-        gateway.observe(request_id, None, exc.status_code, started, None)
-        raise
     sticky = gateway.routing.sticky_header(model_id)
+    sticky_key = request.headers.get(sticky) if sticky else None
+    route: Route | None = None
+    try:
+        route = gateway.resolve(model_id, version, sticky_key)
+        limit = element_limit(route.manifest, gateway.config.max_batch_rows)
+        parsed = await body.model(request, PredictRequest, max_tokens=2 * limit + 64)
+    except FleetError as exc:
+        gateway.observe(request_id, route and route.manifest, exc.status_code, started, None)
+        raise
+    if version is None and parsed.version is not None:
+        # NOTE: a version named in the body: the model was checked above, now the version.
+        route = None
     result = await gateway.predict(
         model_id,
         parsed.inputs,
         version or parsed.version,
         request_id,
         started=started,
-        sticky_key=request.headers.get(sticky) if sticky else None,
+        sticky_key=sticky_key,
+        route=route,
     )
     headers = {
         CACHE_HEADER: "hit" if result.resident else "miss",
@@ -157,7 +198,9 @@ def _add_model_routes(
         return gateway.list_models()
 
     @router.get("/v1/models/{model_id}", response_model=ModelDetail, responses=ERRORS)
-    async def describe(model_id: str, request: Request, version: str | None = None) -> ModelDetail:
+    async def describe(
+        model_id: ModelId, request: Request, version: QueryVersion = None
+    ) -> ModelDetail:
         """The manifest of `model_id` (latest version unless `?version=` is given), and
         where it is resident (when management is on and the caller may see it)."""
         detail = gateway.describe(model_id, version)
@@ -178,7 +221,9 @@ def _add_ops_routes(router: APIRouter, gateway: Gateway, stats_window_s: float) 
     """Statistics, the routing report and the health check."""
 
     @router.get("/v1/stats", response_model=StatsReport)
-    async def stats(window_s: float | None = None) -> StatsReport:
+    async def stats(
+        window_s: Annotated[float | None, Query(gt=0, le=86400, examples=[300])] = None,
+    ) -> StatsReport:
         """Per model: requests, errors, hit rate, cold starts, p50/p95/p99 (all and warm)
         and load-wait p50, over the last `window_s` seconds, across ingress replicas."""
         if window_s is not None and not 0 < window_s <= 86400:

@@ -8,6 +8,11 @@ Routes (the `/versions/{v}` segment is optional wherever it appears):
     POST /v2/models/{m}[/versions/{v}]/infer        inference (JSON and binary tensors)
     POST /v2/repository/index                       every version and whether it is resident
     POST /v2/repository/models/{m}/load|unload      prewarm on one replica / unload everywhere
+A model name may be an id, `id@version` or an alias: every route resolves it through the
+gateway's routing (aliases with sticky keys and shadows, default versions), as the native
+API does, and the infer route resolves it before it reads the body, so an unknown model is
+a 404 whatever the body holds; the resolved model's element limit then bounds the decode,
+which runs off the event loop for large or compressed bodies.
 `v2_router()` puts together one small function per group of routes. The wire codec is
 `serve_app.api.v2_codec`, the tensors of each task `serve_app.api.v2_tasks`, bodies (size
 limit, gzip/deflate) `serve_app.api.body`; errors leave through the app's single mapping
@@ -23,25 +28,39 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serve_app import __version__
-from serve_app.api.body import BodyReader, compress
+from serve_app.api.body import BodyReader, compress, decompress, off_loop
 from serve_app.api.management import ManagementGuard
+from serve_app.api.params import HeaderLength, ModelId, ModelName, PathVersion
 from serve_app.api.v2_codec import (
     HEADER_LENGTH,
     InferRequest,
     encode_infer_response,
     parse_infer_request,
 )
+from serve_app.api.v2_header import EarlyCheck
+from serve_app.api.v2_schemas import (
+    INFER_EXAMPLE,
+    InferRequestBody,
+    RepositoryRequest,
+    request_body,
+)
 from serve_app.api.v2_tasks import model_metadata, to_model_inputs, to_output_tensors
-from serve_app.errors import FleetError, NotSupported, StorageUnavailable
+from serve_app.errors import BadRequest, FleetError, NotSupported, StorageUnavailable
 from serve_app.gateway.gateway import Gateway, new_id
+from serve_app.gateway.routing_table import Route
+from serve_app.host.predictor import element_limit
 from serve_app.management.manager import ModelManager
-from serve_app.storage.manifest import Manifest
+from serve_app.schemas import ErrorBody
 from serve_app.storage.registry import Registry
 
 SERVER_NAME = "fleetserve"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 REQUEST_ID_HEADER = "X-Request-Id"
+ARM_HEADER = "X-Fleet-Arm"
 COMPRESS_OVER_BYTES = 1024
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 422, 500, 502, 503, 507)
+}
 
 
 def v2_router(
@@ -53,7 +72,7 @@ def v2_router(
     """The V2 routes (see module docstring), reading bodies with `body`."""
     router = APIRouter(tags=["open inference protocol v2"])
     _add_server_routes(router, gateway.registry)
-    _add_model_routes(router, gateway.registry)
+    _add_model_routes(router, gateway)
     _add_infer_route(router, gateway, body)
     _add_unsupported_routes(router)
     _add_repository_routes(router, body, manager, guard)
@@ -83,72 +102,141 @@ def _add_server_routes(router: APIRouter, registry: Registry) -> None:
         return {"ready": True}
 
 
-def _add_model_routes(router: APIRouter, registry: Registry) -> None:
+def _add_model_routes(router: APIRouter, gateway: Gateway) -> None:
     """Model metadata and readiness (and the server-wide statistics, refused)."""
 
-    @router.get("/v2/models/stats")
+    @router.get("/v2/models/stats", responses=ERRORS)
     async def all_stats() -> None:
         """Triton's statistics extension is not served (400); see GET /v1/stats."""
         raise NotSupported("/v2/models/stats is not served; GET /v1/stats has per-model stats")
 
-    @router.get("/v2/models/{model}")
-    @router.get("/v2/models/{model}/versions/{version}")
-    async def metadata(model: str, version: str | None = None) -> dict[str, Any]:
-        """Inputs and outputs (name, datatype, shape; -1 = any) of a model version."""
-        manifest = registry.resolve(model, version)
-        return model_metadata(manifest, registry.versions(model))
+    def metadata(model: str, version: str | None) -> dict[str, Any]:
+        manifest = gateway.resolve(model, version).manifest
+        return model_metadata(manifest, gateway.registry.versions(manifest.model_id))
 
-    @router.get("/v2/models/{model}/ready")
-    @router.get("/v2/models/{model}/versions/{version}/ready")
-    async def model_ready(model: str, version: str | None = None) -> dict[str, Any]:
-        """200 when the version is published: it is served, loading on first use."""
-        manifest = registry.resolve(model, version)
+    def ready(model: str, version: str | None) -> dict[str, Any]:
+        manifest = gateway.resolve(model, version).manifest
         return {"name": manifest.model_id, "version": manifest.version, "ready": True}
+
+    @router.get("/v2/models/{model}", responses=ERRORS)
+    async def model_metadata_default(model: ModelName) -> dict[str, Any]:
+        """Inputs and outputs (name, datatype, shape; -1 = any) of the default version."""
+        return metadata(model, None)
+
+    @router.get("/v2/models/{model}/versions/{version}", responses=ERRORS)
+    async def model_metadata_version(model: ModelId, version: PathVersion) -> dict[str, Any]:
+        """Inputs and outputs (name, datatype, shape; -1 = any) of a model version."""
+        return metadata(model, version)
+
+    @router.get("/v2/models/{model}/ready", responses=ERRORS)
+    async def model_ready_default(model: ModelName) -> dict[str, Any]:
+        """200 when the default version is published: served, loading on first use."""
+        return ready(model, None)
+
+    @router.get("/v2/models/{model}/versions/{version}/ready", responses=ERRORS)
+    async def model_ready_version(model: ModelId, version: PathVersion) -> dict[str, Any]:
+        """200 when the version is published: it is served, loading on first use."""
+        return ready(model, version)
 
 
 def _add_infer_route(router: APIRouter, gateway: Gateway, body: BodyReader) -> None:
-    """Inference: decode, predict through the gateway, encode."""
+    """Inference: resolve, decode, predict through the gateway, encode."""
+    documented = request_body(InferRequestBody, INFER_EXAMPLE)
 
-    @router.post("/v2/models/{model}/infer")
-    @router.post("/v2/models/{model}/versions/{version}/infer")
-    async def infer(model: str, request: Request, version: str | None = None) -> Response:
-        """Run the model on V2 tensors; JSON or binary tensor data both ways."""
-        started = time.perf_counter()
-        given_id = request.headers.get(REQUEST_ID_HEADER)
-        request_id = given_id or new_id()
-        manifest: Manifest | None = None
-        try:
-            parsed = await _read_infer_request(request, body)
-            manifest = gateway.registry.resolve(model, version)
-            inputs = to_model_inputs(manifest, parsed)
-        except FleetError as exc:
-            gateway.observe(request_id, manifest, exc.status_code, started, None)
-            raise
-        result = await gateway.predict(model, inputs, manifest.version, request_id, started=started)
-        encoded, header_length = encode_infer_response(
-            manifest.model_id, result.version, parsed, to_output_tensors(manifest, result.outputs)
-        )
-        return _infer_response(
-            request, encoded, header_length, None if given_id is not None else request_id
-        )
+    @router.post("/v2/models/{model}/infer", responses=ERRORS, openapi_extra=documented)
+    async def infer(
+        model: ModelName, request: Request, header_length: HeaderLength = None
+    ) -> Response:
+        """Run the model's default version on V2 tensors; JSON or binary data both ways."""
+        return await _infer(gateway, body, request, model, None)
+
+    @router.post(
+        "/v2/models/{model}/versions/{version}/infer", responses=ERRORS, openapi_extra=documented
+    )
+    async def infer_version(
+        model: ModelId, version: PathVersion, request: Request, header_length: HeaderLength = None
+    ) -> Response:
+        """Run a model version on V2 tensors; JSON or binary tensor data both ways."""
+        return await _infer(gateway, body, request, model, version)
 
 
-async def _read_infer_request(request: Request, body: BodyReader) -> InferRequest:
-    """The decoded inference request (size limit and Content-Encoding applied)."""
-    raw = await body.decoded(request)
-    return parse_infer_request(raw, request.headers.get(HEADER_LENGTH))
+async def _infer(
+    gateway: Gateway, body: BodyReader, request: Request, model: str, version: str | None
+) -> Response:
+    """Resolve `model` (404 before the body is read), decode within its element limit,
+    predict through the gateway, encode."""
+    started = time.perf_counter()
+    given_id = request.headers.get(REQUEST_ID_HEADER)
+    request_id = given_id or new_id()
+    route: Route | None = None
+    try:
+        route = _route(gateway, request, model, version)
+        limit = element_limit(route.manifest, gateway.config.max_batch_rows)
+        parsed = await _read_infer_request(request, body, limit)
+        inputs = to_model_inputs(route.manifest, parsed)
+    except FleetError as exc:
+        manifest = None if route is None else route.manifest
+        gateway.observe(request_id, manifest, exc.status_code, started, None)
+        raise
+    manifest = route.manifest
+    result = await gateway.predict(
+        model, inputs, request_id=request_id, started=started, route=route
+    )
+    encoded, header_length = encode_infer_response(
+        manifest.model_id, result.version, parsed, to_output_tensors(manifest, result.outputs)
+    )
+    return _infer_response(
+        request, encoded, header_length, None if given_id is not None else request_id, route
+    )
+
+
+def _route(gateway: Gateway, request: Request, model: str, version: str | None) -> Route:
+    """Where a V2 request for `model` goes, decided before its body is read: the same
+    routing as the native API (aliases, their sticky header, shadows, default versions).
+
+    Raises:
+        FleetError: 400 for a malformed name, 404 for an unknown model or version.
+    """
+    sticky = gateway.routing.sticky_header(model)
+    return gateway.resolve(model, version, request.headers.get(sticky) if sticky else None)
+
+
+async def _read_infer_request(request: Request, body: BodyReader, limit: int) -> InferRequest:
+    """The decoded inference request: size limit, Content-Encoding, at most `limit`
+    elements per tensor; decoded in a worker thread when large or compressed."""
+    raw = await body.raw(request)
+    header_length = request.headers.get(HEADER_LENGTH)
+    encoding = request.headers.get("content-encoding")
+    size = body.max_bytes if encoding else len(raw)
+    return await off_loop(size, _decode, raw, encoding, header_length, body.max_bytes, limit)
+
+
+def _decode(
+    raw: bytes, encoding: str | None, header_length: str | None, max_bytes: int, limit: int
+) -> InferRequest:
+    # NOTE: the header (or, without binary data, the token budget) is checked while the
+    # body inflates: a body that is already refused is never inflated in full.
+    body = decompress(raw, encoding, max_bytes, EarlyCheck(header_length, limit))
+    return parse_infer_request(body, header_length, limit)
 
 
 def _infer_response(
-    request: Request, encoded: bytes, header_length: int | None, request_id: str | None
+    request: Request,
+    encoded: bytes,
+    header_length: int | None,
+    request_id: str | None,
+    route: Route,
 ) -> Response:
     """The HTTP response for an encoded inference result: binary header length, request id
-    (only when no proxy set one), compressed when large and the client accepts it."""
+    (only when no proxy set one), the alias arm that served, compressed when large and the
+    client accepts it."""
     headers = {}
     if header_length is not None:
         headers[HEADER_LENGTH] = str(header_length)
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
+    if route.arm is not None:
+        headers[ARM_HEADER] = route.arm
     if len(encoded) > COMPRESS_OVER_BYTES:
         encoded, encoding = compress(encoded, request.headers.get("accept-encoding"))
         if encoding is not None:
@@ -160,16 +248,31 @@ def _infer_response(
 def _add_unsupported_routes(router: APIRouter) -> None:
     """Triton extensions that are not served (400 `not_supported`)."""
 
-    @router.get("/v2/models/{model}/config")
-    @router.get("/v2/models/{model}/versions/{version}/config")
-    @router.get("/v2/models/{model}/stats")
-    @router.get("/v2/models/{model}/versions/{version}/stats")
-    async def unsupported(request: Request) -> None:
-        """Triton's model config and statistics extensions are not served (400)."""
+    def refuse(request: Request) -> None:
         raise NotSupported(
             f"{request.url.path} is a Triton extension fleetserve does not serve; "
             "see GET /v2/models/{model} for metadata and GET /v1/stats for statistics"
         )
+
+    @router.get("/v2/models/{model}/config", responses=ERRORS)
+    async def model_config(model: ModelName, request: Request) -> None:
+        """Triton's model configuration extension is not served (400 `not_supported`)."""
+        refuse(request)
+
+    @router.get("/v2/models/{model}/versions/{version}/config", responses=ERRORS)
+    async def model_version_config(model: ModelId, version: PathVersion, request: Request) -> None:
+        """Triton's model configuration extension is not served (400 `not_supported`)."""
+        refuse(request)
+
+    @router.get("/v2/models/{model}/stats", responses=ERRORS)
+    async def model_stats(model: ModelName, request: Request) -> None:
+        """Triton's statistics extension is not served (400); see GET /v1/stats."""
+        refuse(request)
+
+    @router.get("/v2/models/{model}/versions/{version}/stats", responses=ERRORS)
+    async def model_version_stats(model: ModelId, version: PathVersion, request: Request) -> None:
+        """Triton's statistics extension is not served (400); see GET /v1/stats."""
+        refuse(request)
 
 
 def _add_repository_routes(
@@ -177,7 +280,9 @@ def _add_repository_routes(
 ) -> None:
     """The model repository extension, over the model manager and its guard."""
 
-    @router.post("/v2/repository/index")
+    documented = request_body(RepositoryRequest)
+
+    @router.post("/v2/repository/index", responses=ERRORS, openapi_extra=documented)
     async def repository_index(request: Request) -> list[dict[str, Any]]:
         """Every published version: READY (resident), LOADING or UNAVAILABLE."""
         guard.check(request)
@@ -187,18 +292,21 @@ def _add_repository_routes(
             index = [entry for entry in index if entry["state"] == "READY"]
         return index
 
-    @router.post("/v2/repository/models/{model}/load")
-    async def repository_load(model: str, request: Request) -> dict[str, Any]:
+    @router.post("/v2/repository/models/{model}/load", responses=ERRORS, openapi_extra=documented)
+    async def repository_load(model: ModelId, request: Request) -> dict[str, Any]:
         """Load the latest version on one replica (as `POST /v1/models/{m}/load`)."""
         guard.check(request)
         options = await body.optional_object(request)
-        if (options.get("parameters") or {}).get("config") is not None:
+        parameters = options.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise BadRequest("'parameters' must be a JSON object")
+        if (parameters or {}).get("config") is not None:
             raise NotSupported("loading with an override config is not supported")
         await _manager(manager).load(model)
         return {}
 
-    @router.post("/v2/repository/models/{model}/unload")
-    async def repository_unload(model: str, request: Request) -> dict[str, Any]:
+    @router.post("/v2/repository/models/{model}/unload", responses=ERRORS, openapi_extra=documented)
+    async def repository_unload(model: ModelId, request: Request) -> dict[str, Any]:
         """Unload every version from every replica (as `POST /v1/models/{m}/unload`)."""
         guard.check(request)
         await body.optional_object(request)

@@ -11,41 +11,37 @@ Pure functions and small dataclasses, no HTTP framework and no Ray:
 What the tensors mean to a model (its signature, the mapping to native inputs and outputs)
 is `serve_app.api.v2_tasks`; gzip/deflate bodies are undone before this codec sees them
 (`serve_app.api.body`). Protocol-level mistakes (unreadable JSON, sizes that do not add
-up, unknown datatypes) are `BadRequest` (400); a requested output the model does not
-produce is `InvalidInput` (422).
+up, unknown datatypes, mistyped parameters, shapes over the element limit) are
+`BadRequest` (400); a requested output the model does not produce is `InvalidInput` (422).
+
+Hostile input costs little: the element limit (`max_elements`, per tensor; the routes pass
+the resolved model's own limit) is checked against the declared shape before any data is
+decoded, and BYTES and JSON data are walked only as far as the shape allows.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from serve_app.api.v2_header import (
+    DATATYPES,
+    HEADER_LENGTH,
+    MAX_DIMS,
+    MAX_ELEMENTS,
+    header_digits,
+    parameters_of,
+    read_header,
+    tensor_spec,
+)
 from serve_app.errors import BadRequest, InvalidInput
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
-
-# NOTE: BF16 has no numpy dtype; it is carried as the upper half of a float32 (see _bf16_*).
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BF16": np.dtype("<f4"),
-    "BYTES": np.dtype(object),
-}
-MAX_DIMS = 8
+_U32 = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -87,33 +83,30 @@ class InferRequest:
 
 
 # ---------------------------------------------------------------------- requests
-def parse_infer_request(body: bytes, header_length: str | int | None) -> InferRequest:
+def parse_infer_request(
+    body: bytes, header_length: str | int | None, max_elements: int = MAX_ELEMENTS
+) -> InferRequest:
     """Decode an inference request: a JSON header, then the binary tensor data, if any.
 
     Args:
         body: the (decompressed) request body.
         header_length: the `Inference-Header-Content-Length` header, or None when the whole
             body is JSON.
+        max_elements: the most elements one input tensor may have (checked on its shape
+            before its data is decoded).
 
     Raises:
-        BadRequest: malformed JSON, sizes or tensors (400).
+        BadRequest: malformed JSON, sizes, parameters or tensors, or a tensor over
+            `max_elements` (400).
     """
     split = _header_length(header_length, len(body))
     raw_header = body if split is None else body[:split]
-    try:
-        header = json.loads(raw_header) if raw_header.strip() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the inference request header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise BadRequest("the inference request must be a JSON object with 'inputs'")
-    specs = header.get("inputs")
-    if not isinstance(specs, list) or not specs:
-        raise BadRequest("the inference request needs a non-empty 'inputs' list")
+    header, specs = read_header(raw_header, max_elements)
     binary = memoryview(body)[split:] if split is not None else memoryview(b"")
     offset = 0
     inputs = []
     for spec in specs:
-        tensor, used = decode_tensor(spec, binary[offset:])
+        tensor, used = decode_tensor(spec, binary[offset:], max_elements)
         offset += used
         inputs.append(tensor)
     if offset != len(binary):
@@ -126,18 +119,15 @@ def parse_infer_request(body: bytes, header_length: str | int | None) -> InferRe
     return InferRequest(
         inputs=inputs,
         id=_optional_str(header.get("id"), "id"),
-        parameters=_parameters(header.get("parameters"), "request"),
+        parameters=parameters_of(header.get("parameters"), "request"),
         outputs=_requested_outputs(header.get("outputs")),
     )
 
 
 def _header_length(value: str | int | None, body_length: int) -> int | None:
-    if value is None:
+    length = header_digits(value)
+    if length is None:
         return None
-    try:
-        length = int(value)
-    except ValueError as exc:
-        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {value!r}") from exc
     if length <= 0:
         # NOTE: 0 is Triton's "raw binary request" (one input, no JSON); tritonclient never
         # sends it.
@@ -147,26 +137,16 @@ def _header_length(value: str | int | None, body_length: int) -> int | None:
     return length
 
 
-def decode_tensor(spec: Any, binary: memoryview) -> tuple[Tensor, int]:
-    """Decode one input tensor; return it and the binary bytes it consumed."""
-    if not isinstance(spec, dict):
-        raise BadRequest("each input must be a JSON object with name, datatype, shape")
-    name = spec.get("name")
-    datatype = spec.get("datatype")
-    shape = spec.get("shape")
-    if not isinstance(name, str) or not name:
-        raise BadRequest("an input has no 'name'")
-    if datatype not in DATATYPES:
-        raise BadRequest(
-            f"input {name!r}: unknown datatype {datatype!r}; known: {', '.join(DATATYPES)}"
-        )
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    ):
-        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
-    parameters = _parameters(spec.get("parameters"), f"input {name!r}")
+def decode_tensor(
+    spec: Any, binary: memoryview, max_elements: int = MAX_ELEMENTS
+) -> tuple[Tensor, int]:
+    """Decode one input tensor; return it and the binary bytes it consumed.
+
+    Raises:
+        BadRequest: a malformed tensor, or a shape over `max_elements` (400), before any
+            of its data is decoded.
+    """
+    name, datatype, shape, parameters = tensor_spec(spec, max_elements)
     count = math.prod(shape)
     size = parameters.get("binary_data_size")
     if size is not None:
@@ -178,7 +158,7 @@ def decode_tensor(spec: Any, binary: memoryview) -> tuple[Tensor, int]:
             raise BadRequest(
                 f"input {name!r}: binary_data_size {size} but only {len(binary)} bytes remain"
             )
-        data = _from_binary(name, datatype, bytes(binary[:size]), count)
+        data = _from_binary(name, datatype, binary[:size], count)
         used = size
     else:
         if "data" not in spec:
@@ -190,12 +170,9 @@ def decode_tensor(spec: Any, binary: memoryview) -> tuple[Tensor, int]:
     return Tensor(name, datatype, data.reshape(shape), parameters), used
 
 
-def _from_binary(name: str, datatype: str, raw: bytes, count: int) -> np.ndarray:
+def _from_binary(name: str, datatype: str, raw: memoryview, count: int) -> np.ndarray:
     if datatype == "BYTES":
-        items = _unpack_bytes(name, raw)
-        if len(items) != count:
-            raise BadRequest(f"input {name!r}: {len(items)} BYTES elements for {count} in shape")
-        return object_array(items)
+        return _unpack_bytes(name, raw, count)
     itemsize = 2 if datatype == "BF16" else DATATYPES[datatype].itemsize
     if len(raw) != count * itemsize:
         raise BadRequest(
@@ -207,7 +184,7 @@ def _from_binary(name: str, datatype: str, raw: bytes, count: int) -> np.ndarray
 
 
 def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
-    flat = _flatten(data)
+    flat = _flatten(name, data, count)
     if len(flat) != count:
         raise BadRequest(f"input {name!r}: {len(flat)} elements of data for {count} in shape")
     if datatype == "BYTES":
@@ -225,7 +202,8 @@ def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
         raise BadRequest(f"input {name!r}: a value does not fit {datatype}") from exc
 
 
-def _flatten(data: Any) -> list[Any]:
+def _flatten(name: str, data: Any, count: int) -> list[Any]:
+    """`data` (nested lists, at most `MAX_DIMS` deep) flattened; stops past `count` items."""
     if not isinstance(data, list):
         return [data]
     out: list[Any] = []
@@ -233,26 +211,45 @@ def _flatten(data: Any) -> list[Any]:
     while stack:
         for item in stack[-1]:
             if isinstance(item, list):
+                if len(stack) >= MAX_DIMS:
+                    raise BadRequest(f"input {name!r}: data nested deeper than {MAX_DIMS}")
                 stack.append(iter(item))
                 break
             out.append(item)
+            if len(out) > count:
+                raise BadRequest(f"input {name!r}: more elements of data than {count} in shape")
         else:
             stack.pop()
     return out
 
 
-def _unpack_bytes(name: str, raw: bytes) -> list[bytes]:
-    items = []
+def _unpack_bytes(name: str, raw: memoryview, count: int) -> np.ndarray:
+    """`count` length-prefixed BYTES elements, which must fill `raw` exactly.
+
+    NOTE: each element's offset depends on every length before it, so the walk is
+    sequential; it is bounded by `count`, which the shape check has already held to the
+    model's element limit, and nothing past `count` elements is ever read.
+    """
+    items = np.empty(count, dtype=object)
+    end = len(raw)
     offset = 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
+    unpack = _U32.unpack_from
+    for i in range(count):
+        if offset + 4 > end:
+            if offset == end:
+                raise BadRequest(f"input {name!r}: {i} BYTES elements for {count} in shape")
             raise BadRequest(f"input {name!r}: truncated BYTES length prefix")
-        (length,) = np.frombuffer(raw, dtype="<u4", count=1, offset=offset)
+        (length,) = unpack(raw, offset)
         offset += 4
-        if offset + int(length) > len(raw):
+        if length > end - offset:
             raise BadRequest(f"input {name!r}: a BYTES element runs past the end of its data")
-        items.append(raw[offset : offset + int(length)])
-        offset += int(length)
+        items[i] = bytes(raw[offset : offset + length])
+        offset += length
+    if offset != end:
+        raise BadRequest(
+            f"input {name!r}: {end - offset} bytes of BYTES data after the {count} elements "
+            "in shape"
+        )
     return items
 
 
@@ -272,7 +269,7 @@ def object_array(items: list[Any]) -> np.ndarray:
     return array
 
 
-def _bf16_to_float32(raw: bytes) -> np.ndarray:
+def _bf16_to_float32(raw: bytes | memoryview) -> np.ndarray:
     halves = np.frombuffer(raw, dtype="<u2").astype("<u4")
     return (halves << 16).view("<f4")
 
@@ -281,14 +278,6 @@ def _float32_to_bf16(values: np.ndarray) -> bytes:
     # NOTE: truncation, as tritonclient's and Triton's own BF16 conversions do.
     bits = np.ascontiguousarray(values, dtype="<f4").view("<u4")
     return (bits >> 16).astype("<u2").tobytes()
-
-
-def _parameters(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise BadRequest(f"{where} parameters must be a JSON object")
-    return value
 
 
 def _optional_str(value: Any, what: str) -> str | None:
@@ -308,7 +297,7 @@ def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
     for item in value:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequest("each requested output needs a 'name'")
-        parameters = _parameters(item.get("parameters"), f"output {item['name']!r}")
+        parameters = parameters_of(item.get("parameters"), f"output {item['name']!r}")
         binary = parameters.get("binary_data")
         out.append(RequestedOutput(item["name"], None if binary is None else bool(binary)))
     return out

@@ -145,12 +145,15 @@ class Gateway:
         request_id: str | None = None,
         started: float | None = None,
         sticky_key: str | None = None,
+        route: Route | None = None,
     ) -> PredictResponse:
         """Predict `inputs` with `model_id` (an id, `id@version` or an alias; default
         version unless `version` is given). `sticky_key` keeps a caller on one alias arm.
 
         `started` is the `time.perf_counter()` at which the caller received the request
-        (default: now); the recorded latency runs from there.
+        (default: now); the recorded latency runs from there. `route` is the route
+        `resolve()` already gave the HTTP layer (which resolves before it reads the body);
+        without it the request is resolved here.
 
         Raises:
             FleetError: typed errors for bad ids, unknown models, bad inputs, load failures.
@@ -158,11 +161,10 @@ class Gateway:
         request_id = request_id or new_id()
         started = time.perf_counter() if started is None else started
         manifest: Manifest | None = None
-        route: Route | None = None
         result: PredictResponse | None = None
         status = 500
         try:
-            route = self.resolve(model_id, version, sticky_key)
+            route = route or self.resolve(model_id, version, sticky_key)
             manifest = route.manifest
             if manifest.task in IMAGE_TASKS:
                 # NOTE: base64 decoding and header checks of a batch of images: off the loop.

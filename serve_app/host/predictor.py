@@ -28,10 +28,28 @@ from torch import nn
 from serve_app.errors import EmptyInputs, InvalidInput, ModelLoadFailed
 from serve_app.loading.architectures import input_width
 from serve_app.storage.manifest import IMAGE_TASKS, Manifest
-from serve_app.vision.images import check_images, decode_rgb
+from serve_app.vision.images import MAX_IMAGE_PIXELS, check_images, decode_rgb
 from serve_app.vision.processing import DEFAULT_TOP_K, ImageProcessing
 
 MAX_TEXT_CHARS = 100_000
+# NOTE: features assumed for a tabular model whose manifest does not give its input width.
+UNKNOWN_WIDTH_FEATURES = 1024
+
+
+def element_limit(manifest: Manifest, max_rows: int) -> int:
+    """The most values one call's inputs may hold for `manifest`: `max_rows` rows
+    (`ingress.max_batch_rows`) of the model's input width (one text per row for text
+    models). The HTTP layer bounds request bodies by it before it decodes them.
+
+    Image models take encoded files (one element each) or raw UINT8 `[N, H, W, 3]`
+    tensors: those may hold as many values as one image of the largest size the image
+    checks accept (`MAX_IMAGE_PIXELS` RGB pixels); `ingress.max_body_bytes` binds first
+    at the default limits."""
+    if manifest.task == "tabular-classification":
+        return max_rows * (input_width(manifest.architecture) or UNKNOWN_WIDTH_FEATURES)
+    if manifest.task in IMAGE_TASKS:
+        return max(max_rows, 3 * MAX_IMAGE_PIXELS)
+    return max_rows
 
 
 def validate_inputs(manifest: Manifest, inputs: Any, max_rows: int) -> list[Any]:

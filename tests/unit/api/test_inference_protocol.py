@@ -235,7 +235,7 @@ def test_unknown_requested_output() -> None:
     [
         (b"\x05\x00\x00\x00ab", 6, "runs past the end"),
         (b"\x02\x00", 2, "truncated"),
-        (b"\x01\x00\x00\x00a\x01\x00\x00\x00b", 10, "2 BYTES elements for 1"),
+        (b"\x01\x00\x00\x00a\x01\x00\x00\x00b", 10, "5 bytes of BYTES data after the 1 elements"),
         (b"\x01\x00\x00\x00a", 9, "only 5 bytes remain"),
         (b"\x01\x00\x00\x00aXX", 5, "2 bytes of binary data after"),
     ],
