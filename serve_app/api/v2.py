@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serve_app import __version__
+from serve_app.api.auth import Authorizer
 from serve_app.api.body import BodyReader, compress
 from serve_app.api.management import ManagementGuard
 from serve_app.api.v2_codec import (
@@ -49,12 +50,15 @@ def v2_router(
     body: BodyReader,
     manager: ModelManager | None,
     guard: ManagementGuard,
+    auth: Authorizer | None = None,
 ) -> APIRouter:
-    """The V2 routes (see module docstring), reading bodies with `body`."""
+    """The V2 routes (see module docstring), reading bodies with `body`; with tenants
+    (`auth`), per-model routes need a key whose scope covers the model."""
+    auth = auth or Authorizer(None)
     router = APIRouter(tags=["open inference protocol v2"])
     _add_server_routes(router, gateway.registry)
-    _add_model_routes(router, gateway.registry)
-    _add_infer_route(router, gateway, body)
+    _add_model_routes(router, gateway.registry, auth)
+    _add_infer_route(router, gateway, body, auth)
     _add_unsupported_routes(router)
     _add_repository_routes(router, body, manager, guard)
     return router
@@ -83,7 +87,7 @@ def _add_server_routes(router: APIRouter, registry: Registry) -> None:
         return {"ready": True}
 
 
-def _add_model_routes(router: APIRouter, registry: Registry) -> None:
+def _add_model_routes(router: APIRouter, registry: Registry, auth: Authorizer) -> None:
     """Model metadata and readiness (and the server-wide statistics, refused)."""
 
     @router.get("/v2/models/stats")
@@ -93,26 +97,33 @@ def _add_model_routes(router: APIRouter, registry: Registry) -> None:
 
     @router.get("/v2/models/{model}")
     @router.get("/v2/models/{model}/versions/{version}")
-    async def metadata(model: str, version: str | None = None) -> dict[str, Any]:
+    async def metadata(model: str, request: Request, version: str | None = None) -> dict[str, Any]:
         """Inputs and outputs (name, datatype, shape; -1 = any) of a model version."""
+        auth.authorize(request, model, version)
         manifest = registry.resolve(model, version)
         return model_metadata(manifest, registry.versions(model))
 
     @router.get("/v2/models/{model}/ready")
     @router.get("/v2/models/{model}/versions/{version}/ready")
-    async def model_ready(model: str, version: str | None = None) -> dict[str, Any]:
+    async def model_ready(
+        model: str, request: Request, version: str | None = None
+    ) -> dict[str, Any]:
         """200 when the version is published: it is served, loading on first use."""
+        auth.authorize(request, model, version)
         manifest = registry.resolve(model, version)
         return {"name": manifest.model_id, "version": manifest.version, "ready": True}
 
 
-def _add_infer_route(router: APIRouter, gateway: Gateway, body: BodyReader) -> None:
+def _add_infer_route(
+    router: APIRouter, gateway: Gateway, body: BodyReader, auth: Authorizer
+) -> None:
     """Inference: decode, predict through the gateway, encode."""
 
     @router.post("/v2/models/{model}/infer")
     @router.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(model: str, request: Request, version: str | None = None) -> Response:
         """Run the model on V2 tensors; JSON or binary tensor data both ways."""
+        auth.authorize(request, model, version)
         started = time.perf_counter()
         given_id = request.headers.get(REQUEST_ID_HEADER)
         request_id = given_id or new_id()
