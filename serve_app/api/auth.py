@@ -18,7 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.auth.keys import bearer_token
 from serve_app.auth.ledger import TenantLedger, outcome_of, summarise_tenants
-from serve_app.auth.tenants import ANONYMOUS, Principal, Tenants
+from serve_app.auth.tenants import ADMIN, ANONYMOUS, Principal, Tenants
+from serve_app.errors import Unauthorized
 from serve_app.observability.metrics import TenantMetrics
 from serve_app.observability.stats import TenantStats
 
@@ -74,6 +75,15 @@ class Authorizer:
         principal = self.tenants.authenticate(bearer_token(request.headers.get("authorization")))
         request.scope[SCOPE_KEY] = principal.name
         return principal
+
+    def require_admin(self, request: Request) -> None:
+        """With tenants, fleet-wide views (stats, routing) are the admin's.
+
+        Raises:
+            Unauthorized: the request does not carry the admin key (401).
+        """
+        if self.tenants is not None and self.caller(request).name != ADMIN:
+            raise Unauthorized("with tenants configured, this view needs the admin key")
 
     def stats(self, window_s: float) -> list[TenantStats]:
         """Per-tenant rows over `window_s`, across ingress replicas (blocking: a GCS read)."""

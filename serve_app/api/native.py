@@ -211,8 +211,7 @@ def _add_ops_routes(
         """Per model: requests, errors, hit rate, cold starts, p50/p95/p99 (all and warm)
         and load-wait p50, over the last `window_s` seconds, across ingress replicas; with
         tenants, one row per tenant too (and the admin key is needed)."""
-        if auth.enabled:
-            guard.check(request)
+        auth.require_admin(request)
         if window_s is not None and not 0 < window_s <= 86400:
             raise BadRequest("window_s must be between 0 and 86400 seconds")
         report = await asyncio.to_thread(gateway.stats, window_s or stats_window_s)
@@ -227,8 +226,7 @@ def _add_ops_routes(
         refused routing config with the reason, and per-arm request counters (merged
         across ingress replicas: reading the peers' is a GCS call, off the event loop).
         The refused config itself (it may hold anything) is shown to admins only."""
-        if auth.enabled:
-            guard.check(request)
+        auth.require_admin(request)
         report = await asyncio.to_thread(gateway.routing_report)
         if report.get("rejected") and not guard.allows(request):
             report["rejected"] = {**report["rejected"], "config": None}

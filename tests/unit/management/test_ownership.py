@@ -115,11 +115,14 @@ async def test_api_unpin_and_unload_never_remove_a_config_pin(
         assert unpinned.status_code == 200, unpinned.text
         by_replica = {r["replica"]: r for r in unpinned.json()["replicas"]}
         assert by_replica["r1"]["code"] == "pinned_by_config"
-        assert by_replica["r2"]["ok"] and not by_replica["r2"]["pinned"]
-        assert r1.cache.is_pinned("m-b@1") and not r2.cache.is_pinned("m-b@1")
+        assert by_replica["r2"]["ok"]
+        assert not by_replica["r2"]["pinned"]
+        assert r1.cache.is_pinned("m-b@1")
+        assert not r2.cache.is_pinned("m-b@1")
         unloaded = await c.post("/v1/models/m-b/unload", headers=ADMIN)
         assert unloaded.status_code == 200, unloaded.text
-        assert r1.cache.is_pinned("m-b@1") and "m-b@1" in r1.cache
+        assert r1.cache.is_pinned("m-b@1")
+        assert "m-b@1" in r1.cache
         assert "m-b@1" not in r2.cache
         alone = await c.post("/v1/models/m-b/unload", headers=ADMIN, params={"version": "1"})
         assert alone.status_code == 200  # r2 unloaded it (nothing there), r1 refused
