@@ -52,7 +52,7 @@ def _needs_extra(func):  # type: ignore[no-untyped-def]
 def cmd_up(args: argparse.Namespace) -> int:
     from devstack import stack
 
-    stack.up(Path(args.config), Path(args.state_dir), args.count, args.prometheus)
+    stack.up(Path(args.config), Path(args.state_dir), args.count, args.prometheus, args.tenants)
     return 0
 
 
@@ -108,6 +108,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start the local stack and serve the demo fleet")
     up.add_argument("--count", type=int, default=50, help="fraud models in the demo fleet")
     up.add_argument("--prometheus", action="store_true", help="also start Prometheus")
+    up.add_argument(
+        "--tenants",
+        action="store_true",
+        help="deploy with two demo tenants (keys generated into .state/ and printed)",
+    )
     up.set_defaults(func=_needs_extra(cmd_up))
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=cmd_down)
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from devstack import ray_env
+from devstack import credentials, ray_env
 from devstack.ports import HOST, port_is_open
 from devstack.prometheus import (
     PrometheusError,
@@ -60,8 +60,7 @@ PROMETHEUS_PORT = 9090
 SAMPLE_MODEL = "minilm-embed"
 SAMPLE_INPUTS: list[str] = ["hello world"]
 
-S3_READY_TIMEOUT_S = 60.0
-PROMETHEUS_READY_TIMEOUT_S = 60.0
+S3_READY_TIMEOUT_S = PROMETHEUS_READY_TIMEOUT_S = 60.0
 
 
 def _project_root() -> Path:
@@ -139,7 +138,8 @@ def _ensure_s3(state_dir: Path, state: dict[str, Any]) -> SeaweedServer:
 
 
 def _ensure_ray(state_dir: Path, state: dict[str, Any], aws_env: Mapping[str, str]) -> RayHead:
-    """Find our recorded Ray head running, or start one with the S3 variables in its env."""
+    """Find our recorded Ray head running, or start one with the S3 variables and the
+    admin key (FLEET_ADMIN_KEY) in its env."""
     recorded = state.get("ray") or {}
     if recorded.get("pid"):
         head = RayHead.from_state(recorded)
@@ -150,9 +150,15 @@ def _ensure_ray(state_dir: Path, state: dict[str, Any], aws_env: Mapping[str, st
                     "warning: the running Ray head was started for another S3 endpoint; "
                     "run `fleetserve down` then `fleetserve up` to restart it"
                 )
+            if not recorded.get("admin_key"):
+                say(
+                    "warning: the running Ray head predates the admin key; management "
+                    "answers 403 until `fleetserve down` and `fleetserve up`"
+                )
             say(f"Ray head already running (dashboard {head.dashboard_url})")
             return head
     env = _with_aws_env(os.environ, aws_env)
+    env["FLEET_ADMIN_KEY"] = credentials.ensure_admin_key(state_dir)
     # Workers import serve_app/deployments: make the checkout importable even when the
     # package is not installed into the environment.
     env["PYTHONPATH"] = os.pathsep.join(
@@ -166,6 +172,7 @@ def _ensure_ray(state_dir: Path, state: dict[str, Any], aws_env: Mapping[str, st
         **head.state(),
         "started_by_us": True,
         "s3_endpoint_url": aws_env.get("AWS_ENDPOINT_URL"),
+        "admin_key": True,  # NOTE: only whether it has one; the key is in <state_dir>/admin_key
     }
     save_state(state_dir, state)
     try:
@@ -263,11 +270,13 @@ def _shorten(value: Any, max_items: int = 4, max_str: int = 80) -> Any:
     return value
 
 
-def _sample_request(serve_url: str) -> str:
-    """POST one predict call to the demo model; the shortened answer (or the error)."""
+def _sample_request(serve_url: str, key: str | None = None) -> str:
+    """POST one predict call to the demo model (with a tenant's `key`); the shortened
+    answer (or the error)."""
     url = f"{serve_url}/v1/models/{SAMPLE_MODEL}/predict"
+    headers = {"Authorization": f"Bearer {key}"} if key else None
     try:
-        resp = httpx.post(url, json={"inputs": SAMPLE_INPUTS}, timeout=120.0)
+        resp = httpx.post(url, json={"inputs": SAMPLE_INPUTS}, headers=headers, timeout=120.0)
     except httpx.HTTPError as exc:
         return f"(request failed: {type(exc).__name__})"
     try:
@@ -292,6 +301,7 @@ def _print_summary(
         f"  OpenAPI docs   {serve_url}/docs",
         f"  Ray dashboard  {DASHBOARD_URL}   (token: `ray get-auth-token`)",
         f"  S3 endpoint    {s3.endpoint_url}   (keys in {state_path(state_dir)})",
+        f"  Admin key      {state_dir / credentials.ADMIN_KEY_FILE}   (the CLI sends it)",
     ]
     if prometheus_url:
         lines.append(f"  Prometheus     {prometheus_url}   (queries: ops/prometheus/queries.md)")
@@ -307,7 +317,9 @@ def _print_summary(
     print("\n".join(lines), flush=True)
 
 
-def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) -> None:
+def up(
+    config_path: Path, state_dir: Path, demo_count: int, prometheus: bool, tenants: bool = False
+) -> None:
     """Bring up the local stack (idempotent): S3, Ray head, demo fleet, Serve app `fleet`.
 
     Args:
@@ -316,6 +328,7 @@ def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) ->
         demo_count: How many demo models to make sure are published (0: none).
         prometheus: Also start (or find running) Prometheus on 127.0.0.1:9090, scraping the
             Ray head's metrics endpoint (127.0.0.1:8080) with the fleet alert rules.
+        tenants: Deploy with two demo tenants (keys generated into `state_dir`, printed).
 
     Raises:
         StackError: a step failed; the message says which and what to do.
@@ -355,20 +368,27 @@ def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) ->
     _publish_demo(config_path, demo_count)
 
     serve_url = serve_http_url(config_path)
-    say(f"deploying {config_path.name} (serve deploy -a {DASHBOARD_URL})")
-    serve_deploy(config_path)
+    keys = credentials.ensure_demo_tenants(state_dir) if tenants else {}
+    deployed = (
+        credentials.write_tenant_config(config_path, state_dir, keys) if tenants else config_path
+    )
+    say(f"deploying {deployed.name} (serve deploy -a {DASHBOARD_URL})")
+    serve_deploy(deployed)
     state["serve"] = {"config_path": str(config_path), "url": serve_url, "app": APP_NAME}
     save_state(state_dir, state)
     waited = wait_app_running(serve_url)
     say(f"app {APP_NAME!r} serving after {waited:.1f}s")
 
+    sample_key = keys.get("text-team")
     _print_summary(
         serve_url,
         s3,
         state_dir,
-        _sample_request(serve_url),
+        _sample_request(serve_url, sample_key),
         prom.endpoint_url if prom is not None else None,
     )
+    if keys:
+        print("\n".join(credentials.tenant_summary(serve_url, keys, state_dir)), flush=True)
 
 
 def down(state_dir: Path) -> None:

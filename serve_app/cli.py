@@ -11,6 +11,10 @@ fleetserve demo-fleet --count N      publish the demo fleet
 fleetserve models                    published models and where they are resident
 fleetserve predict MODEL_ID JSON     call a model, e.g. '["some text"]'
 fleetserve load MODEL_ID [--replicas N] | unload MODEL_ID | pin MODEL_ID [--remove]
+fleetserve hash-key < KEY_FILE       the `sha256:...` hash of a key, for auth.tenants config
+
+Calls to the fleet send the admin key: --admin-key, else $FLEET_ADMIN_KEY, else the file
+$FLEET_ADMIN_KEY_FILE, else `<--state-dir>/admin_key` (where `fleetserve up` writes it).
 fleetserve bench [NAMES...] [--runs N]  run benchmarks (bench/<name>.py) from a repo checkout
 """
 
@@ -71,8 +75,37 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+ADMIN_KEY_FILE = "admin_key"
+
+
+def admin_key(given: str | None, state_dir: str = ".state") -> str | None:
+    """The admin key: `given`, else $FLEET_ADMIN_KEY, else the file $FLEET_ADMIN_KEY_FILE,
+    else `<state_dir>/admin_key` (what `fleetserve up` writes)."""
+    if given:
+        return given
+    if os.environ.get("FLEET_ADMIN_KEY"):
+        return os.environ["FLEET_ADMIN_KEY"]
+    path = Path(os.environ.get("FLEET_ADMIN_KEY_FILE") or Path(state_dir) / ADMIN_KEY_FILE)
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _client(args: argparse.Namespace) -> FleetClient:
-    return FleetClient(args.url, admin_key=args.admin_key)
+    return FleetClient(args.url, admin_key=admin_key(args.admin_key, args.state_dir))
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from serve_app.auth.keys import check_length, hash_key
+
+    try:
+        key = check_length(sys.stdin.read(), "stdin")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(hash_key(key))
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -118,19 +151,19 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    result = FleetClient(args.url).predict(args.model_id, json.loads(args.inputs), args.version)
+    result = _client(args).predict(args.model_id, json.loads(args.inputs), args.version)
     print(json.dumps(result))
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    report = FleetClient(args.url).stats(args.window)
+    report = _client(args).stats(args.window)
     print(json.dumps(report, indent=2) if args.json else format_stats(report))
     return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    client = FleetClient(args.url)
+    client = _client(args)
     shown = 0
     while args.iterations is None or shown < args.iterations:
         report = client.stats(args.window)
@@ -169,9 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument(
         "--admin-key",
-        default=os.environ.get("FLEET_ADMIN_KEY"),
-        help="admin key for management calls (default: $FLEET_ADMIN_KEY)",
+        default=None,
+        help="admin key (default: $FLEET_ADMIN_KEY, $FLEET_ADMIN_KEY_FILE, .state/admin_key)",
     )
+    sub.add_parser(
+        "hash-key", help="print the sha256 hash of the key on stdin (for auth.tenants)"
+    ).set_defaults(func=cmd_hash_key)
     sub.add_parser("models", help="published models and where they are resident").set_defaults(
         func=cmd_models
     )
