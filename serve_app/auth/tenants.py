@@ -176,11 +176,13 @@ class ResidencyView:
         """Refresh in a daemon thread until `stop()`."""
 
         def run() -> None:
-            while not self._stop.wait(self._interval_s):
+            while True:
                 try:
                     self.refresh()
                 except Exception:  # NOTE: the view must outlive a bad read; logged
                     logger.exception("residency view refresh failed")
+                if self._stop.wait(self._interval_s):
+                    return
 
         self._thread = threading.Thread(target=run, name="fleet-residency", daemon=True)
         self._thread.start()

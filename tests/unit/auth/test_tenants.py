@@ -196,3 +196,26 @@ def test_config_refuses_plain_keys_reserved_names_and_duplicates() -> None:
         AuthConfig.model_validate({"tenants": [{**base, "name": "admin"}]})
     with pytest.raises(ValidationError, match="unique"):
         AuthConfig.model_validate({"tenants": [base, base]})
+
+
+def test_residency_view_reads_resident_and_loading_keys_at_once() -> None:
+    import threading
+
+    from serve_app.auth.tenants import ResidencyView
+
+    reads = threading.Event()
+    hosts = [{"models": [{"key": "a@1"}], "loading": ["b@1"]}, {"models": [{"key": "c@2"}]}]
+
+    def source() -> list[dict[str, Any]]:
+        reads.set()
+        return hosts
+
+    view = ResidencyView(source, interval_s=60)
+    view.start()
+    try:
+        assert reads.wait(5)  # the first read does not wait for the interval
+        from tests.support import wait_for
+
+        wait_for(lambda: view.keys() == {"a@1", "b@1", "c@2"}, 5, "the first refresh")
+    finally:
+        view.stop()
