@@ -265,13 +265,14 @@ class Tenants:
 
     def for_handle(self, tenant: str | None, name: str, version: str | None = None) -> None:
         """A handle caller (inside Ray's trust boundary) names its tenant, or none (then
-        nothing is checked): the same scope, rate and cold-load rules as over HTTP.
+        nothing is checked, as with no tenants configured): the same scope, rate and
+        cold-load rules as over HTTP.
 
         Raises:
             OutOfScope: no such tenant, or `name` is outside its scope.
             RateLimited: over its rate.
         """
-        if tenant is None:
+        if tenant is None or not self.enabled:
             return
         principal = self.by_name.get(tenant)
         if principal is None:
