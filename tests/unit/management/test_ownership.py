@@ -158,3 +158,25 @@ async def test_refused_pin_keeps_an_earlier_api_pin_record(
         refused = await c.put("/v1/models/m-b/pin", headers=ADMIN)
         assert refused.status_code == 507, refused.text
     assert [r.key for r in pins.list()] == ["m-b@1"]
+
+
+async def test_routing_report_hides_a_refused_config_from_non_admins(
+    registry: Registry, control: LocalHostControl
+) -> None:
+    pins = PinStore(MemoryKeyValue(), "fleet")
+    gateway = Gateway(registry, control.hosts["r1"].predict, IngressConfig(max_batch_rows=100))
+    gateway.reject_routing({"aliases": {"x": "password=hunter2"}}, "aliases.x: not a dict")
+    app = create_app(
+        gateway,
+        64 * 1024,
+        manager=ModelManager(registry, control, pins),
+        management=ManagementConfig(admin_key=ADMIN_KEY),
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://fleet") as c:
+        anonymous = await c.get("/v1/routing")
+        assert anonymous.status_code == 200
+        assert "hunter2" not in anonymous.text
+        assert anonymous.json()["rejected"]["error"] == "aliases.x: not a dict"
+        admin = (await c.get("/v1/routing", headers=ADMIN)).json()
+        assert admin["rejected"]["config"] == {"aliases": {"x": "password=hunter2"}}
