@@ -321,7 +321,12 @@ def serve_stack(store: Any, host: dict[str, Any], mux_models_per_replica: int | 
             {
                 "store": store.config.model_dump(),
                 "host": {"accelerator": "cpu", **host},
-                "ingress": {"num_cpus": 0.25, "registry_refresh_s": 1.0},
+                "ingress": {
+                    "num_cpus": 0.25,
+                    "registry_refresh_s": 1.0,
+                    # NOTE: a throwaway loopback app; the bench reads /v1/replicas unkeyed.
+                    "management": {"allow_unauthenticated": True},
+                },
             }
         )
         serve.run(build_app(config), name="fleet", route_prefix="/", blocking=False)

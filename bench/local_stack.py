@@ -135,7 +135,12 @@ class LocalStack:
             {
                 "store": self.store_config.model_dump(),
                 "host": {"accelerator": "cpu", **host},
-                "ingress": {"registry_refresh_s": 1.0, **(ingress or {})},
+                # NOTE: a throwaway loopback app; benches read /v1/replicas unkeyed.
+                "ingress": {
+                    "registry_refresh_s": 1.0,
+                    "management": {"allow_unauthenticated": True},
+                    **(ingress or {}),
+                },
             }
         )
 

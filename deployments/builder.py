@@ -109,12 +109,13 @@ def build_app(args: AppConfig | dict) -> Application:
             options["autoscaling_config"] = dict(pool.autoscaling)  # Serve validates it
         else:
             options["num_replicas"] = pool.num_replicas
+        # NOTE: management switched off also stops hosts applying its stored pins.
         pools[pool.name] = ModelHostDeployment.options(**options).bind(
-            pool, config.store, pool_names
+            pool, config.store, pool_names, store_pins=config.ingress.management.enabled
         )
     return Ingress.options(
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
         user_config=routing,
-    ).bind(pools, config.pool_configs(), config.ingress, config.store)
+    ).bind(pools, config.pool_configs(), config.ingress, config.store, config.auth)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -32,8 +33,12 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.replica_directory import ReplicaPublisher, read_replicas
 from serve_app.api.app import create_app
+from serve_app.api.auth import Authorizer
+from serve_app.auth.keys import hash_key
+from serve_app.auth.tenants import ResidencyView, Tenants
 from serve_app.config import (
     DEFAULT_POOL,
+    AuthConfig,
     BatchingConfig,
     IngressConfig,
     PoolConfig,
@@ -46,6 +51,7 @@ from serve_app.errors import (
     InvalidRouting,
     ReplicaUnavailable,
     StorageUnavailable,
+    status_of,
     unwrap,
 )
 from serve_app.gateway.gateway import Gateway
@@ -54,7 +60,12 @@ from serve_app.host.batching import BatchPolicy, MicroBatcher
 from serve_app.management.manager import ModelManager
 from serve_app.management.pins import PinStore
 from serve_app.observability.logs import configure_logging
-from serve_app.observability.metrics import ArmMetrics, IngressMetrics, ModelLabels
+from serve_app.observability.metrics import (
+    ArmMetrics,
+    IngressMetrics,
+    ModelLabels,
+    TenantMetrics,
+)
 from serve_app.observability.stats import StatsRecorder
 from serve_app.schemas import (
     BatchResult,
@@ -136,6 +147,7 @@ class Ingress:
         pool_configs: list[PoolConfig],
         config: IngressConfig,
         store_config: StoreConfig,
+        auth: AuthConfig | None = None,
     ) -> None:
         configure_logging()
         # NOTE: concurrent requests for one model travel to the host pool together, one
@@ -158,9 +170,20 @@ class Ingress:
         state = StoreKeyValue.of(self.registry.store)
         self._accepted_routing = AcceptedRouting(state, self._app)
         self.recorder = StatsRecorder()
+        self._residency = ResidencyView(lambda: read_replicas(self._app, "hosts"))
+        admin_key = config.management.resolved_admin_key()
+        self.tenants = Tenants(
+            auth or AuthConfig(),
+            None if admin_key is None else hash_key(admin_key),
+            self.registry,
+            is_alias=lambda name: name in self.gateway.routing.config.aliases,
+            resident=self._residency.keys,
+        )
+        if self.tenants.enabled and self.tenants.caps_cold_loads:
+            self._residency.start()
         self.gateway = Gateway(
             self.registry,
-            self._dispatch,
+            self.tenants.gate(self._dispatch, key_of=lambda call: call.manifest.key),
             config,
             recorder=self.recorder,
             metrics=IngressMetrics(ModelLabels(config.max_model_labels)),
@@ -171,9 +194,18 @@ class Ingress:
         )
         # NOTE: with one ingress replica there is nobody to share stats with; publishing
         # would only cost GIL time on the request path.
+        self.auth = Authorizer(
+            self.tenants,
+            metrics=TenantMetrics() if self.tenants.enabled else None,
+            peers=lambda: read_replicas(self._app, "ingress", exclude=self._replica),
+        )
         self._stats_publisher = (
             ReplicaPublisher(
-                self._app, "ingress", self._replica, source=self.gateway.published, interval_s=2.0
+                self._app,
+                "ingress",
+                self._replica,
+                source=lambda: {**self.gateway.published(), "tenants": self.auth.ledger.snapshot()},
+                interval_s=2.0,
             )
             if config.num_replicas > 1
             else None
@@ -298,6 +330,7 @@ class Ingress:
             self._config.stats_window_s,
             manager=self.manager,
             management=self._config.management,
+            auth=self.auth,
         )
 
     async def predict(
@@ -306,17 +339,52 @@ class Ingress:
         inputs: list[Any],
         version: str | None = None,
         sticky_key: str | None = None,
+        tenant: str | None = None,
     ) -> dict[str, Any]:
         """Handle API: predict `inputs` with `model_id` (id, `id@version` or alias; a
-        `sticky_key` keeps a caller on one alias arm); returns the response as a dict."""
-        result = await self.gateway.predict(model_id, inputs, version, sticky_key=sticky_key)
-        return result.model_dump()
+        `sticky_key` keeps a caller on one alias arm); returns the response as a dict.
+
+        Handle callers are inside Ray's trust boundary (they hold the cluster token): no
+        key is asked. A `tenant` name applies that tenant's scope, rate and cold-load cap
+        and accounts the call to it."""
+        return await self._as_tenant(
+            tenant,
+            model_id,
+            version,
+            self.gateway.predict(model_id, inputs, version, sticky_key=sticky_key),
+        )
 
     async def predict_table(
-        self, model_id: str, table: pa.Table, version: str | None = None
+        self,
+        model_id: str,
+        table: pa.Table,
+        version: str | None = None,
+        tenant: str | None = None,
     ) -> pa.Table:
-        """Handle API: score every row of a pyarrow table; returns it with outputs added."""
-        return await self.gateway.predict_table(model_id, table, version)
+        """Handle API: score every row of a pyarrow table; returns it with outputs added
+        (`tenant` as in `predict`)."""
+        return await self._as_tenant(
+            tenant, model_id, version, self.gateway.predict_table(model_id, table, version)
+        )
+
+    async def _as_tenant(
+        self, tenant: str | None, model_id: str, version: str | None, work: Any
+    ) -> Any:
+        started = time.perf_counter()
+        status = 500
+        try:
+            self.tenants.for_handle(tenant, model_id, version)
+            result = await work
+            status = 200
+        except BaseException as exc:
+            work.close()  # NOTE: never awaited when the check refused the call
+            status = status_of(exc)
+            raise
+        finally:
+            if tenant is not None and self.tenants.enabled:
+                name = tenant if tenant in self.tenants.by_name else "anonymous"
+                self.auth.account(name, status, (time.perf_counter() - started) * 1000)
+        return result.model_dump() if isinstance(result, PredictResponse) else result
 
     def models(self) -> list[dict[str, Any]]:
         """Handle API: the registry listing."""
@@ -331,6 +399,7 @@ class Ingress:
         return self.gateway.routing_report()
 
     def __del__(self) -> None:
+        self._residency.stop()
         self.registry.stop()
         if self._stats_publisher is not None:
             self._stats_publisher.close()

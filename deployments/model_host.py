@@ -63,9 +63,14 @@ class ModelHostDeployment:
     """Holds models in a byte-budgeted cache and tells the router which ones it holds."""
 
     async def __init__(
-        self, config: PoolConfig, store_config: StoreConfig, pools: list[str] | None = None
+        self,
+        config: PoolConfig,
+        store_config: StoreConfig,
+        pools: list[str] | None = None,
+        store_pins: bool = True,
     ) -> None:
-        """`pools`: every pool of the app in declared order (pins are placed among them)."""
+        """`pools`: every pool of the app in declared order (pins are placed among them).
+        `store_pins`: apply the management API's stored pins (off with management off)."""
         configure_logging()
         context = serve.get_replica_context()
         self._app = context.app_name
@@ -104,7 +109,11 @@ class ModelHostDeployment:
         self._readvertise_at: float | None = time.monotonic() + PIN_POLL_S
         self._pin_poller = asyncio.get_running_loop().create_task(self._poll_pins())
         self._pins = PinStore(state, context.app_name)
-        self._pin_sync = asyncio.get_running_loop().create_task(self._sync_pins_forever())
+        self._pin_sync = (
+            asyncio.get_running_loop().create_task(self._sync_pins_forever())
+            if store_pins
+            else None
+        )
 
     async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Serve `user_config`: the routing, whose pins in this pool are made resident here
@@ -247,6 +256,8 @@ class ModelHostDeployment:
 
     async def __del__(self) -> None:
         for task in (self._pin_poller, self._pin_sync):
+            if task is None:
+                continue
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

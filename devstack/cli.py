@@ -54,7 +54,14 @@ def _needs_extra(func):  # type: ignore[no-untyped-def]
 def cmd_up(args: argparse.Namespace) -> int:
     from devstack import stack
 
-    stack.up(Path(args.config), Path(args.state_dir), args.count, args.prometheus, args.vision)
+    stack.up(
+        Path(args.config),
+        Path(args.state_dir),
+        args.count,
+        args.prometheus,
+        vision=args.vision,
+        tenants=args.tenants,
+    )
     return 0
 
 
@@ -115,6 +122,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--vision", type=int, default=VISION_COUNT, help="image classifiers in the demo fleet"
     )
     up.add_argument("--prometheus", action="store_true", help="also start Prometheus")
+    up.add_argument(
+        "--tenants",
+        action="store_true",
+        help="deploy with two demo tenants (keys generated into .state/ and printed)",
+    )
     up.set_defaults(func=_needs_extra(cmd_up))
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=cmd_down)
 

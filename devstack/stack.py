@@ -20,16 +20,13 @@ which order, and what `down` stops.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
-
-from devstack import ray_env
+from devstack import credentials, ray_env
 from devstack.ports import HOST, port_is_open
 from devstack.prometheus import (
     PrometheusError,
@@ -52,17 +49,15 @@ from devstack.serve_cli import (
     serve_shutdown,
     wait_app_running,
 )
-from devstack.state import StackError, load_state, save_state, say, state_path
+from devstack.state import StackError, load_state, save_state, say
+from devstack.summary import print_summary, sample_request
 from devstack.vision_models import VISION_COUNT
 from serve_app.errors import FleetError
 
 S3_PORT = 8333
 PROMETHEUS_PORT = 9090
-SAMPLE_MODEL = "minilm-embed"
-SAMPLE_INPUTS: list[str] = ["hello world"]
 
-S3_READY_TIMEOUT_S = 60.0
-PROMETHEUS_READY_TIMEOUT_S = 60.0
+S3_READY_TIMEOUT_S = PROMETHEUS_READY_TIMEOUT_S = 60.0
 
 
 def _project_root() -> Path:
@@ -140,7 +135,8 @@ def _ensure_s3(state_dir: Path, state: dict[str, Any]) -> SeaweedServer:
 
 
 def _ensure_ray(state_dir: Path, state: dict[str, Any], aws_env: Mapping[str, str]) -> RayHead:
-    """Find our recorded Ray head running, or start one with the S3 variables in its env."""
+    """Find our recorded Ray head running, or start one with the S3 variables and the
+    admin key (FLEET_ADMIN_KEY) in its env."""
     recorded = state.get("ray") or {}
     if recorded.get("pid"):
         head = RayHead.from_state(recorded)
@@ -151,9 +147,15 @@ def _ensure_ray(state_dir: Path, state: dict[str, Any], aws_env: Mapping[str, st
                     "warning: the running Ray head was started for another S3 endpoint; "
                     "run `fleetserve down` then `fleetserve up` to restart it"
                 )
+            if not recorded.get("admin_key"):
+                say(
+                    "warning: the running Ray head predates the admin key; management "
+                    "answers 403 until `fleetserve down` and `fleetserve up`"
+                )
             say(f"Ray head already running (dashboard {head.dashboard_url})")
             return head
     env = _with_aws_env(os.environ, aws_env)
+    env["FLEET_ADMIN_KEY"] = credentials.ensure_admin_key(state_dir)
     # Workers import serve_app/deployments: make the checkout importable even when the
     # package is not installed into the environment.
     env["PYTHONPATH"] = os.pathsep.join(
@@ -167,6 +169,7 @@ def _ensure_ray(state_dir: Path, state: dict[str, Any], aws_env: Mapping[str, st
         **head.state(),
         "started_by_us": True,
         "s3_endpoint_url": aws_env.get("AWS_ENDPOINT_URL"),
+        "admin_key": True,  # NOTE: only whether it has one; the key is in <state_dir>/admin_key
     }
     save_state(state_dir, state)
     try:
@@ -249,72 +252,13 @@ def _publish_demo(config_path: Path, demo_count: int, vision: int) -> None:
     say(f"demo fleet ready ({len(published)} model versions newly published)")
 
 
-def _shorten(value: Any, max_items: int = 4, max_str: int = 80) -> Any:
-    """A JSON value cut down for display: long lists and strings are elided."""
-    if isinstance(value, list):
-        head = [_shorten(v, max_items, max_str) for v in value[:max_items]]
-        if len(value) > max_items:
-            head.append(f"... {len(value) - max_items} more")
-        return head
-    if isinstance(value, dict):
-        return {k: _shorten(v, max_items, max_str) for k, v in value.items()}
-    if isinstance(value, float):
-        return round(value, 4)
-    if isinstance(value, str) and len(value) > max_str:
-        return value[:max_str] + "..."
-    return value
-
-
-def _sample_request(serve_url: str) -> str:
-    """POST one predict call to the demo model; the shortened answer (or the error)."""
-    url = f"{serve_url}/v1/models/{SAMPLE_MODEL}/predict"
-    try:
-        resp = httpx.post(url, json={"inputs": SAMPLE_INPUTS}, timeout=120.0)
-    except httpx.HTTPError as exc:
-        return f"(request failed: {type(exc).__name__})"
-    try:
-        body: Any = _shorten(resp.json())
-    except ValueError:
-        body = resp.text[:300]
-    return f"HTTP {resp.status_code} {json.dumps(body)}"
-
-
-def _print_summary(
-    serve_url: str,
-    s3: SeaweedServer,
-    state_dir: Path,
-    sample: str,
-    prometheus_url: str | None = None,
-) -> None:
-    body = json.dumps({"inputs": SAMPLE_INPUTS})
-    lines = [
-        "",
-        "fleetserve is up (everything on 127.0.0.1):",
-        f"  API            {serve_url}",
-        f"  OpenAPI docs   {serve_url}/docs",
-        f"  Ray dashboard  {DASHBOARD_URL}   (token: `ray get-auth-token`)",
-        f"  S3 endpoint    {s3.endpoint_url}   (keys in {state_path(state_dir)})",
-    ]
-    if prometheus_url:
-        lines.append(f"  Prometheus     {prometheus_url}   (queries: ops/prometheus/queries.md)")
-    lines += [
-        "",
-        "Try it:",
-        f"  curl -s -X POST {serve_url}/v1/models/{SAMPLE_MODEL}/predict \\",
-        f"       -H 'content-type: application/json' -d '{body}'",
-        f"  -> {sample}",
-        "",
-        "Stop everything with: fleetserve down",
-    ]
-    print("\n".join(lines), flush=True)
-
-
 def up(
     config_path: Path,
     state_dir: Path,
     demo_count: int,
     prometheus: bool,
     vision: int = VISION_COUNT,
+    tenants: bool = False,
 ) -> None:
     """Bring up the local stack (idempotent): S3, Ray head, demo fleet, Serve app `fleet`.
 
@@ -325,6 +269,7 @@ def up(
         prometheus: Also start (or find running) Prometheus on 127.0.0.1:9090, scraping the
             Ray head's metrics endpoint (127.0.0.1:8080) with the fleet alert rules.
         vision: How many demo image classifiers to publish with them.
+        tenants: Deploy with two demo tenants (keys generated into `state_dir`, printed).
 
     Raises:
         StackError: a step failed; the message says which and what to do.
@@ -364,20 +309,27 @@ def up(
     _publish_demo(config_path, demo_count, vision)
 
     serve_url = serve_http_url(config_path)
-    say(f"deploying {config_path.name} (serve deploy -a {DASHBOARD_URL})")
-    serve_deploy(config_path)
+    keys = credentials.ensure_demo_tenants(state_dir) if tenants else {}
+    deployed = (
+        credentials.write_tenant_config(config_path, state_dir, keys) if tenants else config_path
+    )
+    say(f"deploying {deployed.name} (serve deploy -a {DASHBOARD_URL})")
+    serve_deploy(deployed)
     state["serve"] = {"config_path": str(config_path), "url": serve_url, "app": APP_NAME}
     save_state(state_dir, state)
     waited = wait_app_running(serve_url)
     say(f"app {APP_NAME!r} serving after {waited:.1f}s")
 
-    _print_summary(
+    sample_key = keys.get("text-team")
+    print_summary(
         serve_url,
         s3,
         state_dir,
-        _sample_request(serve_url),
+        sample_request(serve_url, sample_key),
         prom.endpoint_url if prom is not None else None,
     )
+    if keys:
+        print("\n".join(credentials.tenant_summary(serve_url, keys, state_dir)), flush=True)
 
 
 def down(state_dir: Path) -> None:

@@ -14,7 +14,11 @@ fleetserve load MODEL_ID [--replicas N] | unload MODEL_ID | pin MODEL_ID [--remo
 fleetserve plan (--access-log FILE... | --zipf A) --replicas 1,2 --budget 1GiB,2GiB
                                      capacity plan: replay a trace through the real cache
 fleetserve kuberay [-o FILE] [--check] render ops/kuberay/rayservice.yaml from config.yaml
+fleetserve hash-key < KEY_FILE       the `sha256:...` hash of a key, for auth.tenants config
 fleetserve bench [NAMES...] [--runs N]  run benchmarks (bench/<name>.py) from a repo checkout
+
+Calls to the fleet send the admin key: --admin-key, else $FLEET_ADMIN_KEY, else the file
+$FLEET_ADMIN_KEY_FILE, else `<--state-dir>/admin_key` (where `fleetserve up` writes it).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from serve_app.api.client import (
     format_stats,
 )
 from serve_app.config import load_config
+from serve_app.deploy.command import add_kuberay_command
 from serve_app.errors import FleetError
+from serve_app.planning.command import add_plan_command
 from serve_app.storage.manifest import Task
 from serve_app.storage.store import ModelStore
 
@@ -77,8 +83,37 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+ADMIN_KEY_FILE = "admin_key"
+
+
+def admin_key(given: str | None, state_dir: str = ".state") -> str | None:
+    """The admin key: `given`, else $FLEET_ADMIN_KEY, else the file $FLEET_ADMIN_KEY_FILE,
+    else `<state_dir>/admin_key` (what `fleetserve up` writes)."""
+    if given:
+        return given
+    if os.environ.get("FLEET_ADMIN_KEY"):
+        return os.environ["FLEET_ADMIN_KEY"]
+    path = Path(os.environ.get("FLEET_ADMIN_KEY_FILE") or Path(state_dir) / ADMIN_KEY_FILE)
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _client(args: argparse.Namespace) -> FleetClient:
-    return FleetClient(args.url, admin_key=args.admin_key)
+    return FleetClient(args.url, admin_key=admin_key(args.admin_key, args.state_dir))
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from serve_app.auth.keys import check_length, hash_key
+
+    try:
+        key = check_length(sys.stdin.read(), "stdin")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(hash_key(key))
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -124,19 +159,19 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    result = FleetClient(args.url).predict(args.model_id, json.loads(args.inputs), args.version)
+    result = _client(args).predict(args.model_id, json.loads(args.inputs), args.version)
     print(json.dumps(result))
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    report = FleetClient(args.url).stats(args.window)
+    report = _client(args).stats(args.window)
     print(json.dumps(report, indent=2) if args.json else format_stats(report))
     return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    client = FleetClient(args.url)
+    client = _client(args)
     shown = 0
     while args.iterations is None or shown < args.iterations:
         report = client.stats(args.window)
@@ -147,153 +182,6 @@ def cmd_top(args: argparse.Namespace) -> int:
         if args.iterations is None or shown < args.iterations:
             time.sleep(args.interval)
     return 0
-
-
-def _csv(kind):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> list:
-        return [kind(part) for part in text.split(",") if part.strip()]
-
-    return parse
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    import yaml
-
-    from serve_app.planning.capacity import format_plan, plan
-    from serve_app.planning.pools import format_pools, overall_hit_rate, replay_config, routing_of
-    from serve_app.planning.trace import (
-        LoadTimeModel,
-        latest_manifests,
-        read_access_log,
-        registry_models,
-        trace_from_access_log,
-        zipf_trace,
-    )
-    from serve_app.storage.registry import Registry
-
-    registry = Registry(store_from_args(args))
-    registry.refresh()
-    load_time = LoadTimeModel(args.load_fixed_s, args.load_mb_per_s * 1e6)
-    if args.access_log:
-        lines: list[str] = []
-        for path in args.access_log:
-            lines += Path(path).read_text(errors="replace").splitlines()
-        events = read_access_log(lines)
-        manifests = {key: registry.resolve(*key.split("@", 1)) for key in {e.key for e in events}}
-        sizes = {key: m.weight_bytes for key, m in manifests.items()}
-        trace = trace_from_access_log(events, sizes, load_time)
-    else:
-        latest = latest_manifests(registry)
-        manifests = {m.key: m for m in latest}
-        trace = zipf_trace(
-            registry_models(latest, load_time), args.zipf, args.requests, args.seed, args.rate
-        )
-    if args.pools_from_config:
-        serve_config = yaml.safe_load(Path(args.config).read_text())
-        budget = args.budget[0] if args.budget else None
-        plans = replay_config(
-            trace, load_config(args.config), routing_of(serve_config), manifests, budget
-        )
-        if args.json:
-            report = {
-                "hit_rate": round(overall_hit_rate(plans), 4),
-                "pools": [{"pool": p.pool, **p.result.as_dict()} for p in plans],
-            }
-            print(json.dumps(report, indent=2))
-        else:
-            print(format_pools(plans))
-        return 0
-    report = plan(
-        trace,
-        args.replicas,
-        args.budget or [2**30],
-        args.target_hit_rate,
-        args.policy,
-        args.endpoint_bytes,
-    )
-    print(json.dumps(report.as_dict(), indent=2) if args.json else format_plan(report))
-    return 0
-
-
-def cmd_kuberay(args: argparse.Namespace) -> int:
-    from serve_app.deploy.kuberay import KubeRayOptions, render_manifest
-
-    options = KubeRayOptions(
-        image=args.image, name=args.name, gcs_redis_address=args.gcs_redis_address
-    )
-    text = render_manifest(Path(args.config), options)
-    if args.check:
-        current = Path(args.output).read_text() if Path(args.output).exists() else ""
-        if current != text:
-            print(f"{args.output} is out of date: run `fleetserve kuberay`", file=sys.stderr)
-            return 1
-        return 0
-    if args.output == "-":
-        sys.stdout.write(text)
-    else:
-        Path(args.output).write_text(text)
-        print(f"wrote {args.output}", file=sys.stderr)
-    return 0
-
-
-def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
-    from serve_app.config import parse_bytes
-
-    planner = sub.add_parser(
-        "plan", help="capacity plan: replay a trace through the real cache and router code"
-    )
-    source = planner.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--access-log", nargs="+", help="ingress log file(s) with serve_app.access JSON lines"
-    )
-    source.add_argument("--zipf", type=float, help="synthetic Zipf exponent over the registry")
-    planner.add_argument("--requests", type=int, default=10_000, help="Zipf trace length")
-    planner.add_argument("--rate", type=float, default=10.0, help="Zipf requests per second")
-    planner.add_argument("--seed", type=int, default=0, help="Zipf seed")
-    planner.add_argument("--replicas", type=_csv(int), default=[2], help="e.g. 1,2,4")
-    planner.add_argument(
-        "--budget",
-        type=_csv(parse_bytes),
-        default=None,
-        help="per replica, e.g. 1GiB,2GiB (default 1GiB; with --pools-from-config: for "
-        "pools without memory_budget)",
-    )
-    planner.add_argument(
-        "--pools-from-config",
-        action="store_true",
-        help="replay on the pools, replicas, budgets and pool rules of --config instead",
-    )
-    planner.add_argument("--target-hit-rate", type=float, default=None, help="e.g. 0.9")
-    planner.add_argument("--policy", choices=["lru", "gdsf"], default="lru")
-    planner.add_argument(
-        "--endpoint-bytes",
-        type=parse_bytes,
-        default=None,
-        help="memory of one dedicated endpoint (default: the replica budget)",
-    )
-    planner.add_argument(
-        "--load-fixed-s", type=float, default=0.15, help="load time of unlogged models: fixed"
-    )
-    planner.add_argument(
-        "--load-mb-per-s", type=float, default=200.0, help="... plus bytes at this rate"
-    )
-    planner.add_argument("--json", action="store_true", help="print the plan as JSON")
-    planner.set_defaults(func=cmd_plan)
-
-    kuberay = sub.add_parser("kuberay", help="render the KubeRay RayService from config.yaml")
-    kuberay.add_argument("-o", "--output", default="ops/kuberay/rayservice.yaml")
-    kuberay.add_argument("--image", default=None, help="container image of every Ray pod")
-    kuberay.add_argument("--name", default=None, help="RayService name")
-    kuberay.add_argument(
-        "--gcs-redis-address",
-        default=None,
-        help="turn on GCS fault tolerance with this external Redis (password: Secret "
-        "fleet-redis, key `password`)",
-    )
-    kuberay.add_argument(
-        "--check", action="store_true", help="exit 1 if the output file differs (CI)"
-    )
-    kuberay.set_defaults(func=cmd_kuberay)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,9 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument(
         "--admin-key",
-        default=os.environ.get("FLEET_ADMIN_KEY"),
-        help="admin key for management calls (default: $FLEET_ADMIN_KEY)",
+        default=None,
+        help="admin key (default: $FLEET_ADMIN_KEY, $FLEET_ADMIN_KEY_FILE, .state/admin_key)",
     )
+    sub.add_parser(
+        "hash-key", help="print the sha256 hash of the key on stdin (for auth.tenants)"
+    ).set_defaults(func=cmd_hash_key)
     sub.add_parser("models", help="published models and where they are resident").set_defaults(
         func=cmd_models
     )
@@ -364,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("inputs", help="JSON list, e.g. '[\"hello\"]' or '[[0.1, 0.2, ...]]'")
     pred.add_argument("--version", default=None)
     pred.set_defaults(func=cmd_predict)
-    _add_plan_parser(sub)
+    add_plan_command(sub, store_from_args)
+    add_kuberay_command(sub)
 
     plugins = []
     for entry_point in entry_points(group=PLUGIN_GROUP):

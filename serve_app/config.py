@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from serve_app.auth.settings import MIN_KEY_LENGTH, AuthConfig
 from serve_app.cache.policy import PolicyName
 
 _UNITS = {
@@ -213,22 +214,48 @@ class HostConfig(_Strict):
 class ManagementConfig(_Strict):
     """The management endpoints (load/unload/pin, residency, /v1/replicas, V2 repository)."""
 
-    enabled: bool = Field(True, description="False turns every management endpoint off (403).")
+    enabled: bool = Field(
+        True,
+        description="False turns every management endpoint off (403), and hosts stop "
+        "applying the management API's stored pins.",
+    )
     admin_key: SecretStr | None = Field(
         None,
-        description="If set (or FLEET_ADMIN_KEY is), management calls need "
-        "`Authorization: Bearer <key>`.",
+        description="The admin key (default: FLEET_ADMIN_KEY of the ingress); management "
+        "calls need `Authorization: Bearer <key>`. At least 16 characters.",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Without an admin key, management answers 403 unless this is true "
+        "(then anyone who reaches the port may load, pin and unload).",
     )
 
     command_timeout_s: float = Field(
         120.0, gt=0, description="How long a load/pin/unload waits for one replica."
     )
 
+    @model_validator(mode="after")
+    def _key_long_enough(self) -> ManagementConfig:
+        key = self.admin_key
+        if key is not None and len(key.get_secret_value()) < MIN_KEY_LENGTH:
+            raise ValueError(
+                f"admin_key is shorter than {MIN_KEY_LENGTH} characters: use a random key, "
+                "e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        return self
+
     def resolved_admin_key(self) -> str | None:
-        """The admin key from config, else from FLEET_ADMIN_KEY; None means no key needed."""
+        """The admin key from config, else from FLEET_ADMIN_KEY; None means none is set.
+
+        Raises:
+            ValueError: FLEET_ADMIN_KEY is shorter than 16 characters.
+        """
         if self.admin_key is not None:
             return self.admin_key.get_secret_value()
-        return os.environ.get("FLEET_ADMIN_KEY") or None
+        key = os.environ.get("FLEET_ADMIN_KEY") or None
+        if key is not None and len(key) < MIN_KEY_LENGTH:
+            raise ValueError(f"FLEET_ADMIN_KEY is shorter than {MIN_KEY_LENGTH} characters")
+        return key
 
 
 class IngressConfig(_Strict):
@@ -365,6 +392,7 @@ class AppConfig(_Strict):
     pools: list[PoolConfig] | None = Field(None, min_length=1)
     ingress: IngressConfig = IngressConfig()
     routing: RoutingConfig = RoutingConfig()
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
     def _pools_fit(self) -> AppConfig:

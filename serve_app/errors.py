@@ -95,6 +95,42 @@ class ManagementDisabled(Forbidden):
     code = "management_disabled"
 
 
+class AdminKeyRequired(Forbidden):
+    """Management is locked: no admin key is configured and unauthenticated management
+    is not allowed (403)."""
+
+    code = "admin_key_required"
+
+
+class OutOfScope(Forbidden):
+    """The caller's key does not cover this model (403); the same for unknown models."""
+
+    code = "out_of_scope"
+
+
+class PinnedByConfig(FleetError):
+    """A management unpin/unload met a pin that the config's routing set (409): only a
+    config change removes it."""
+
+    status_code = 409
+    code = "pinned_by_config"
+    remember = False
+
+
+class RateLimited(FleetError):
+    """The tenant sent more requests than its rate allows (429, with Retry-After)."""
+
+    status_code = 429
+    code = "rate_limited"
+    remember = False
+
+
+class ColdLoadLimited(RateLimited):
+    """The tenant already has its maximum of cold loads in flight (429, Retry-After)."""
+
+    code = "cold_load_limit"
+
+
 class NotSupported(BadRequest):
     """A protocol feature fleetserve does not serve (400), e.g. Triton's model config."""
 

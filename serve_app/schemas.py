@@ -125,6 +125,7 @@ class HostReply(BaseModel):
     changed: bool = Field(description="Whether the command changed anything.")
     resident: bool
     pinned: bool
+    pinned_before: bool = Field(False, description="Whether it was pinned before the command.")
     bytes: int = 0
     in_flight: int = Field(0, description="Requests holding the model when the command ran.")
 

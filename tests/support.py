@@ -26,6 +26,9 @@ MB = 2**20
 BUDGET = 95 * 10**6  # per host replica: minilm-embed (~91 MB) fits, little else beside it
 FRAUD_COUNT = 40  # fraud models in the integration session's fleet
 CLASSIFIERS = tuple(s for s in TEXT_CLASSIFIERS if s.model_id != "text-clf-toxicity")
+# NOTE: management fails closed; the test apps configure this admin key and send it.
+ADMIN_KEY = "admin-key-of-the-test-suite"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def wait_for(
@@ -56,10 +59,14 @@ def wait_healthy(url: str, timeout_s: float, what: str) -> None:
 
 @dataclass
 class FleetApp:
-    """The running `fleet` app: its HTTP base URL and config."""
+    """The running `fleet` app: its HTTP base URL and config (with `ADMIN_KEY`)."""
 
     url: str
     config: AppConfig
+
+    def manage(self, method: str, path: str, **params: Any) -> httpx.Response:
+        """A management call with the admin key."""
+        return httpx.request(method, f"{self.url}{path}", params=params, headers=ADMIN, timeout=120)
 
     def predict(self, model_id: str, inputs: list[Any], **kwargs: Any) -> httpx.Response:
         return httpx.post(
@@ -69,7 +76,7 @@ class FleetApp:
         )
 
     def replicas(self) -> list[dict[str, Any]]:
-        return httpx.get(f"{self.url}/v1/replicas", timeout=30).json()
+        return httpx.get(f"{self.url}/v1/replicas", headers=ADMIN, timeout=30).json()
 
 
 def publish_fresh_models(

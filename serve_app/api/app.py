@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
+from serve_app.api.auth import Authorizer, TenantAccounting
 from serve_app.api.body import BodyReader, describe_validation
 from serve_app.api.management import ManagementGuard, management_router
 from serve_app.api.native import (
@@ -53,12 +54,15 @@ def create_app(
     stats_window_s: float = 300.0,
     manager: ModelManager | None = None,
     management: ManagementConfig | None = None,
+    auth: Authorizer | None = None,
 ) -> FastAPI:
     """Build the FastAPI app for `gateway`, with the single error mapping installed.
 
     Management routes exist when a `manager` is given (and `management` does not turn
-    them off); the V2 routes always do.
+    them off); the V2 routes always do. With tenants in `auth`, inference routes need a
+    key (see serve_app.api.auth) and every such request is accounted per tenant.
     """
+    auth = auth or Authorizer(None)
     app = FastAPI(
         title="fleetserve",
         version=__version__,
@@ -68,11 +72,13 @@ def create_app(
     guard = ManagementGuard(management or ManagementConfig(), available=manager is not None)
     # NOTE: order matters: the native router's POST /v1/models/{rest:path} catch-all would
     # shadow the management routes' POST /v1/models/{model_id}/load|unload if it came first.
-    app.include_router(v2_router(gateway, body, manager, guard))
+    app.include_router(v2_router(gateway, body, manager, guard, auth))
     if manager is not None:
         app.include_router(management_router(manager, guard))
-    app.include_router(native_router(gateway, body, stats_window_s, manager, guard))
+    app.include_router(native_router(gateway, body, stats_window_s, manager, guard, auth))
     _install_error_mapping(app)
+    if auth.enabled:
+        app.add_middleware(TenantAccounting, authorizer=auth)
     return app
 
 

@@ -9,21 +9,23 @@ Routes:
     DELETE /v1/models/{model_id}/pin        release the pin (?version=)
 `GET /v1/models/{model_id}` adds residency when the guard allows it (serve_app/api/native.py).
 
-`ingress.management.enabled: false` turns them all off (403 `management_disabled`); an
-admin key (`ingress.management.admin_key` or FLEET_ADMIN_KEY) makes them require
-`Authorization: Bearer <key>` (401 `unauthorized` otherwise).
+`ingress.management.enabled: false` turns them all off (403 `management_disabled`). They
+fail closed: they need `Authorization: Bearer <admin key>` (401 `unauthorized` otherwise),
+the key from `ingress.management.admin_key` or FLEET_ADMIN_KEY (at least 16 characters,
+else the deploy fails); with no admin key at all they answer 403 `admin_key_required`
+unless `ingress.management.allow_unauthenticated: true`.
 """
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
 from serve_app.api.params import ModelId, QueryVersion
+from serve_app.auth.keys import KeyRing, bearer_token, hash_key
 from serve_app.config import ManagementConfig
-from serve_app.errors import ManagementDisabled, Unauthorized
+from serve_app.errors import AdminKeyRequired, ManagementDisabled, Unauthorized
 from serve_app.management.manager import ModelManager
 from serve_app.schemas import ManagementResult
 
@@ -34,34 +36,44 @@ class ManagementGuard:
     """Decides whether a request may use the management endpoints."""
 
     def __init__(self, config: ManagementConfig, available: bool = True) -> None:
+        """Raises ValueError when FLEET_ADMIN_KEY is shorter than 16 characters."""
         self.enabled = config.enabled and available
-        self._key = config.resolved_admin_key()
+        self.open = config.allow_unauthenticated
+        key = config.resolved_admin_key()
+        self.key_hash = None if key is None else hash_key(key)
+        self._ring: KeyRing[bool] = KeyRing()
+        if self.key_hash is not None:
+            self._ring.add(self.key_hash, True)
 
     def check(self, request: Request) -> None:
         """Raise unless `request` may manage.
 
         Raises:
             ManagementDisabled: management is turned off (403).
-            Unauthorized: an admin key is configured and the request lacks it (401).
+            AdminKeyRequired: no admin key is configured and unauthenticated management
+                is not allowed (403).
+            Unauthorized: the request lacks the admin key (401).
         """
         if not self.enabled:
             raise ManagementDisabled(
                 "the management endpoints are turned off (ingress.management.enabled)"
             )
-        if self._key is None:
-            return
-        given = request.headers.get(ADMIN_KEY_HEADER, "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self._key.encode()
-        ):
+        if self.key_hash is None:
+            if self.open:
+                return
+            raise AdminKeyRequired(
+                "management needs an admin key: set FLEET_ADMIN_KEY (or "
+                "ingress.management.admin_key) for the ingress, or "
+                "ingress.management.allow_unauthenticated: true"
+            )
+        if self._ring.find(bearer_token(request.headers.get(ADMIN_KEY_HEADER))) is None:
             raise Unauthorized("management calls need 'Authorization: Bearer <admin key>'")
 
     def allows(self, request: Request) -> bool:
         """Whether `request` may see management data (no exception)."""
         try:
             self.check(request)
-        except (ManagementDisabled, Unauthorized):
+        except (ManagementDisabled, AdminKeyRequired, Unauthorized):
             return False
         return True
 

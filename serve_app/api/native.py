@@ -27,6 +27,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from serve_app.api.auth import Authorizer
 from serve_app.api.body import BodyReader
 from serve_app.api.management import ManagementGuard
 from serve_app.api.params import (
@@ -54,7 +55,8 @@ REQUEST_ID_HEADER = "X-Request-Id"
 ARM_HEADER = "X-Fleet-Arm"
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody} for status in (400, 404, 413, 422, 500, 502, 503, 507)
+    status: {"model": ErrorBody}
+    for status in (400, 401, 403, 404, 413, 422, 429, 500, 502, 503, 507)
 }
 
 
@@ -89,20 +91,25 @@ def native_router(
     stats_window_s: float,
     manager: ModelManager | None,
     guard: ManagementGuard,
+    auth: Authorizer | None = None,
 ) -> APIRouter:
     """The native routes (see module docstring), reading bodies with `body`.
 
     `GET /v1/models/{model_id}` adds residency when a `manager` is given and `guard`
-    allows the caller.
+    allows the caller. With tenants (`auth`), predict and per-model routes need a key in
+    scope, the listing shows the caller's models only, and stats need the admin key.
     """
+    auth = auth or Authorizer(None)
     router = APIRouter()
-    _add_predict_routes(router, gateway, body)
-    _add_model_routes(router, gateway, manager, guard)
-    _add_ops_routes(router, gateway, stats_window_s)
+    _add_predict_routes(router, gateway, body, auth)
+    _add_model_routes(router, gateway, manager, guard, auth)
+    _add_ops_routes(router, gateway, stats_window_s, guard, auth)
     return router
 
 
-def _add_predict_routes(router: APIRouter, gateway: Gateway, body: BodyReader) -> None:
+def _add_predict_routes(
+    router: APIRouter, gateway: Gateway, body: BodyReader, auth: Authorizer
+) -> None:
     """The three predict routes; the model id comes from the path or the header."""
     documented = predict_body(gateway.config.max_batch_rows)
 
@@ -114,6 +121,7 @@ def _add_predict_routes(router: APIRouter, gateway: Gateway, body: BodyReader) -
     )
     async def predict(model_id: ModelName, request: Request) -> JSONResponse:
         """Predict with the latest (or body `version`) version of `model_id`."""
+        auth.authorize(request, model_id)
         return await _predict(gateway, body, request, model_id, None)
 
     @router.post(
@@ -126,6 +134,7 @@ def _add_predict_routes(router: APIRouter, gateway: Gateway, body: BodyReader) -
         model_id: ModelId, version: PathVersion, request: Request
     ) -> JSONResponse:
         """Predict with a pinned version of `model_id`."""
+        auth.authorize(request, model_id, version)
         return await _predict(gateway, body, request, model_id, version)
 
     @router.post(
@@ -139,6 +148,7 @@ def _add_predict_routes(router: APIRouter, gateway: Gateway, body: BodyReader) -
         model_id: Annotated[str, model_header(MODEL_ID_HEADER)],
     ) -> JSONResponse:
         """Predict with the model named in the `serve_multiplexed_model_id` header."""
+        auth.authorize(request, model_id)
         return await _predict(gateway, body, request, model_id, None)
 
 
@@ -188,14 +198,26 @@ async def _predict(
 
 
 def _add_model_routes(
-    router: APIRouter, gateway: Gateway, manager: ModelManager | None, guard: ManagementGuard
+    router: APIRouter,
+    gateway: Gateway,
+    manager: ModelManager | None,
+    guard: ManagementGuard,
+    auth: Authorizer,
 ) -> None:
     """The registry listing, one model's manifest, and the invalid-path catch-all."""
 
     @router.get("/v1/models", response_model=ModelList)
-    async def list_models() -> ModelList:
-        """Every published model with its versions (from the in-memory registry)."""
-        return gateway.list_models()
+    async def list_models(request: Request) -> ModelList:
+        """Every published model with its versions (from the in-memory registry); with
+        tenants, only those the caller's key may call."""
+        listing = gateway.list_models()
+        if auth.tenants is None:
+            return listing
+        visible = set(
+            auth.tenants.visible(auth.caller(request), (m.model_id for m in listing.models))
+        )
+        models = [m for m in listing.models if m.model_id in visible]
+        return listing.model_copy(update={"models": models, "count": len(models)})
 
     @router.get("/v1/models/{model_id}", response_model=ModelDetail, responses=ERRORS)
     async def describe(
@@ -203,6 +225,7 @@ def _add_model_routes(
     ) -> ModelDetail:
         """The manifest of `model_id` (latest version unless `?version=` is given), and
         where it is resident (when management is on and the caller may see it)."""
+        auth.authorize(request, model_id, version)
         detail = gateway.describe(model_id, version)
         if manager is not None and guard.allows(request):
             detail = detail.model_copy(update={"residency": await manager.residency(model_id)})
@@ -217,25 +240,43 @@ def _add_model_routes(
         )
 
 
-def _add_ops_routes(router: APIRouter, gateway: Gateway, stats_window_s: float) -> None:
+def _add_ops_routes(
+    router: APIRouter,
+    gateway: Gateway,
+    stats_window_s: float,
+    guard: ManagementGuard,
+    auth: Authorizer,
+) -> None:
     """Statistics, the routing report and the health check."""
 
     @router.get("/v1/stats", response_model=StatsReport)
     async def stats(
+        request: Request,
         window_s: Annotated[float | None, Query(gt=0, le=86400, examples=[300])] = None,
     ) -> StatsReport:
         """Per model: requests, errors, hit rate, cold starts, p50/p95/p99 (all and warm)
-        and load-wait p50, over the last `window_s` seconds, across ingress replicas."""
+        and load-wait p50, over the last `window_s` seconds, across ingress replicas; with
+        tenants, one row per tenant too (and the admin key is needed)."""
+        auth.require_admin(request)
         if window_s is not None and not 0 < window_s <= 86400:
             raise BadRequest("window_s must be between 0 and 86400 seconds")
-        return await asyncio.to_thread(gateway.stats, window_s or stats_window_s)
+        report = await asyncio.to_thread(gateway.stats, window_s or stats_window_s)
+        if auth.enabled:
+            tenants = await asyncio.to_thread(auth.stats, window_s or stats_window_s)
+            report = report.model_copy(update={"tenants": tenants})
+        return report
 
     @router.get("/v1/routing")
-    async def routing() -> dict[str, Any]:
+    async def routing(request: Request) -> dict[str, Any]:
         """The active routing (aliases, default versions, pool rules, pins), the last
         refused routing config with the reason, and per-arm request counters (merged
-        across ingress replicas: reading the peers' is a GCS call, off the event loop)."""
-        return await asyncio.to_thread(gateway.routing_report)
+        across ingress replicas: reading the peers' is a GCS call, off the event loop).
+        The refused config itself (it may hold anything) is shown to admins only."""
+        auth.require_admin(request)
+        report = await asyncio.to_thread(gateway.routing_report)
+        if report.get("rejected") and not guard.allows(request):
+            report["rejected"] = {**report["rejected"], "config": None}
+        return report
 
     @router.get("/healthz")
     async def healthz() -> JSONResponse:

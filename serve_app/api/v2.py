@@ -28,6 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serve_app import __version__
+from serve_app.api.auth import Authorizer
 from serve_app.api.body import BodyReader, compress, decompress, off_loop
 from serve_app.api.management import ManagementGuard
 from serve_app.api.params import HeaderLength, ModelId, ModelName, PathVersion
@@ -68,12 +69,15 @@ def v2_router(
     body: BodyReader,
     manager: ModelManager | None,
     guard: ManagementGuard,
+    auth: Authorizer | None = None,
 ) -> APIRouter:
-    """The V2 routes (see module docstring), reading bodies with `body`."""
+    """The V2 routes (see module docstring), reading bodies with `body`; with tenants
+    (`auth`), per-model routes need a key whose scope covers the model."""
+    auth = auth or Authorizer(None)
     router = APIRouter(tags=["open inference protocol v2"])
     _add_server_routes(router, gateway.registry)
-    _add_model_routes(router, gateway)
-    _add_infer_route(router, gateway, body)
+    _add_model_routes(router, gateway, auth)
+    _add_infer_route(router, gateway, body, auth)
     _add_unsupported_routes(router)
     _add_repository_routes(router, body, manager, guard)
     return router
@@ -102,7 +106,7 @@ def _add_server_routes(router: APIRouter, registry: Registry) -> None:
         return {"ready": True}
 
 
-def _add_model_routes(router: APIRouter, gateway: Gateway) -> None:
+def _add_model_routes(router: APIRouter, gateway: Gateway, auth: Authorizer) -> None:
     """Model metadata and readiness (and the server-wide statistics, refused)."""
 
     @router.get("/v2/models/stats", responses=ERRORS)
@@ -110,36 +114,44 @@ def _add_model_routes(router: APIRouter, gateway: Gateway) -> None:
         """Triton's statistics extension is not served (400); see GET /v1/stats."""
         raise NotSupported("/v2/models/stats is not served; GET /v1/stats has per-model stats")
 
-    def metadata(model: str, version: str | None) -> dict[str, Any]:
+    def metadata(request: Request, model: str, version: str | None) -> dict[str, Any]:
+        auth.authorize(request, model, version)
         manifest = gateway.resolve(model, version).manifest
         return model_metadata(manifest, gateway.registry.versions(manifest.model_id))
 
-    def ready(model: str, version: str | None) -> dict[str, Any]:
+    def ready(request: Request, model: str, version: str | None) -> dict[str, Any]:
+        auth.authorize(request, model, version)
         manifest = gateway.resolve(model, version).manifest
         return {"name": manifest.model_id, "version": manifest.version, "ready": True}
 
     @router.get("/v2/models/{model}", responses=ERRORS)
-    async def model_metadata_default(model: ModelName) -> dict[str, Any]:
+    async def model_metadata_default(model: ModelName, request: Request) -> dict[str, Any]:
         """Inputs and outputs (name, datatype, shape; -1 = any) of the default version."""
-        return metadata(model, None)
+        return metadata(request, model, None)
 
     @router.get("/v2/models/{model}/versions/{version}", responses=ERRORS)
-    async def model_metadata_version(model: ModelId, version: PathVersion) -> dict[str, Any]:
+    async def model_metadata_version(
+        model: ModelId, version: PathVersion, request: Request
+    ) -> dict[str, Any]:
         """Inputs and outputs (name, datatype, shape; -1 = any) of a model version."""
-        return metadata(model, version)
+        return metadata(request, model, version)
 
     @router.get("/v2/models/{model}/ready", responses=ERRORS)
-    async def model_ready_default(model: ModelName) -> dict[str, Any]:
+    async def model_ready_default(model: ModelName, request: Request) -> dict[str, Any]:
         """200 when the default version is published: served, loading on first use."""
-        return ready(model, None)
+        return ready(request, model, None)
 
     @router.get("/v2/models/{model}/versions/{version}/ready", responses=ERRORS)
-    async def model_ready_version(model: ModelId, version: PathVersion) -> dict[str, Any]:
+    async def model_ready_version(
+        model: ModelId, version: PathVersion, request: Request
+    ) -> dict[str, Any]:
         """200 when the version is published: it is served, loading on first use."""
-        return ready(model, version)
+        return ready(request, model, version)
 
 
-def _add_infer_route(router: APIRouter, gateway: Gateway, body: BodyReader) -> None:
+def _add_infer_route(
+    router: APIRouter, gateway: Gateway, body: BodyReader, auth: Authorizer
+) -> None:
     """Inference: resolve, decode, predict through the gateway, encode."""
     documented = request_body(InferRequestBody, INFER_EXAMPLE)
 
@@ -148,7 +160,7 @@ def _add_infer_route(router: APIRouter, gateway: Gateway, body: BodyReader) -> N
         model: ModelName, request: Request, header_length: HeaderLength = None
     ) -> Response:
         """Run the model's default version on V2 tensors; JSON or binary data both ways."""
-        return await _infer(gateway, body, request, model, None)
+        return await _infer(gateway, body, auth, request, model, None)
 
     @router.post(
         "/v2/models/{model}/versions/{version}/infer", responses=ERRORS, openapi_extra=documented
@@ -157,14 +169,20 @@ def _add_infer_route(router: APIRouter, gateway: Gateway, body: BodyReader) -> N
         model: ModelId, version: PathVersion, request: Request, header_length: HeaderLength = None
     ) -> Response:
         """Run a model version on V2 tensors; JSON or binary tensor data both ways."""
-        return await _infer(gateway, body, request, model, version)
+        return await _infer(gateway, body, auth, request, model, version)
 
 
 async def _infer(
-    gateway: Gateway, body: BodyReader, request: Request, model: str, version: str | None
+    gateway: Gateway,
+    body: BodyReader,
+    auth: Authorizer,
+    request: Request,
+    model: str,
+    version: str | None,
 ) -> Response:
-    """Resolve `model` (404 before the body is read), decode within its element limit,
-    predict through the gateway, encode."""
+    """Authorize the caller for `model` (tenants), resolve it (404 before the body is
+    read), decode within its element limit, predict through the gateway, encode."""
+    auth.authorize(request, model, version)
     started = time.perf_counter()
     given_id = request.headers.get(REQUEST_ID_HEADER)
     request_id = given_id or new_id()

@@ -30,7 +30,7 @@ import torch
 from serve_app.cache.model_cache import CacheEvent, Lease, ModelCache
 from serve_app.cache.policy import make_policy
 from serve_app.config import DEFAULT_POOL, HostConfig
-from serve_app.errors import CommandMisrouted, FleetError, unwrap
+from serve_app.errors import CommandMisrouted, FleetError, PinnedByConfig, unwrap
 from serve_app.host.batching import BatchPolicy, MicroBatcher
 from serve_app.host.predictor import Predictor
 from serve_app.loading.loader import ModelLoader, memory_budget, resolve_device
@@ -368,12 +368,18 @@ class ModelHost:
                 await self.pin(command.manifest)
             else:
                 await self.prewarm(command.manifest)
-        elif command.op == "unpin":
-            self._store_pins.discard(key)
-            self.cache.unpin(key)
         else:
+            # NOTE: pins have owners: the API releases its own pin, never the config's.
             self._store_pins.discard(key)
-            self.cache.unload(key)
+            if key in self._config_pins:
+                raise PinnedByConfig(
+                    f"{key} is pinned by the config (routing.pins) on replica {self.replica}; "
+                    "it stays until the config drops it"
+                )
+            if command.op == "unpin":
+                self.cache.unpin(key)
+            else:
+                self.cache.unload(key)
         return self._reply(key, before, in_flight)
 
     def _reply(self, key: str, before: tuple[bool, bool], in_flight: int) -> HostReply:
@@ -385,6 +391,7 @@ class ModelHost:
             changed=after != before,
             resident=after[0],
             pinned=after[1],
+            pinned_before=before[1],
             bytes=entry.nbytes if entry is not None else 0,
             in_flight=in_flight,
         )

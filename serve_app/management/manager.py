@@ -10,9 +10,12 @@ and a handle whose router delivers each command to the replica it names).
 - unload: unpins and evicts on every live replica (in-flight requests finish first);
 - pin: recorded in the `PinStore` first (so replicas that start later apply it too), then
   pinned and loaded on every live replica; if any replica refuses (`PinRefused`, 507) the
-  pin is rolled back everywhere and the refusal is raised;
+  pin is rolled back and the refusal is raised. The rollback removes only what this call
+  added: the store record if there was none before, and the pin on the replicas where the
+  model was not pinned before (a config pin or an earlier pin stays);
 - unpin: removed from the store and released on every live replica (the model stays
-  resident until the cache needs the room).
+  resident until the cache needs the room). Pins have owners: a replica refuses to unpin
+  or unload a model the config's routing pins (`PinnedByConfig`, 409 in its outcome).
 """
 
 from __future__ import annotations
@@ -156,13 +159,18 @@ class ModelManager:
         manifest = self.registry.resolve(model_id, version)
         live = await self._live(manifest)
         pool = self._pool_for(manifest) if self._pool_for is not None else DEFAULT_POOL
-        await asyncio.to_thread(self.pins.put, PinRecord(manifest=manifest, pool=pool))
+        existed = await asyncio.to_thread(self.pins.get, manifest.key) is not None
+        if not existed:
+            await asyncio.to_thread(self.pins.put, PinRecord(manifest=manifest, pool=pool))
         names = [r["replica"] for r in live]
         outcomes = await self._run_on(names, "pin", manifest.key, manifest)
         refused = next((o.error for o in outcomes if isinstance(o.error, PinRefused)), None)
         if refused is not None or all(o.error is not None for o in outcomes):
-            await asyncio.to_thread(self.pins.delete, manifest.key)
-            await self._run_on(names, "unpin", manifest.key, None)
+            # NOTE: roll back only what this call added (see module docstring).
+            if not existed:
+                await asyncio.to_thread(self.pins.delete, manifest.key)
+            added = [o.report.replica for o in outcomes if o.added]
+            await self._run_on(added, "unpin", manifest.key, None)
             if refused is not None:
                 raise refused
             _raise_if_all_failed(outcomes)
@@ -222,8 +230,11 @@ class ModelManager:
         outcomes = []
         for replica, result in zip(replicas, results, strict=True):
             if isinstance(result, HostReply):
-                report = ReplicaOutcome(ok=True, **result.model_dump(exclude={"key"}))
-                outcomes.append(_Outcome(report, None))
+                report = ReplicaOutcome(
+                    ok=True, **result.model_dump(exclude={"key", "pinned_before"})
+                )
+                added = op == "pin" and result.pinned and not result.pinned_before
+                outcomes.append(_Outcome(report, None, added))
                 continue
             error = unwrap(result)
             if not isinstance(error, FleetError):
@@ -244,6 +255,7 @@ def _placement_rank(replica: dict[str, Any], key: str) -> tuple[int, int]:
 class _Outcome:
     report: ReplicaOutcome
     error: FleetError | None
+    added: bool = False  # a pin this command added (what a rollback may remove)
 
 
 def _raise_if_all_failed(outcomes: list[_Outcome]) -> None:

@@ -169,3 +169,27 @@ class ArmMetrics:
         self.requests.inc(1, tags={**tags, "outcome": outcome})
         if outcome == "ok":
             self.latency.observe(latency_ms, tags=tags)
+
+
+class TenantMetrics:
+    """Per-tenant request counts and latency (tenant names come from config: bounded)."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "fleet_tenant_requests_total",
+            description="Inference requests by tenant and outcome (ok, refused, throttled, "
+            "errors).",
+            tag_keys=("tenant", "outcome"),
+        )
+        self.latency = Histogram(
+            "fleet_tenant_latency_ms",
+            description="Latency of a tenant's successful inference requests in the ingress.",
+            boundaries=LATENCY_BUCKETS_MS,
+            tag_keys=("tenant",),
+        )
+
+    def observe(self, tenant: str, outcome: str, latency_ms: float) -> None:
+        """Record one finished request of `tenant`."""
+        self.requests.inc(1, tags={"tenant": tenant, "outcome": outcome})
+        if outcome == "ok":
+            self.latency.observe(latency_ms, tags={"tenant": tenant})

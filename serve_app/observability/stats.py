@@ -133,12 +133,27 @@ class ModelStats(BaseModel):
     load_p50_ms: float | None
 
 
+class TenantStats(BaseModel):
+    """One tenant's row of `GET /v1/stats` (`tenants`, with tenants configured)."""
+
+    tenant: str
+    requests: int
+    ok: int
+    refused: int
+    throttled: int
+    errors: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+
 class StatsReport(BaseModel):
-    """`GET /v1/stats`: per-model rows over the last `window_s` seconds."""
+    """`GET /v1/stats`: per-model rows over the last `window_s` seconds (and per-tenant
+    rows when tenants are configured)."""
 
     window_s: float
     replicas: int
     models: list[ModelStats]
+    tenants: list[TenantStats] | None = None
 
 
 class StatsRecorder:

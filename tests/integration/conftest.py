@@ -20,6 +20,7 @@ from serve_app.config import AppConfig, StoreConfig
 from serve_app.storage.manifest import Manifest
 from serve_app.storage.store import ModelStore, wait_for_store
 from tests.support import (
+    ADMIN_KEY,
     BUDGET,
     CLASSIFIERS,
     FRAUD_COUNT,
@@ -134,7 +135,12 @@ def app(serve_url: str, store_config: StoreConfig, fleet: dict[str, Manifest]) -
                 "load_timeout_s": 60,
                 "disk_cache_bytes": "600MB",
             },
-            "ingress": {"num_cpus": 0.25, "registry_refresh_s": 1.0, "max_body_bytes": "256KiB"},
+            "ingress": {
+                "num_cpus": 0.25,
+                "registry_refresh_s": 1.0,
+                "max_body_bytes": "256KiB",
+                "management": {"admin_key": ADMIN_KEY},
+            },
         }
     )
     serve.run(build_app(config), name="fleet", route_prefix="/", blocking=False)

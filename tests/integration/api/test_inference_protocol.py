@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from serve_app.storage.manifest import Manifest
 from tests.integration.reference import TEXTS, assert_same, expected, rows_for
-from tests.support import CLASSIFIERS, FleetApp, fraud_ids, wait_for
+from tests.support import ADMIN, CLASSIFIERS, FleetApp, fraud_ids, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -183,26 +183,30 @@ def test_errors_reach_the_client(
 
 def test_repository_index_load_unload(app: FleetApp, client: triton.InferenceServerClient) -> None:
     model = fraud_ids()[5]
-    client.unload_model(model)
-    index = {(e["name"], e.get("version")): e for e in client.get_model_repository_index()}
+    client.unload_model(model, headers=ADMIN)
+    index = {
+        (e["name"], e.get("version")): e for e in client.get_model_repository_index(headers=ADMIN)
+    }
     assert index[(model, "1")]["state"] == "UNAVAILABLE"
     assert index[("minilm-embed", "2")]
     started = time.monotonic()
-    client.load_model(model)
+    client.load_model(model, headers=ADMIN)
     loaded_s = time.monotonic() - started
-    ready = {e["name"] for e in client.get_model_repository_index() if e["state"] == "READY"}
+    ready = {
+        e["name"] for e in client.get_model_repository_index(headers=ADMIN) if e["state"] == "READY"
+    }
     assert model in ready
     holders = [
         r["replica"] for r in app.replicas() for m in r["models"] if m["key"] == f"{model}@1"
     ]
     assert len(holders) == 1
-    client.unload_model(model)
+    client.unload_model(model, headers=ADMIN)
     wait_for(
         lambda: all(m["key"] != f"{model}@1" for r in app.replicas() for m in r["models"]),
         10,
         f"{model} gone from every replica",
     )
     with pytest.raises(InferenceServerException) as caught:
-        client.load_model("no-such-model")
+        client.load_model("no-such-model", headers=ADMIN)
     assert caught.value.status() == "404"
     print(f"\nrepository load of {model}: {loaded_s * 1000:.0f} ms")

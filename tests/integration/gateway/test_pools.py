@@ -29,7 +29,7 @@ import yaml
 from serve_app.storage.manifest import Manifest
 from serve_app.storage.store import ModelStore
 from tests.integration.reference import assert_same, expected, inputs_for
-from tests.support import FleetApp, fraud_ids, wait_for
+from tests.support import ADMIN, ADMIN_KEY, FleetApp, fraud_ids, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +76,12 @@ def write_config(
                     ],
                     # two ingress replicas: splits stay sticky and /v1/routing's per-arm
                     # counters are merged across them
-                    "ingress": {"num_cpus": 0.1, "registry_refresh_s": 1.0, "num_replicas": 2},
+                    "ingress": {
+                        "num_cpus": 0.1,
+                        "registry_refresh_s": 1.0,
+                        "num_replicas": 2,
+                        "management": {"admin_key": ADMIN_KEY},
+                    },
                 },
                 # the routing: the Ingress routes by it, each pool's hosts keep its pins
                 "deployments": [
@@ -128,10 +133,13 @@ class Pools:
     def routing(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/v1/routing", timeout=30).json()
 
+    def hosts_list(self) -> list[dict[str, Any]]:
+        """Every host replica's status (a management call: with the admin key)."""
+        return httpx.get(f"{self.url}/v1/replicas", headers=ADMIN, timeout=30).json()
+
     def hosts(self) -> dict[str, dict[str, Any]]:
         """pool -> its (single) replica's status."""
-        replicas = httpx.get(f"{self.url}/v1/replicas", timeout=30).json()
-        return {r["pool"]: r for r in replicas}
+        return {r["pool"]: r for r in self.hosts_list()}
 
     def resident(self, pool: str) -> dict[str, dict[str, Any]]:
         return {m["key"]: m for m in self.hosts()[pool]["models"]}
@@ -396,7 +404,7 @@ def test_restarted_host_gets_its_config_pins_and_api_pins_back(
     key = f"{model}@1"
     url = f"{pools.url}/v1/models/{model}/pin"
     try:
-        assert httpx.put(url, timeout=120).status_code == 200
+        assert httpx.put(url, headers=ADMIN, timeout=120).status_code == 200
         records = PinStore(StoreKeyValue.of(ModelStore(store.config)), APP).list()
         assert [(r.key, r.pool, r.source) for r in records] == [(key, "tabular", "api")]
         victim = pools.hosts()["tabular"]
@@ -405,7 +413,7 @@ def test_restarted_host_gets_its_config_pins_and_api_pins_back(
         killed_at = time.monotonic()
 
         def replaced() -> dict[str, Any] | None:
-            host = {r["pool"]: r for r in httpx.get(f"{pools.url}/v1/replicas", timeout=30).json()}
+            host = {r["pool"]: r for r in pools.hosts_list()}
             new = host.get("tabular")
             if new is None or new["replica"] == victim["replica"]:
                 return None
@@ -418,7 +426,7 @@ def test_restarted_host_gets_its_config_pins_and_api_pins_back(
         assert new["pin_errors"] == {}
         assert pools.predict("fraud-ab", inputs_for("fraud-x")).status_code == 200
     finally:
-        httpx.delete(url, timeout=120)
+        httpx.delete(url, headers=ADMIN, timeout=120)
     wait_for(lambda: key not in pools.hosts()["tabular"]["pinned"], 30, "the API pin released")
     assert {ARM_A, ARM_B} <= set(pools.hosts()["tabular"]["pinned"])  # config pins stay
     print(f"\nrestarted tabular host with config and API pins resident after {back_s:.1f}s")

@@ -41,7 +41,7 @@ def gdsf_app(app: FleetApp, store_config: StoreConfig) -> Iterator[FleetApp]:
                 "load_timeout_s": 60,
                 "disk_cache_bytes": "200MB",
             },
-            "ingress": {"num_cpus": 0.25, "registry_refresh_s": 1.0},
+            "ingress": {**app.config.ingress.model_dump(), "num_cpus": 0.25},
         }
     )
     serve.run(build_app(config), name=APP, route_prefix="/gdsf", blocking=False)

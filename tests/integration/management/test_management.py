@@ -9,10 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from deployments.model_host import PIN_SYNC_S
 from serve_app.cli import main
 from serve_app.storage.manifest import Manifest
+from serve_app.storage.store import ModelStore
 from tests.integration.reference import assert_same, expected, inputs_for
-from tests.support import BUDGET, FleetApp, fraud_ids, wait_for
+from tests.support import ADMIN, ADMIN_KEY, BUDGET, FleetApp, fraud_ids, wait_for
 
 
 def holders(app: FleetApp, key: str) -> dict[str, dict]:
@@ -21,7 +23,8 @@ def holders(app: FleetApp, key: str) -> dict[str, dict]:
 
 
 def call(app: FleetApp, method: str, path: str, **params: object) -> httpx.Response:
-    return httpx.request(method, f"{app.url}{path}", params=params, timeout=120)
+    """A management call with the session app's admin key."""
+    return httpx.request(method, f"{app.url}{path}", params=params, headers=ADMIN, timeout=120)
 
 
 @pytest.fixture
@@ -52,16 +55,17 @@ def test_load_on_both_replicas_residency_and_cli(
         assert r["device"] == "cpu"
         assert r["pool"] == "default"
         assert time.time() - 60 < r["loaded_at"] <= r["last_used"] <= time.time() + 1
-    assert main(["--url", app.url, "models"]) == 0
+    cli = ["--url", app.url, "--admin-key", ADMIN_KEY]
+    assert main([*cli, "models"]) == 0
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if line.startswith(model))
     assert all(replica[:8] in row for replica in live)
-    assert main(["--url", app.url, "unload", model]) == 0
+    assert main([*cli, "unload", model]) == 0
     assert "unload" in capsys.readouterr().out
     assert holders(app, f"{model}@1") == {}
-    assert main(["--url", app.url, "load", model, "--replicas", "1"]) == 0
+    assert main([*cli, "load", model, "--replicas", "1"]) == 0
     assert len(holders(app, f"{model}@1")) == 1
-    assert main(["--url", app.url, "load", "no-such-model"]) == 1
+    assert main([*cli, "load", "no-such-model"]) == 1
     assert "model_not_found" in capsys.readouterr().err
 
 
@@ -205,13 +209,13 @@ def test_admin_key_on_a_second_app(
             "host": {**app.config.host.model_dump(), "num_replicas": 1},
             "ingress": {
                 **app.config.ingress.model_dump(),
-                "management": {"admin_key": "k3y-for-tests"},
+                "management": {"admin_key": "another-k3y-for-tests"},
             },
         }
     )
     serve.run(build_app(config), name="fleet-locked", route_prefix="/locked", blocking=False)
     url = f"{app.url}/locked"
-    key = {"Authorization": "Bearer k3y-for-tests"}
+    key = {"Authorization": "Bearer another-k3y-for-tests"}
     model = fraud_ids()[12]
     try:
         wait_for(
@@ -239,8 +243,9 @@ def test_admin_key_on_a_second_app(
         assert [r["version"] for r in residency["residency"]] == ["1"]
         assert main(["--url", url, "pin", model]) == 1
         assert "unauthorized" in capsys.readouterr().err
-        assert main(["--url", url, "--admin-key", "k3y-for-tests", "pin", model]) == 0
-        assert main(["--url", url, "--admin-key", "k3y-for-tests", "pin", model, "--remove"]) == 0
+        assert main(["--url", url, "--admin-key", "another-k3y-for-tests", "pin", model]) == 0
+        cli = ["--url", url, "--admin-key", "another-k3y-for-tests"]
+        assert main([*cli, "pin", model, "--remove"]) == 0
         # inference needs no key
         assert (
             httpx.post(
@@ -253,15 +258,24 @@ def test_admin_key_on_a_second_app(
         serve.delete("fleet-locked")
 
 
-def test_management_switched_off_on_a_third_app(app: FleetApp) -> None:
+def test_management_switched_off_on_a_third_app(
+    app: FleetApp, fleet: dict[str, Manifest], store: ModelStore
+) -> None:
     """An app deployed with `ingress.management.enabled: false`: every management call is
-    403 `management_disabled` (HTTP and the V2 repository extension); inference works."""
+    403 `management_disabled` (HTTP and the V2 repository extension), its hosts do not apply
+    pins stored for it earlier; inference works."""
     import tritonclient.http as triton
     from ray import serve
     from tritonclient.utils import InferenceServerException
 
     from deployments.builder import build_app
+    from deployments.replica_directory import read_replicas
     from serve_app.config import AppConfig
+    from serve_app.management.pins import PinRecord, PinStore
+    from serve_app.storage.state_store import StoreKeyValue
+
+    stored = PinStore(StoreKeyValue.of(store), "fleet-off")
+    stored.put(PinRecord(manifest=fleet[f"{fraud_ids()[14]}@1"]))  # from when it was on
 
     config = AppConfig.model_validate(
         {
@@ -303,5 +317,14 @@ def test_management_switched_off_on_a_third_app(app: FleetApp) -> None:
         )
         assert response.status_code == 200
         assert response.headers["X-Fleet-Cache"] == "miss"  # the refused load loaded nothing
+        wait_for(lambda: read_replicas("fleet-off", "hosts"), 60, "its host's first report")
+        deadline = (
+            time.monotonic() + 3 * PIN_SYNC_S
+        )  # NOTE: hosts sync pins at once, then every 2 s
+        while time.monotonic() < deadline:
+            (host,) = read_replicas("fleet-off", "hosts")
+            assert host["pinned"] == [], "a host applied a stored pin with management off"
+            time.sleep(0.2)
     finally:
+        stored.delete(f"{fraud_ids()[14]}@1")
         serve.delete("fleet-off")

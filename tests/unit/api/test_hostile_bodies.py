@@ -22,12 +22,13 @@ from serve_app.api.body import OFF_LOOP_BYTES, decompress, off_loop
 from serve_app.api.json_text import structural_tokens
 from serve_app.api.v2_codec import HEADER_LENGTH, parse_infer_request
 from serve_app.api.v2_header import EarlyCheck
+from serve_app.config import ManagementConfig
 from serve_app.errors import BadRequest
 from serve_app.gateway.gateway import Gateway
 from serve_app.host.model_host import ModelHost
 from serve_app.management.manager import ModelManager
 from serve_app.management.pins import MemoryKeyValue, PinStore
-from tests.support import LocalHostControl
+from tests.support import ADMIN, ADMIN_KEY, LocalHostControl
 
 LIMIT = 8 * 2**20
 ROW = [0.1, -0.2, 0.3, 0.4]
@@ -36,12 +37,15 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
 
 @pytest.fixture
 async def big(gateway: Gateway, host: ModelHost) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with the production body limit (8 MiB) and management (no key)."""
+    """The app with the production body limit (8 MiB) and management (the suite's admin
+    key, which the client sends: management fails closed without one)."""
     manager = ModelManager(
         gateway.registry, LocalHostControl({"unit": host}), PinStore(MemoryKeyValue(), "fleet")
     )
-    app = create_app(gateway, max_body_bytes=LIMIT, manager=manager)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://f") as c:
+    management = ManagementConfig(admin_key=ADMIN_KEY)
+    app = create_app(gateway, max_body_bytes=LIMIT, manager=manager, management=management)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://f", headers=ADMIN) as c:
         yield c
 
 

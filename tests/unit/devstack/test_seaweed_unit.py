@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack import ray_head, seaweed, serve_cli, stack, state
+from devstack import ray_head, seaweed, serve_cli, stack, state, summary
 from devstack.seaweed import (
     S3_ACTIONS,
     SeaweedPorts,
@@ -154,7 +154,7 @@ def test_serve_http_url_reads_http_options(tmp_path: Path) -> None:
 
 
 def test_shorten_elides_long_values() -> None:
-    short = stack._shorten({"data": [[0.123456789] * 384], "model_id": "m" * 200})
+    short = summary.shorten({"data": [[0.123456789] * 384], "model_id": "m" * 200})
     assert short["data"][0][:4] == [0.1235] * 4
     assert short["data"][0][4] == "... 380 more"
     assert short["model_id"].endswith("...")

@@ -19,7 +19,7 @@ from serve_app.management.manager import ModelManager
 from serve_app.management.pins import MemoryKeyValue, PinStore
 from serve_app.storage.registry import Registry
 from serve_app.storage.store import ModelStore
-from tests.support import LocalHostControl
+from tests.support import ADMIN, ADMIN_KEY, LocalHostControl
 
 ROW = [0.1, -0.2, 0.3, 0.4]
 BUDGET = (
@@ -52,19 +52,27 @@ def registry(published: ModelStore) -> Registry:
 
 
 def app_client(
-    registry: Registry, control: LocalHostControl, pins: PinStore, management: ManagementConfig
+    registry: Registry,
+    control: LocalHostControl,
+    pins: PinStore,
+    management: ManagementConfig,
+    headers: dict[str, str] | None = None,
 ) -> httpx.AsyncClient:
     gateway = Gateway(registry, control.hosts["r1"].predict, IngressConfig(max_batch_rows=100))
     manager = ModelManager(registry, control, pins)
     app = create_app(gateway, 64 * 1024, manager=manager, management=management)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fleet")
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://fleet", headers=headers
+    )
 
 
 @pytest.fixture
 async def client(
     registry: Registry, control: LocalHostControl, pins: PinStore
 ) -> AsyncIterator[httpx.AsyncClient]:
-    async with app_client(registry, control, pins, ManagementConfig()) as c:
+    """A client of an app with the admin key configured, sending it."""
+    config = ManagementConfig(admin_key=ADMIN_KEY)
+    async with app_client(registry, control, pins, config, headers=ADMIN) as c:
         yield c
 
 
@@ -159,12 +167,12 @@ async def test_management_can_be_turned_off(
 
 
 async def test_admin_key(registry: Registry, control: LocalHostControl, pins: PinStore) -> None:
-    config = ManagementConfig(admin_key="s3cret")
+    config = ManagementConfig(admin_key="s3cret-of-16-chars")
     async with app_client(registry, control, pins, config) as c:
         assert (await c.post("/v1/models/m-a/load")).status_code == 401
         wrong = {"Authorization": "Bearer nope"}
         assert (await c.post("/v1/models/m-a/load", headers=wrong)).status_code == 401
-        good = {"Authorization": "Bearer s3cret"}
+        good = {"Authorization": "Bearer s3cret-of-16-chars"}
         assert (await c.post("/v1/models/m-a/load", headers=good)).status_code == 200
         assert (await c.get("/v1/models/m-a")).json()["residency"] is None
         assert (await c.get("/v1/models/m-a", headers=good)).json()["residency"]
