@@ -51,6 +51,9 @@ class KubeRayOptions:
     cpu_image: str = "fleetserve:0.1.0-cpu"
     gpu_image: str = "fleetserve:0.1.0-gpu"
     s3_secret: str = "fleet-s3"
+    # FLEET_ADMIN_KEY (key of the same name) of every Ray container: the management routes
+    # fail closed (403) while it is absent.
+    admin_secret: str = "fleet-admin"
     app_name: str = "fleet"
     cpu_workers_max: int = 4
     ingress_max_replicas: int = 8
@@ -110,11 +113,12 @@ def gpu_workers(config: dict[str, Any], app_name: str) -> tuple[int, int]:
     return now, max(now, most)
 
 
-def _env(secret: str) -> list[dict[str, Any]]:
-    """S3 endpoint and keys from the Secret, through the standard AWS variables."""
+def _env(secret: str, admin_secret: str) -> list[dict[str, Any]]:
+    """S3 endpoint and keys from the Secret, through the standard AWS variables, and the
+    management admin key from its own Secret (optional: without it management is 403)."""
 
-    def ref(name: str, optional: bool) -> dict[str, Any]:
-        key = {"name": secret, "key": name, **({"optional": True} if optional else {})}
+    def ref(name: str, optional: bool, source: str = secret) -> dict[str, Any]:
+        key = {"name": source, "key": name, **({"optional": True} if optional else {})}
         return {"name": name, "valueFrom": {"secretKeyRef": key}}
 
     return [
@@ -122,6 +126,7 @@ def _env(secret: str) -> list[dict[str, Any]]:
         ref("AWS_SECRET_ACCESS_KEY", False),
         ref("AWS_ENDPOINT_URL", True),  # leave it out of the Secret for AWS S3 itself
         ref("AWS_REGION", True),
+        ref("FLEET_ADMIN_KEY", True, admin_secret),
         {"name": "OMP_NUM_THREADS", "value": "1"},
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
     ]
@@ -177,7 +182,7 @@ def rayservice(config: dict[str, Any], options: KubeRayOptions) -> dict[str, Any
     """The RayService of `config` (a parsed Serve config such as config.yaml)."""
     cpu_image = options.image or options.cpu_image
     gpu_image = options.image or options.gpu_image
-    env = _env(options.s3_secret)
+    env = _env(options.s3_secret, options.admin_secret)
     gpus_now, gpus_max = gpu_workers(config, options.app_name)
     serve = serve_config(config, options)
     port = int(serve["http_options"]["port"])

@@ -157,7 +157,7 @@ def test_ingress_on_cpu_workers_hosts_on_gpu_workers(manifest: dict[str, Any]) -
     assert cluster["enableInTreeAutoscaling"] is True
 
 
-def test_every_ray_pod_gets_s3_keys_from_the_secret_and_is_scraped(
+def test_every_ray_pod_gets_s3_and_admin_keys_from_secrets_and_is_scraped(
     manifest: dict[str, Any],
 ) -> None:
     cluster = manifest["spec"]["rayClusterConfig"]
@@ -170,6 +170,9 @@ def test_every_ray_pod_gets_s3_keys_from_the_secret_and_is_scraped(
             ref = env[name]["valueFrom"]["secretKeyRef"]
             assert ref == {"name": "fleet-s3", "key": name, **ref}
             assert "value" not in env[name]  # never a literal secret
+        # the management admin key (fail closed: without the Secret, management is 403)
+        admin = env["FLEET_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+        assert admin == {"name": "fleet-admin", "key": "FLEET_ADMIN_KEY", "optional": True}
         annotations = template["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
