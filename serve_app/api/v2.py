@@ -189,8 +189,9 @@ async def _infer(
     route: Route | None = None
     try:
         route = _route(gateway, request, model, version)
-        limit = element_limit(route.manifest, gateway.config.max_batch_rows)
-        parsed = await _read_infer_request(request, body, limit)
+        rows = gateway.config.max_batch_rows
+        limits = (element_limit(route.manifest, rows), rows)
+        parsed = await _read_infer_request(request, body, limits)
         inputs = to_model_inputs(route.manifest, parsed)
     except FleetError as exc:
         manifest = None if route is None else route.manifest
@@ -219,23 +220,31 @@ def _route(gateway: Gateway, request: Request, model: str, version: str | None) 
     return gateway.resolve(model, version, request.headers.get(sticky) if sticky else None)
 
 
-async def _read_infer_request(request: Request, body: BodyReader, limit: int) -> InferRequest:
-    """The decoded inference request: size limit, Content-Encoding, at most `limit`
-    elements per tensor; decoded in a worker thread when large or compressed."""
+async def _read_infer_request(
+    request: Request, body: BodyReader, limits: tuple[int, int]
+) -> InferRequest:
+    """The decoded inference request: size limit, Content-Encoding, `limits` (the most
+    elements of a tensor, and of a BYTES tensor: one text or encoded file per row);
+    decoded in a worker thread when large or compressed."""
     raw = await body.raw(request)
     header_length = request.headers.get(HEADER_LENGTH)
     encoding = request.headers.get("content-encoding")
     size = body.max_bytes if encoding else len(raw)
-    return await off_loop(size, _decode, raw, encoding, header_length, body.max_bytes, limit)
+    return await off_loop(size, _decode, raw, encoding, header_length, body.max_bytes, limits)
 
 
 def _decode(
-    raw: bytes, encoding: str | None, header_length: str | None, max_bytes: int, limit: int
+    raw: bytes,
+    encoding: str | None,
+    header_length: str | None,
+    max_bytes: int,
+    limits: tuple[int, int],
 ) -> InferRequest:
     # NOTE: the header (or, without binary data, the token budget) is checked while the
     # body inflates: a body that is already refused is never inflated in full.
-    body = decompress(raw, encoding, max_bytes, EarlyCheck(header_length, limit))
-    return parse_infer_request(body, header_length, limit)
+    values, items = limits
+    body = decompress(raw, encoding, max_bytes, EarlyCheck(header_length, values, items))
+    return parse_infer_request(body, header_length, values, items)
 
 
 def _infer_response(

@@ -84,7 +84,10 @@ class InferRequest:
 
 # ---------------------------------------------------------------------- requests
 def parse_infer_request(
-    body: bytes, header_length: str | int | None, max_elements: int = MAX_ELEMENTS
+    body: bytes,
+    header_length: str | int | None,
+    max_elements: int = MAX_ELEMENTS,
+    max_items: int | None = None,
 ) -> InferRequest:
     """Decode an inference request: a JSON header, then the binary tensor data, if any.
 
@@ -94,6 +97,7 @@ def parse_infer_request(
             body is JSON.
         max_elements: the most elements one input tensor may have (checked on its shape
             before its data is decoded).
+        max_items: the most elements of a BYTES tensor (default: `max_elements`).
 
     Raises:
         BadRequest: malformed JSON, sizes, parameters or tensors, or a tensor over
@@ -106,7 +110,7 @@ def parse_infer_request(
     offset = 0
     inputs = []
     for spec in specs:
-        tensor, used = decode_tensor(spec, binary[offset:], max_elements)
+        tensor, used = decode_tensor(spec, binary[offset:], max_elements, max_items)
         offset += used
         inputs.append(tensor)
     if offset != len(binary):
@@ -138,7 +142,7 @@ def _header_length(value: str | int | None, body_length: int) -> int | None:
 
 
 def decode_tensor(
-    spec: Any, binary: memoryview, max_elements: int = MAX_ELEMENTS
+    spec: Any, binary: memoryview, max_elements: int = MAX_ELEMENTS, max_items: int | None = None
 ) -> tuple[Tensor, int]:
     """Decode one input tensor; return it and the binary bytes it consumed.
 
@@ -146,7 +150,7 @@ def decode_tensor(
         BadRequest: a malformed tensor, or a shape over `max_elements` (400), before any
             of its data is decoded.
     """
-    name, datatype, shape, parameters = tensor_spec(spec, max_elements)
+    name, datatype, shape, parameters = tensor_spec(spec, max_elements, max_items)
     count = math.prod(shape)
     size = parameters.get("binary_data_size")
     if size is not None:

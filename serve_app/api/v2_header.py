@@ -78,9 +78,12 @@ class EarlyCheck:
     within the token budget.
     """
 
-    def __init__(self, header_length: str | int | None, max_elements: int) -> None:
+    def __init__(
+        self, header_length: str | int | None, max_elements: int, max_items: int | None = None
+    ) -> None:
         self._split = header_digits(header_length)
         self._max = max_elements
+        self._max_items = max_items
         self._prefix = bytearray()
         self._done = False
         budget = token_budget(max_elements)
@@ -103,7 +106,7 @@ class EarlyCheck:
             self._done = True
             _, specs = read_header(bytes(self._prefix), self._max)
             for spec in specs:
-                tensor_spec(spec, self._max)
+                tensor_spec(spec, self._max, self._max_items)
 
 
 def header_digits(value: str | int | None) -> int | None:
@@ -120,11 +123,17 @@ def header_digits(value: str | int | None) -> int | None:
     return int(value)
 
 
-def tensor_spec(spec: Any, max_elements: int) -> tuple[str, str, list[int], dict[str, Any]]:
+def tensor_spec(
+    spec: Any, max_elements: int, max_items: int | None = None
+) -> tuple[str, str, list[int], dict[str, Any]]:
     """An input's name, datatype, shape and parameters, checked (no data is read).
 
+    `max_items` (default: `max_elements`) bounds BYTES tensors, whose elements are walked
+    one by one (a text or an encoded file each: a model's rows), while `max_elements`
+    bounds the others (decoded by numpy in one step).
+
     Raises:
-        BadRequest: malformed, or a shape over `max_elements` (400).
+        BadRequest: malformed, or a shape over its limit (400).
     """
     if not isinstance(spec, dict):
         raise BadRequest("each input must be a JSON object with name, datatype, shape")
@@ -145,10 +154,11 @@ def tensor_spec(spec: Any, max_elements: int) -> tuple[str, str, list[int], dict
         raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
     # NOTE: zero dimensions are skipped: [0, 10**30] holds nothing, but numpy cannot shape it.
     spanned = math.prod(d for d in shape if d != 0)
-    if spanned > max_elements:
+    limit = max_elements if datatype != "BYTES" or max_items is None else max_items
+    if spanned > limit:
         raise BadRequest(
-            f"input {name!r}: shape {_shown(shape)} spans more than the {max_elements} "
-            "elements allowed for one tensor of this model"
+            f"input {name!r}: shape {_shown(shape)} spans more than the {limit} "
+            f"{datatype} elements allowed for one tensor of this model"
         )
     parameters = parameters_of(spec.get("parameters"), f"input {name!r}")
     return name, datatype, shape, parameters

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import io
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -389,3 +391,24 @@ async def test_top_k_set_at_publish(
     assert list(response.json()["outputs"][0]["scores"]) == want["labels"]
     meta = (await client.get("/v2/models/top3")).json()
     assert meta["outputs"][2] == {"name": "labels", "datatype": "BYTES", "shape": [-1, 3]}
+
+
+async def test_a_bytes_gzip_bomb_is_refused_on_its_shape_for_image_models(
+    client: httpx.AsyncClient,
+) -> None:
+    """Image models accept raw UINT8 tensors of up to one largest image, but a BYTES
+    tensor (one encoded file per element, walked one by one) stays within the rows limit:
+    ~8 KB of gzip inflating to 2M empty elements is refused on its shape, unwalked."""
+    count = (8 * MB - 200) // 4
+    body, length = v2_binary("BYTES", [count], bytes(count * 4))
+    packed = gzip.compress(body, 9)
+    assert len(packed) < 10_000
+    started = time.process_time()
+    response = await client.post(
+        f"/v2/models/{SPECS[0].model_id}/infer",
+        content=packed,
+        headers={"Content-Encoding": "gzip", "Inference-Header-Content-Length": str(length)},
+    )
+    assert response.status_code == 400, response.text
+    assert "BYTES elements allowed for one tensor of this model" in response.json()["error"]
+    assert time.process_time() - started < 0.5  # the walk alone would take ~3 s
