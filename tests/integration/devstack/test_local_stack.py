@@ -7,6 +7,7 @@ submits it as a Ray job with the README's `ray job submit` line. Then `down` sto
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -14,7 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+
+from devstack.serve_cli import serve_http_url
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +53,36 @@ def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProc
     )
 
 
+def _check_tenants_and_admin_key(fleetserve: str, state: Path) -> None:
+    """`up --tenants` on the running stack: the three calls it prints answer 401, 403 and
+    200; management needs the admin key that `up` generated, which the CLI sends."""
+    up = _run(
+        [fleetserve, "--state-dir", str(state), "up", "--count", "4", "--vision", "2", "--tenants"],
+        ROOT,
+        900,
+    )
+    assert up.returncode == 0, (up.stdout + up.stderr)[-3000:]
+    keys = json.loads((state / "tenants.json").read_text())
+    assert keys["text-team"] in up.stdout  # printed once, for the user to copy
+    url = f"{serve_http_url(ROOT / 'config.yaml')}/v1/models/minilm-embed/predict"
+    body = {"inputs": ["hi"]}
+
+    def call(key: str | None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(url, json=body, headers=headers, timeout=120.0)
+
+    assert call(None).status_code == 401
+    refused = call(keys["fraud-team"])
+    assert refused.status_code == 403
+    assert refused.json()["code"] == "out_of_scope"
+    assert call(keys["text-team"]).status_code == 200
+
+    admin_url = f"{serve_http_url(ROOT / 'config.yaml')}/v1/replicas"
+    assert httpx.get(admin_url, timeout=30.0).status_code == 401
+    load = _run([fleetserve, "--state-dir", str(state), "load", "fraud-merchant-0001"], ROOT, 300)
+    assert load.returncode == 0, (load.stdout + load.stderr)[-3000:]
+
+
 def test_fresh_shell_drivers_and_jobs_reach_the_local_stack(tmp_path: Path) -> None:
     state = tmp_path / "state"
     fleetserve = str(BIN / "fleetserve")
@@ -79,6 +113,8 @@ def test_fresh_shell_drivers_and_jobs_reach_the_local_stack(tmp_path: Path) -> N
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "handle example ok" in job.stdout
         assert "succeeded" in job.stdout.lower()
+
+        _check_tenants_and_admin_key(fleetserve, state)
     finally:
         down = _run([fleetserve, "--state-dir", str(state), "down"], ROOT, 300)
         assert down.returncode == 0, (down.stdout + down.stderr)[-3000:]
