@@ -77,6 +77,7 @@ class ModelHostDeployment:
         self._pool = config.name
         self._replica_id = context.replica_id
         self._push_thread = ThreadPoolExecutor(1, "model-ids")
+        self._closing = False
         replica = self._replica_id.unique_id
         self._advertiser: Coalescer[list[str]] = Coalescer(
             self._push_routing_info, ADVERTISE_EVERY_S, asyncio.get_running_loop()
@@ -194,6 +195,10 @@ class ModelHostDeployment:
         # NOTE: the same controller call Ray's @serve.multiplexed wrapper makes, made from
         # one thread of its own (pushes stay in order): the first one may look up Serve's
         # controller in the GCS, a blocking call that must not hold this event loop.
+        # A replica shutting down advertises nothing more (its evictions would otherwise
+        # reach a push thread that is already gone).
+        if self._closing:
+            return
         self._push_thread.submit(self._push_now, keys)
         if hasattr(self, "_directory"):
             self._directory.publish(self.status())
@@ -255,6 +260,7 @@ class ModelHostDeployment:
         }
 
     async def __del__(self) -> None:
+        self._closing = True
         for task in (self._pin_poller, self._pin_sync):
             if task is None:
                 continue

@@ -54,9 +54,11 @@ def _publish(store: ModelStore, root: Path) -> list[str]:
 
 
 def _empty_the_replicas(app: FleetApp) -> None:
+    """Unload (and unpin) whatever earlier tests left resident, so the replay starts cold."""
     for replica in app.replicas():
         for model in replica["models"]:
-            response = httpx.post(f"{app.url}/v1/models/{model['model_id']}/unload", timeout=60)
+            model_id, version = model["key"].split("@", 1)
+            response = app.manage("POST", f"/v1/models/{model_id}/unload", version=version)
             assert response.status_code == 200, response.text
     wait_for(lambda: all(r["resident_bytes"] == 0 for r in app.replicas()), 30, "empty replicas")
 

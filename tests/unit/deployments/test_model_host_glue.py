@@ -34,6 +34,7 @@ async def test_model_ids_are_pushed_off_the_event_loop_in_order(
     host = object.__new__(_BareHost)
     host._replica_id = "r1"
     host._push_thread = ThreadPoolExecutor(1, "model-ids")
+    host._closing = False
     try:
         for keys in (["a@1"], ["a@1", "b@1"], ["b@1"]):
             host._push_routing_info(keys)
@@ -42,3 +43,17 @@ async def test_model_ids_are_pushed_off_the_event_loop_in_order(
         host._push_thread.shutdown(wait=False)
     assert [keys for _, keys in pushes] == [["a@1"], ["a@1", "b@1"], ["b@1"]]
     assert threading.current_thread() not in {thread for thread, _ in pushes}
+
+
+def test_a_closing_replica_pushes_nothing_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evictions during shutdown still reach the coalescer; once the replica is closing
+    (its push thread shut down) they are dropped, not submitted to a dead executor."""
+    pushes: list[list[str]] = []
+    monkeypatch.setattr(model_host_module, "push_model_ids", lambda _r, keys: pushes.append(keys))
+    host = object.__new__(_BareHost)
+    host._replica_id = "r1"
+    host._push_thread = ThreadPoolExecutor(1, "model-ids")
+    host._push_thread.shutdown(wait=True)
+    host._closing = True
+    host._push_routing_info(["a@1"])  # raised RuntimeError before: "cannot schedule ..."
+    assert pushes == []
