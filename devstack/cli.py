@@ -52,7 +52,14 @@ def _needs_extra(func):  # type: ignore[no-untyped-def]
 def cmd_up(args: argparse.Namespace) -> int:
     from devstack import stack
 
-    stack.up(Path(args.config), Path(args.state_dir), args.count, args.prometheus)
+    stack.up(
+        Path(args.config),
+        Path(args.state_dir),
+        args.count,
+        args.prometheus,
+        workers=args.workers,
+        worker_cpus=args.worker_cpus,
+    )
     return 0
 
 
@@ -108,6 +115,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start the local stack and serve the demo fleet")
     up.add_argument("--count", type=int, default=50, help="fraud models in the demo fleet")
     up.add_argument("--prometheus", action="store_true", help="also start Prometheus")
+    up.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N Ray worker nodes beside the head (a local multi-node cluster; "
+        "default: keep what an earlier `up` started, none at first)",
+    )
+    up.add_argument(
+        "--worker-cpus", type=float, default=2.0, help="CPUs each worker node offers (default 2)"
+    )
     up.set_defaults(func=_needs_extra(cmd_up))
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=cmd_down)
 

@@ -53,6 +53,7 @@ from devstack.serve_cli import (
     wait_app_running,
 )
 from devstack.state import StackError, load_state, save_state, say, state_path
+from devstack.workers import ensure_workers, node_env, stop_workers
 from serve_app.errors import FleetError
 
 S3_PORT = 8333
@@ -307,7 +308,14 @@ def _print_summary(
     print("\n".join(lines), flush=True)
 
 
-def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) -> None:
+def up(
+    config_path: Path,
+    state_dir: Path,
+    demo_count: int,
+    prometheus: bool,
+    workers: int | None = None,
+    worker_cpus: float = 2.0,
+) -> None:
     """Bring up the local stack (idempotent): S3, Ray head, demo fleet, Serve app `fleet`.
 
     Args:
@@ -316,6 +324,9 @@ def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) ->
         demo_count: How many demo models to make sure are published (0: none).
         prometheus: Also start (or find running) Prometheus on 127.0.0.1:9090, scraping the
             Ray head's metrics endpoint (127.0.0.1:8080) with the fleet alert rules.
+        workers: Ray worker nodes to run beside the head (`devstack.workers`): exactly this
+            many; None keeps whatever an earlier `up` started.
+        worker_cpus: CPUs each new worker node offers to Ray.
 
     Raises:
         StackError: a step failed; the message says which and what to do.
@@ -343,6 +354,8 @@ def up(config_path: Path, state_dir: Path, demo_count: int, prometheus: bool) ->
     head = _ensure_ray(state_dir, state, aws_env)
     hook = ray_env.install_hook()
     say(f"drivers in this environment reach the loopback cluster ({hook.name})")
+    if workers is not None:
+        ensure_workers(state_dir, state, workers, head.gcs_address, node_env(aws_env), worker_cpus)
     if "metrics_export_port" not in (state.get("ray") or {}):
         say(
             "warning: the running Ray head predates its fixed metrics port; Prometheus may "
@@ -404,6 +417,7 @@ def down(state_dir: Path) -> None:
                 serve_shutdown(head.dashboard_url)
             except StackError as exc:
                 say(f"warning: {exc}; stopping Ray anyway")
+            stop_workers(state_dir, state)  # after Serve, before the head they joined
             say(f"stopping Ray head (pid {head.pid})")
             head.stop()
             forget_ray_address(head.gcs_address)
@@ -414,6 +428,7 @@ def down(state_dir: Path) -> None:
         state.pop("ray", None)
         state.pop("serve", None)
         save_state(state_dir, state)
+    stop_workers(state_dir, state)
 
     s3_state = state.get("s3") or {}
     if s3_state.get("pid") and s3_state.get("started_by_us"):
