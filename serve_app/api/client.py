@@ -98,8 +98,11 @@ def format_models(
     """
     where: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for replica in replicas or []:
+        # NOTE: "<node>/<replica id prefix>" on a cluster, the replica id prefix alone before.
+        node = replica.get("node")
+        label = f"{node}/{replica['replica'][:6]}" if node else replica["replica"][:8]
         for model in replica.get("models", []):
-            where.setdefault(model["key"].split("@", 1)[0], []).append((replica["replica"], model))
+            where.setdefault(model["key"].split("@", 1)[0], []).append((label, model))
     header = (
         f"{'model':<28} {'latest':>6} {'task':<24} {'size MB':>8} "
         f"{'resident on (version, MB)':<36} {'pinned':>6} {'used s ago':>10}"
@@ -108,7 +111,7 @@ def format_models(
     for m in models:
         held = where.get(m["model_id"], [])
         resident = ", ".join(
-            f"{r[:8]} v{e['key'].split('@', 1)[1]} {e['bytes'] / 1e6:.1f}" for r, e in held
+            f"{r} v{e['key'].split('@', 1)[1]} {e['bytes'] / 1e6:.1f}" for r, e in held
         )
         if replicas is None:
             resident = "?"
@@ -121,6 +124,12 @@ def format_models(
         )
     live = "?" if replicas is None else str(len(replicas))
     lines.append(f"{len(models)} models, {live} live model-host replica(s)")
+    for replica in replicas or []:
+        if replica.get("node"):
+            lines.append(
+                f"  replica {replica['replica'][:8]} on node {replica['node']} "
+                f"({replica.get('node_ip', '?')}, id {str(replica.get('node_id', '?'))[:8]})"
+            )
     return "\n".join(lines)
 
 
