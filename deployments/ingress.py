@@ -174,7 +174,7 @@ class Ingress:
             ReplicaPublisher(
                 self._app, "ingress", self._replica, source=self.gateway.published, interval_s=2.0
             )
-            if config.num_replicas > 1
+            if config.may_scale_out
             else None
         )
         self._accepted = False

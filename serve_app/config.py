@@ -190,6 +190,18 @@ class HostConfig(_Strict):
     max_model_labels: int = Field(
         200, ge=1, description="Distinct model label values in metrics; the rest: __other__."
     )
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many replicas of the pool on one Ray node (Serve's "
+        "max_replicas_per_node): the pool is spread for sure, and a lost node takes at most "
+        "this many. None: Serve's best-effort spread.",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each replica needs, to place the pool on a node "
+        "group (e.g. {fleet_gpu: 1} where only GPU workers declare fleet_gpu).",
+    )
 
 
 class ManagementConfig(_Strict):
@@ -238,6 +250,23 @@ class IngressConfig(_Strict):
     management: ManagementConfig = Field(
         ManagementConfig(), description="Management endpoints: on/off and admin key."
     )
+    autoscaling: dict[str, Any] | None = Field(
+        None,
+        description="Serve autoscaling_config of the ingress (min_replicas, max_replicas, "
+        "target_ongoing_requests, ...): it scales out on ongoing requests; replaces "
+        "num_replicas.",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each ingress replica needs, to keep it on CPU "
+        "nodes (e.g. {fleet_cpu: 1} where only CPU workers declare fleet_cpu).",
+    )
+
+    @property
+    def may_scale_out(self) -> bool:
+        """Whether more than one ingress replica can run (they then share stats)."""
+        scaling = self.autoscaling or {}
+        return self.num_replicas > 1 or int(scaling.get("max_replicas", 1)) > 1
 
 
 class PoolConfig(HostConfig):
