@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 
 from devstack.ports import HOST, find_free_ports
-from devstack.process import ManagedProcess, session_members
+from devstack.process import ManagedProcess, pid_alive, session_members
 from devstack.ray_head import (
     DASHBOARD_URL,
     RAY_AUTH_ENV,
@@ -259,6 +259,22 @@ class RayWorker(ManagedProcess):
         """SIGTERM `ray start --block` (it stops the node), then sweep its session."""
         return super().stop(timeout_s)
 
+    def sweep_leftovers(self) -> int:
+        """SIGKILL what is left of a node whose `ray start` already exited (a crashed node:
+        Ray workers that outlived their raylet). Returns how many processes were signalled.
+
+        Only members of the session our `ray start` led are signalled, and only while its
+        pid is not taken by another process: the kernel hands out no pid that is still in
+        use as a session id, so those members descend from the process we started.
+        """
+        if self.pid is None or pid_alive(self.pid):
+            return 0  # running (stop() handles it) or the pid now belongs to another process
+        members = session_members(self.pid)
+        for member in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(member, signal.SIGKILL)
+        return len(members)
+
     def state(self) -> dict[str, Any]:
         """What `down` needs to find and stop this worker."""
         return {
@@ -345,6 +361,8 @@ def _stop_one(worker: RayWorker) -> None:
     if worker.is_running():
         say(f"stopping Ray worker node {worker.name} (pid {worker.pid})")
         worker.stop()
+    else:
+        worker.sweep_leftovers()
 
 
 def stop_workers(state_dir: Path, state: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from devstack.demo_fleet import publish_demo_fleet
 from devstack.ports import find_free_ports
 from devstack.ray_head import RayHead, forget_ray_address
 from devstack.seaweed import SeaweedServer
+from devstack.state import load_state
 from devstack.workers import ensure_workers, node_env, stop_workers
 from serve_app.config import AppConfig, StoreConfig
 from serve_app.storage.manifest import Manifest
@@ -88,11 +89,13 @@ def cluster(s3: SeaweedServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
         workers = ensure_workers(
             state_dir, state, WORKERS, head.gcs_address, env, 2.0, head.dashboard_url
         )
-        built = Cluster(head, workers, {"head": head_s, "workers": time.monotonic() - began})
+        built = Cluster(
+            head, workers, state_dir, {"head": head_s, "workers": time.monotonic() - began}
+        )
         print(f"\ncluster: head + {WORKERS} workers, start times (s) {built.start_s}")
         yield built
     finally:
-        stop_workers(state_dir, state)
+        stop_workers(state_dir, load_state(state_dir))
         head.stop()
         forget_ray_address(head.gcs_address)
 

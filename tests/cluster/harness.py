@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ class Cluster:
 
     head: RayHead
     workers: list[RayWorker]
+    state_dir: Path
     start_s: dict[str, float] = field(default_factory=dict)
 
     def alive_nodes(self) -> dict[str, str]:

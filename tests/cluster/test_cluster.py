@@ -17,6 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from devstack.process import session_members
+from devstack.state import load_state
+from devstack.workers import stop_workers
 from serve_app.api.client import format_models
 from serve_app.api.native import CACHE_HEADER
 from serve_app.storage.manifest import Manifest
@@ -239,3 +242,17 @@ def test_losing_a_worker_node_under_traffic_loses_nothing(
         resp = app.predict(model_id)
         assert resp.status_code == 200
         assert resp.json()["outputs"] == pytest.approx(expected[model_id], rel=1e-5, abs=1e-6)
+
+
+def test_down_stops_exactly_the_recorded_workers(cluster: Cluster) -> None:
+    """What `fleetserve down` does for workers: every process of every recorded worker
+    (the crashed one's leftovers included) is gone; the head, not a worker, still runs."""
+    state = load_state(cluster.state_dir)
+    pids = [int(w["pid"]) for w in state["workers"]]
+    assert sorted(w["name"] for w in state["workers"]) == [w.name for w in cluster.workers]
+    stop_workers(cluster.state_dir, state)
+    for pid in pids:
+        wait_for(lambda pid=pid: not session_members(pid), 30, f"worker session {pid} empty")
+    assert "workers" not in load_state(cluster.state_dir)
+    assert cluster.head.is_running()
+    wait_for(lambda: set(cluster.alive_nodes().values()) == {"head"}, 60, "only the head alive")
