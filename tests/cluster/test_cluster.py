@@ -39,6 +39,7 @@ from tests.support import wait_for
 # NOTE: models 0-7 stay cold until the burst; 8-15 are used around the node kill.
 BURST = [f"fraud-merchant-{i:04d}" for i in range(1, 9)]
 REPEATS = 4  # concurrent requests per cold model in the burst
+API_PINNED = "fraud-merchant-0015"  # pinned through the management API (the model store)
 TYPED_503 = {"replica_unavailable", "load_timeout", "no_room", "storage_unavailable"}
 
 
@@ -155,13 +156,19 @@ def test_losing_a_worker_node_under_traffic_loses_nothing(
     cluster: Cluster, app: App, fleet: dict[str, Manifest]
 ) -> None:
     models = sorted(fleet)
+    pinned = httpx.put(f"{app.url}/v1/models/{API_PINNED}/pin", timeout=60)
+    assert pinned.status_code == 200, pinned.text
+
+    def both_pins_everywhere(replicas: list[dict]) -> bool:
+        return all(PINNED in str(r["pinned"]) and API_PINNED in str(r["pinned"]) for r in replicas)
+
+    wait_for(lambda: both_pins_everywhere(app.replicas()), 30, "both pins on every replica")
     expected = {}
     for model_id in models:
         resp = app.predict(model_id)
         assert resp.status_code == 200
         expected[model_id] = resp.json()["outputs"]
     replicas = app.replicas()
-    assert all(PINNED in str(r["pinned"]) for r in replicas), "config pin on every replica"
     victim_replica = next(r for r in replicas if r["node"].startswith("worker-"))
     victim = cluster.worker(victim_replica["node"])
     survivors = {r["replica"] for r in replicas} - {victim_replica["replica"]}
@@ -211,7 +218,7 @@ def test_losing_a_worker_node_under_traffic_loses_nothing(
         now = app.replicas()
         if len(now) != 2 or any(r["node"] == victim.name for r in now):
             return False
-        if not all(PINNED in str(r["pinned"]) for r in now):
+        if not both_pins_everywhere(now):
             return False
         return all(app.predict(m, timeout_s=LOAD_TIMEOUT_S + 15).status_code == 200 for m in models)
 
