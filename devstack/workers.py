@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,6 +65,7 @@ OBJECT_STORE_BYTES = 256 * 2**20  # Serve passes small objects; /dev/shm is shar
 WORKER_CLUSTER_ENV = dict.fromkeys(RAY_LOOPBACK_ENV, "1")
 DEFAULT_WORKER_CPUS = 2.0
 _POLL_S = 0.5
+CURRENT_CLUSTER_WAIT_S = 10.0
 _PORT_NAMES = (
     "node_manager_port",
     "object_manager_port",
@@ -343,6 +345,7 @@ def ensure_workers(
             state["workers"] = [w.state() for w in workers if w.pid is not None]
             save_state(state_dir, state)
             worker.wait_ready(dashboard_url=dashboard_url)
+            _point_drivers_at_head(gcs_address)
     except StackError:
         for worker in started:
             worker.stop()
@@ -357,6 +360,37 @@ def ensure_workers(
     return workers
 
 
+def _current_cluster_file() -> Path:
+    """Ray's "current cluster" file (as `devstack.ray_head.forget_ray_address` finds it)."""
+    temp_root = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    return Path(temp_root) / "ray" / "ray_current_cluster"
+
+
+def _point_drivers_at_head(gcs_address: str) -> None:
+    """Put the head's address back into Ray's "current cluster" file.
+
+    Every `ray start` writes its `--address` there, so after a worker joined it holds the
+    worker's spelling (`[::ffff:127.0.0.1]:port`), which the loopback hook
+    (`devstack.ray_env`) does not recognise as the local head. Called after each worker
+    is alive: its `ray start` writes the file a moment later, so this waits for that.
+    """
+    path = _current_cluster_file()
+    deadline = time.monotonic() + CURRENT_CLUSTER_WAIT_S  # written just after the node joins
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if path.read_text().strip() == bootstrap_address(gcs_address):
+                path.write_text(gcs_address)
+                return
+        time.sleep(_POLL_S / 5)
+
+
+def _forget_bootstrap_address(gcs_address: str) -> None:
+    path = _current_cluster_file()
+    with contextlib.suppress(OSError):
+        if path.read_text().strip() == bootstrap_address(gcs_address):
+            path.unlink()
+
+
 def _stop_one(worker: RayWorker) -> None:
     if worker.is_running():
         say(f"stopping Ray worker node {worker.name} (pid {worker.pid})")
@@ -368,7 +402,9 @@ def _stop_one(worker: RayWorker) -> None:
 def stop_workers(state_dir: Path, state: dict[str, Any]) -> None:
     """Stop every worker recorded in `state` (by pid and fingerprint) and forget them."""
     for recorded in state.get("workers") or []:
-        _stop_one(RayWorker.from_state(recorded))
+        worker = RayWorker.from_state(recorded)
+        _stop_one(worker)
+        _forget_bootstrap_address(worker.gcs_address)
     if "workers" in state:
         state.pop("workers")
         save_state(state_dir, state)
