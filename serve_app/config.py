@@ -259,7 +259,7 @@ class IngressConfig(_Strict):
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each ingress replica needs, to keep it on CPU "
-        "nodes (e.g. {fleet_cpu: 1} where only CPU workers declare fleet_cpu).",
+        "nodes (e.g. {fleet_ingress: 1} where only CPU workers declare fleet_ingress).",
     )
 
     @property

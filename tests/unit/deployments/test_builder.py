@@ -78,7 +78,7 @@ def test_cluster_placement_options_reach_the_deployments() -> None:
             "host": {"max_replicas_per_node": 1, "resources": {"fleet_gpu": 1}},
             "ingress": {
                 "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
-                "resources": {"fleet_cpu": 1},
+                "resources": {"fleet_ingress": 1},
             },
         }
     )
@@ -87,7 +87,7 @@ def test_cluster_placement_options_reach_the_deployments() -> None:
     assert host._replica_config.ray_actor_options["resources"] == {"fleet_gpu": 1}
     scaling = ingress._deployment_config.autoscaling_config
     assert (scaling.max_replicas, scaling.target_ongoing_requests) == (4, 8)
-    assert ingress._replica_config.ray_actor_options["resources"] == {"fleet_cpu": 1}
+    assert ingress._replica_config.ray_actor_options["resources"] == {"fleet_ingress": 1}
     # without them: Serve's defaults (best-effort spread, no custom resources)
     plain = deployments({})
     assert plain["ModelHost"]._replica_config.max_replicas_per_node is None
