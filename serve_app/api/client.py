@@ -98,11 +98,8 @@ def format_models(
     """
     where: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for replica in replicas or []:
-        # NOTE: "<node>/<replica id prefix>" on a cluster, the replica id prefix alone before.
-        node = replica.get("node")
-        label = f"{node}/{replica['replica'][:6]}" if node else replica["replica"][:8]
         for model in replica.get("models", []):
-            where.setdefault(model["key"].split("@", 1)[0], []).append((label, model))
+            where.setdefault(model["key"].split("@", 1)[0], []).append((replica["replica"], model))
     header = (
         f"{'model':<28} {'latest':>6} {'task':<24} {'size MB':>8} "
         f"{'resident on (version, MB)':<36} {'pinned':>6} {'used s ago':>10}"
@@ -111,7 +108,7 @@ def format_models(
     for m in models:
         held = where.get(m["model_id"], [])
         resident = ", ".join(
-            f"{r} v{e['key'].split('@', 1)[1]} {e['bytes'] / 1e6:.1f}" for r, e in held
+            f"{r[:8]} v{e['key'].split('@', 1)[1]} {e['bytes'] / 1e6:.1f}" for r, e in held
         )
         if replicas is None:
             resident = "?"
