@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # NOTE: the CPU wheel of torch; a GPU machine installs its own CUDA torch before `make install`.
 TORCH ?= torch==2.13.0
 
-.PHONY: help install lint test test-all test-ray-oldest up down bench clean
+.PHONY: help install lint test test-all test-cluster test-ray-oldest up down bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ test: lint ## install, lint, then run the default test suite (unit + integration
 
 test-all: lint ## the default suite plus the slow tests
 	$(BIN)/python -m pytest -m ""
+
+test-cluster: install ## the cluster tests: their own multi-node Ray cluster (head + 2 workers), own session
+	$(BIN)/python -m pytest -m cluster tests/cluster
 
 test-ray-oldest: ## unit tests + the config.yaml smoke test on the oldest supported Ray (own venv)
 	bash .ci/ray-oldest

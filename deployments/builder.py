@@ -21,6 +21,7 @@ and what changes live stays in user_config.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import ray
 from ray.serve import Application
@@ -96,7 +97,7 @@ def build_app(args: AppConfig | dict) -> Application:
         options = {
             "name": pool.deployment_name,
             "max_ongoing_requests": pool.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": _host_gpus(pool)},
+            "ray_actor_options": _actor_options(pool.num_cpus, _host_gpus(pool), pool.resources),
             "request_router_config": _router_config(pool),
             # NOTE: every request already gets an access line at the ingress (Serve's and
             # ours); Serve's per-call line in the host took ~4% of the host's GIL time on
@@ -109,13 +110,29 @@ def build_app(args: AppConfig | dict) -> Application:
             options["autoscaling_config"] = dict(pool.autoscaling)  # Serve validates it
         else:
             options["num_replicas"] = pool.num_replicas
+        if pool.max_replicas_per_node is not None:
+            options["max_replicas_per_node"] = pool.max_replicas_per_node
         # NOTE: management switched off also stops hosts applying its stored pins.
         pools[pool.name] = ModelHostDeployment.options(**options).bind(
             pool, config.store, pool_names, store_pins=config.ingress.management.enabled
         )
+    ingress = config.ingress
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": dict(ingress.autoscaling)}
+        if ingress.autoscaling is not None
+        else {"num_replicas": ingress.num_replicas}
+    )
     return Ingress.options(
-        num_replicas=config.ingress.num_replicas,
-        max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        **scaling,
+        max_ongoing_requests=ingress.max_ongoing_requests,
+        ray_actor_options=_actor_options(ingress.num_cpus, 0, ingress.resources),
         user_config=routing,
-    ).bind(pools, config.pool_configs(), config.ingress, config.store, config.auth)
+    ).bind(pools, config.pool_configs(), ingress, config.store, config.auth)
+
+
+def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:
+    """Serve `ray_actor_options`; custom resources only when some are asked for."""
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if resources:
+        options["resources"] = dict(resources)
+    return options

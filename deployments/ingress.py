@@ -207,7 +207,7 @@ class Ingress:
                 source=lambda: {**self.gateway.published(), "tenants": self.auth.ledger.snapshot()},
                 interval_s=2.0,
             )
-            if config.num_replicas > 1
+            if config.may_scale_out
             else None
         )
         self._accepted = False

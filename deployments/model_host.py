@@ -31,7 +31,7 @@ import ray
 from ray import serve
 
 from deployments.ray_internals import push_model_ids
-from deployments.replica_directory import ReplicaPublisher
+from deployments.replica_directory import ReplicaPublisher, node_identity
 from serve_app.config import PoolConfig, StoreConfig
 from serve_app.host.coalescer import Coalescer
 from serve_app.host.config_pins import ConfigPins
@@ -89,7 +89,9 @@ class ModelHostDeployment:
             replica=replica,
             pool=config.name,
             on_routing_change=self._advertise,
-            metrics=HostMetrics(ModelLabels(config.max_model_labels), replica),
+            metrics=HostMetrics(
+                ModelLabels(config.max_model_labels), replica, node=node_identity().get("node", "")
+            ),
         )
         self._directory = ReplicaPublisher(
             context.app_name,

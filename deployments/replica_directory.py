@@ -1,7 +1,8 @@
 """Where replicas publish their state for the others: Ray's GCS key-value store.
 
 Model-host replicas publish what they hold (budget, resident bytes, models) under
-`<app>/hosts/<replica_id>` for `GET /v1/replicas`; ingress replicas publish their stats
+`<app>/hosts/<replica_id>` for `GET /v1/replicas`, with the Ray node they run on
+(`node_identity`: node id, node IP, readable name); ingress replicas publish their stats
 snapshots under `<app>/ingress/<replica_id>` so `GET /v1/stats` can merge all of them.
 Entries are written on change and on a heartbeat; readers drop entries whose heartbeat is
 older than `STALE_S`, so a dead replica disappears on its own. A replica that names its
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,11 +30,34 @@ from deployments.ray_internals import SERVE_NAMESPACE, kv_delete, kv_get, kv_lis
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
+# NOTE: the Ray node label `fleetserve up --workers` gives each local worker node
+# (devstack.workers.NODE_LABEL); serving code cannot import devstack, hence the copy.
+NODE_NAME_LABEL = "fleet-node"
+HEAD_RESOURCE = "node:__internal_head__"
 STALE_S = 10.0
 
 
 def _prefix(app: str, kind: str) -> str:
     return f"{app}/{kind}/"
+
+
+def node_identity() -> dict[str, str]:
+    """The Ray node this process runs on: `node_id`, `node_ip` and a readable `node` name.
+
+    The name is the node's `fleet-node` label (the local stack's `worker-<i>`), else `head`
+    on the head node, else the node's hostname (the pod name on KubeRay). Empty outside Ray.
+    """
+    if not ray.is_initialized():
+        return {}
+    context = ray.get_runtime_context()
+    node_id = context.get_node_id()
+    info = next((n for n in ray.nodes() if n.get("NodeID") == node_id), {})
+    labels = context.get_node_labels()
+    name = labels.get(NODE_NAME_LABEL)
+    if not name:
+        is_head = HEAD_RESOURCE in info.get("Resources", {})
+        name = "head" if is_head else info.get("NodeManagerHostname") or socket.gethostname()
+    return {"node_id": node_id, "node_ip": ray.util.get_node_ip_address(), "node": str(name)}
 
 
 class ReplicaPublisher:
@@ -57,6 +82,7 @@ class ReplicaPublisher:
         self._key = _prefix(app, kind) + replica_id
         self._put = put
         self._actor = {"actor_name": actor_name, "namespace": SERVE_NAMESPACE} if actor_name else {}
+        self.node = node_identity()
         self._write_lock = threading.Lock()
         self.failures = 0
         self._source = source
@@ -113,7 +139,7 @@ class ReplicaPublisher:
         # can never put an older status over a newer one.
         with self._write_lock:
             with self._lock:
-                body = dict(self._status, **self._actor, heartbeat=time.time())
+                body = dict(self._status, **self._actor, **self.node, heartbeat=time.time())
             self._put(self._key, json.dumps(body))
 
     def stop(self) -> None:

@@ -11,9 +11,10 @@ replicas with the fewest models, then every replica).
 Ray's router learns which replica holds which model only from the controller's broadcast of
 each replica's report, so a request sent right after a load can land on another replica and
 load the model a second time. `ModelAffinityRouter` also records, the moment a request for
-model K is accepted by replica R, that R holds (or is loading) K. The mark counts as holding
-until R's own report includes K (confirmed) or `PENDING_S` passes; after that the replicas'
-reports alone decide, so an eviction still stops traffic.
+model K is accepted by replica R, that R holds (or is loading) K; for a cold model it does
+so already when it picks R, so concurrent requests for K follow the first one. The mark
+counts as holding until R's own report includes K (confirmed) or `PENDING_S` passes; after
+that the replicas' reports alone decide, so an eviction still stops traffic.
 
 A request for a model that no replica holds or is loading (cold) does not go through Ray's
 multiplexed matching, which keeps retrying the fewest-models replicas until its matching
@@ -139,6 +140,11 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
             # NOTE: cold: no replica holds or loads it; waiting for a holder cannot help.
             context.should_backoff = True  # if every replica is full
             ranked = rank_for_load(candidate_replicas, model_key)
+            if ranked:
+                # NOTE: claimed now, not when the replica accepts: requests for the same
+                # cold model routed meanwhile follow this one, even when a stats broadcast
+                # in between reorders the ranking (two loads of one model on two nodes).
+                self.marks.mark(model_key, ranked[0].replica_id)
             return [ranked[:1], ranked[1:]]
         first_try = not context.tried_first_multiplexed_models
         # NOTE: Serve's ladder keeps its own state in the routing context; on the first try

@@ -61,6 +61,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         args.prometheus,
         vision=args.vision,
         tenants=args.tenants,
+        workers=args.workers,
+        worker_cpus=args.worker_cpus,
     )
     return 0
 
@@ -126,6 +128,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tenants",
         action="store_true",
         help="deploy with two demo tenants (keys generated into .state/ and printed)",
+    )
+    up.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N Ray worker nodes beside the head (a local multi-node cluster; "
+        "default: keep what an earlier `up` started, none at first)",
+    )
+    up.add_argument(
+        "--worker-cpus", type=float, default=2.0, help="CPUs each worker node offers (default 2)"
     )
     up.set_defaults(func=_needs_extra(cmd_up))
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=cmd_down)

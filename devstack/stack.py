@@ -52,6 +52,7 @@ from devstack.serve_cli import (
 from devstack.state import StackError, load_state, save_state, say
 from devstack.summary import print_summary, sample_request
 from devstack.vision_models import VISION_COUNT
+from devstack.workers import ensure_workers, node_env, stop_workers
 from serve_app.errors import FleetError
 
 S3_PORT = 8333
@@ -259,6 +260,8 @@ def up(
     prometheus: bool,
     vision: int = VISION_COUNT,
     tenants: bool = False,
+    workers: int | None = None,
+    worker_cpus: float = 2.0,
 ) -> None:
     """Bring up the local stack (idempotent): S3, Ray head, demo fleet, Serve app `fleet`.
 
@@ -270,6 +273,9 @@ def up(
             Ray head's metrics endpoint (127.0.0.1:8080) with the fleet alert rules.
         vision: How many demo image classifiers to publish with them.
         tenants: Deploy with two demo tenants (keys generated into `state_dir`, printed).
+        workers: Ray worker nodes to run beside the head (`devstack.workers`): exactly this
+            many; None keeps whatever an earlier `up` started.
+        worker_cpus: CPUs each new worker node offers to Ray.
 
     Raises:
         StackError: a step failed; the message says which and what to do.
@@ -297,6 +303,11 @@ def up(
     head = _ensure_ray(state_dir, state, aws_env)
     hook = ray_env.install_hook()
     say(f"drivers in this environment reach the loopback cluster ({hook.name})")
+    if workers is not None:
+        # NOTE: replicas on a worker node read the admin key from its raylet's env, as on
+        # the head: an Ingress placed there must guard management with the same key.
+        env = {**node_env(aws_env), "FLEET_ADMIN_KEY": credentials.ensure_admin_key(state_dir)}
+        ensure_workers(state_dir, state, workers, head.gcs_address, env, worker_cpus)
     if "metrics_export_port" not in (state.get("ray") or {}):
         say(
             "warning: the running Ray head predates its fixed metrics port; Prometheus may "
@@ -365,6 +376,7 @@ def down(state_dir: Path) -> None:
                 serve_shutdown(head.dashboard_url)
             except StackError as exc:
                 say(f"warning: {exc}; stopping Ray anyway")
+            stop_workers(state_dir, state)  # after Serve, before the head they joined
             say(f"stopping Ray head (pid {head.pid})")
             head.stop()
             forget_ray_address(head.gcs_address)
@@ -375,6 +387,7 @@ def down(state_dir: Path) -> None:
         state.pop("ray", None)
         state.pop("serve", None)
         save_state(state_dir, state)
+    stop_workers(state_dir, state)
 
     s3_state = state.get("s3") or {}
     if s3_state.get("pid") and s3_state.get("started_by_us"):

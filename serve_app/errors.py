@@ -219,7 +219,8 @@ class NoRoom(LoadTimeout):
 
 
 class ReplicaUnavailable(FleetError):
-    """A model-host replica did not answer a management command in time (503)."""
+    """A model-host replica did not answer a management command in time, or was lost
+    while handling a request (its actor, worker process or node died) (503)."""
 
     status_code = 503
     code = "replica_unavailable"
@@ -252,11 +253,18 @@ class ModelLoadFailed(FleetError):
     code = "model_load_failed"
 
 
+# NOTE: how long a client should wait after a lost replica: Serve starts a replacement
+# (on a surviving node) within seconds, and the router stops picking the dead one sooner.
+LOST_REPLICA_RETRY_S = 2.0
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """Return the user-level exception behind a Ray wrapper, if any.
 
     Serve handles raise `RayTaskError` around the replica's exception; its `cause` is the
-    original typed error. Unwrapping is done here, once, by type, never by message.
+    original typed error. Unwrapping is done here, once, by type, never by message. What Ray
+    raises when the replica itself is gone (its actor, worker or node died: a lost node)
+    becomes a `ReplicaUnavailable` (503 with Retry-After), see `lost_replica`.
     """
     try:
         from ray.exceptions import RayTaskError
@@ -267,7 +275,43 @@ def unwrap(exc: BaseException) -> BaseException:
         if not isinstance(cause, BaseException):
             break
         exc = cause
-    return exc
+    return lost_replica(exc) or exc
+
+
+def _lost_replica_types() -> tuple[type[BaseException], ...]:
+    """Ray's (and, where loaded, Serve's) exceptions for a replica that no longer exists."""
+    import sys
+
+    from ray import exceptions as ray_exc
+
+    types: list[type[BaseException]] = [
+        ray_exc.RayActorError,  # ActorDiedError, ActorUnavailableError
+        ray_exc.WorkerCrashedError,
+        ray_exc.NodeDiedError,
+        ray_exc.LocalRayletDiedError,
+        ray_exc.OwnerDiedError,
+    ]
+    # NOTE: the serving core never imports ray.serve; in a Serve process it is loaded.
+    serve_exc = sys.modules.get("ray.serve.exceptions")
+    if serve_exc is not None:
+        types += [serve_exc.ReplicaUnavailableError, serve_exc.DeploymentUnavailableError]
+    return tuple(types)
+
+
+def lost_replica(exc: BaseException) -> ReplicaUnavailable | None:
+    """A `ReplicaUnavailable` when `exc` is Ray saying the replica it called is gone (its
+    actor, worker process or node died), else None."""
+    try:
+        types = _lost_replica_types()
+    except ImportError:  # pragma: no cover - ray is a hard dependency
+        return None
+    if not isinstance(exc, types):
+        return None
+    return ReplicaUnavailable(
+        f"the model-host replica handling this request was lost ({type(exc).__name__}); "
+        "Serve is replacing it: retry",
+        retry_after_s=LOST_REPLICA_RETRY_S,
+    )
 
 
 class PinRefused(FleetError):

@@ -97,6 +97,7 @@ class Residency(BaseModel):
     replica: str
     pool: str
     device: str
+    node: str | None = Field(None, description="Readable name of the replica's Ray node.")
     version: str
     bytes: int = Field(description="Measured bytes on the device.")
     loaded_at: float | None = Field(None, description="Unix time the load finished.")

@@ -21,3 +21,17 @@ def pytest_collection_modifyitems(config: object, items: list) -> None:
             item.add_marker(pytest.mark.unit)
         elif "/tests/integration/" in path and "unit" not in item.keywords:
             item.add_marker(pytest.mark.integration)
+        elif "/tests/cluster/" in path:
+            item.add_marker(pytest.mark.cluster)
+
+
+def pytest_ignore_collect(collection_path: object, config: object) -> bool | None:
+    """Collect tests/cluster only in a session of its own (`pytest -m cluster tests/cluster`):
+    it starts its own multi-node Ray cluster, which cannot share a process with the single
+    Ray instance of the integration session."""
+    from pathlib import Path
+
+    path = Path(str(collection_path))
+    if path.name == "cluster" and path.parent.name == "tests":
+        return config.getoption("markexpr").strip() != "cluster"  # type: ignore[attr-defined]
+    return None

@@ -121,6 +121,12 @@ def format_models(
         )
     live = "?" if replicas is None else str(len(replicas))
     lines.append(f"{len(models)} models, {live} live model-host replica(s)")
+    for replica in replicas or []:
+        if replica.get("node"):
+            lines.append(
+                f"  replica {replica['replica'][:8]} on node {replica['node']} "
+                f"({replica.get('node_ip', '?')}, id {str(replica.get('node_id', '?'))[:8]})"
+            )
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
-from serve_app.config import PoolRuleConfig
+from serve_app.gateway.routing_config import PoolRuleConfig
 from serve_app.storage.manifest import Manifest
 
 

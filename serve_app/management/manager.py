@@ -90,6 +90,7 @@ class ModelManager:
                         replica=replica["replica"],
                         pool=replica.get("pool", "default"),
                         device=replica.get("device", "cpu"),
+                        node=replica.get("node"),
                         version=model["key"][len(prefix) :],
                         bytes=model["bytes"],
                         loaded_at=model.get("loaded_at"),

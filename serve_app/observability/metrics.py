@@ -75,9 +75,12 @@ class IngressMetrics:
 class HostMetrics:
     """Cache- and replica-level metrics, recorded by each model-host replica."""
 
-    def __init__(self, labels: ModelLabels, replica: str, thrash_window_s: float = 60.0) -> None:
+    def __init__(
+        self, labels: ModelLabels, replica: str, thrash_window_s: float = 60.0, node: str = ""
+    ) -> None:
+        """`node`: the readable name of the replica's Ray node (a tag of the replica gauges)."""
         self.labels = labels
-        self.replica = {"replica": replica}
+        self.replica = {"replica": replica, "node": node}
         self.thrash_window_s = thrash_window_s
         model_tags = ("model", "version")
         self.hits = Counter(
@@ -108,11 +111,12 @@ class HostMetrics:
         self.load_failures = Counter(
             "fleet_load_failures_total", "Failed loads, by error code.", (*model_tags, "code")
         )
+        replica_tags = ("replica", "node")
         self.resident_bytes = Gauge(
-            "fleet_replica_resident_bytes", "Measured bytes of resident models.", ("replica",)
+            "fleet_replica_resident_bytes", "Measured bytes of resident models.", replica_tags
         )
-        self.budget_bytes = Gauge("fleet_replica_budget_bytes", "Memory budget.", ("replica",))
-        self.models = Gauge("fleet_replica_models", "Resident models.", ("replica",))
+        self.budget_bytes = Gauge("fleet_replica_budget_bytes", "Memory budget.", replica_tags)
+        self.models = Gauge("fleet_replica_models", "Resident models.", replica_tags)
         self._evicted_at: dict[str, float] = {}
 
     def on_event(self, event: CacheEvent, now: float) -> None:

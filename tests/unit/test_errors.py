@@ -58,3 +58,41 @@ def test_ray_task_error_is_unwrapped_by_type() -> None:
     wrapped = RayTaskError("predict", "traceback text", ModelNotFound("no such model"))
     status, body, _ = error_response(wrapped)
     assert (status, body["code"]) == (404, "model_not_found")
+
+
+def _lost_replica_errors() -> list[BaseException]:
+    """What Ray (and Serve) raise to a caller whose replica died with its node."""
+    import ray.exceptions as ray_exc
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return [
+        ray_exc.ActorDiedError(),
+        ray_exc.ActorUnavailableError("the actor's node is gone", None),
+        ray_exc.WorkerCrashedError(),
+        ray_exc.NodeDiedError("node died"),
+        ray_exc.LocalRayletDiedError(),
+        ray_exc.OwnerDiedError(b"\0" * 28, owner_address=None, call_site=""),
+        ReplicaUnavailableError("ModelHost#abc"),
+    ]
+
+
+@pytest.mark.parametrize("exc", _lost_replica_errors(), ids=lambda e: type(e).__name__)
+def test_a_lost_replica_is_a_typed_503_with_retry_after(exc: BaseException) -> None:
+    status, body, headers = error_response(exc)
+    assert status == 503
+    assert body["code"] == "replica_unavailable"
+    assert type(exc).__name__ in body["error"]
+    assert headers == {"Retry-After": "2"}
+
+
+def test_a_lost_replica_inside_a_ray_task_error_is_unwrapped_to_503() -> None:
+    import ray.exceptions as ray_exc
+
+    wrapped = ray_exc.RayTaskError("predict_batch", "traceback", ray_exc.ActorDiedError())
+    assert error_response(wrapped)[0] == 503
+
+
+def test_other_ray_errors_stay_500() -> None:
+    import ray.exceptions as ray_exc
+
+    assert error_response(ray_exc.RaySystemError("boom"))[0] == 500

@@ -70,3 +70,25 @@ def test_routing_changes_only_user_configs(monkeypatch: pytest.MonkeyPatch) -> N
 def test_bad_pools_fail_the_build_with_what_to_fix() -> None:
     with pytest.raises(ValidationError, match="pool 'a' has no memory budget"):
         build_app({"pools": [{"name": "a"}]})
+
+
+def test_cluster_placement_options_reach_the_deployments() -> None:
+    built = deployments(
+        {
+            "host": {"max_replicas_per_node": 1, "resources": {"fleet_gpu": 1}},
+            "ingress": {
+                "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
+                "resources": {"fleet_ingress": 1},
+            },
+        }
+    )
+    host, ingress = built["ModelHost"], built["Ingress"]
+    assert host._replica_config.max_replicas_per_node == 1
+    assert host._replica_config.ray_actor_options["resources"] == {"fleet_gpu": 1}
+    scaling = ingress._deployment_config.autoscaling_config
+    assert (scaling.max_replicas, scaling.target_ongoing_requests) == (4, 8)
+    assert ingress._replica_config.ray_actor_options["resources"] == {"fleet_ingress": 1}
+    # without them: Serve's defaults (best-effort spread, no custom resources)
+    plain = deployments({})
+    assert plain["ModelHost"]._replica_config.max_replicas_per_node is None
+    assert "resources" not in plain["Ingress"]._replica_config.ray_actor_options

@@ -172,6 +172,18 @@ async def test_a_just_routed_model_draws_its_next_requests_before_any_report() -
     assert await choose(router, request("k@1")) == [["b"], ["a"]]  # cold again, by budget
 
 
+async def test_concurrent_requests_for_a_cold_model_follow_the_first_choice() -> None:
+    a, b = replica("a", 0, budget(900)), replica("b", 0, budget(100))
+    router = make_router(a, b)
+    first, second = request("k@1"), request("k@1")
+    assert await choose(router, first) == [["a"], ["b"]]
+    # a stats broadcast before `first` is accepted: a reserved room for other loads
+    a.routing_stats, b.routing_stats = budget(50), budget(900)
+    router.update_replicas([a, b])
+    assert await choose(router, second) == [["a"]]  # not b: one load of k@1, on a
+    assert await choose(router, request("j@1")) == [["b"], ["a"]]  # other models: ranked
+
+
 async def test_an_unconfirmed_mark_expires() -> None:
     clock = Clock()
     a, b = replica("a", 0, budget(900)), replica("b", 0, budget(100))
