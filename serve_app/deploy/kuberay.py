@@ -9,10 +9,12 @@ and compares it with the committed `ops/kuberay/rayservice.yaml`):
 - model-host pools with `accelerator: auto` become `cuda`: on a cluster whose GPU workers
   scale from zero, `auto` would see no GPU when the app is built and place the hosts on
   CPUs. Their `memory_budget` is dropped, so `gpu_memory_fraction` of the device decides;
-- the `Ingress` deployment scales with Serve's autoscaling on ongoing requests
-  (`num_replicas: auto`) and asks for the `fleet_ingress` custom resource, which only the
-  CPU worker group offers: the gateway runs on CPU nodes and scales out there, never on a
-  GPU node. The hosts ask for one GPU each (`build_app`), so they run on the GPU group.
+- the `Ingress` scales with Serve's autoscaling on ongoing requests (config.yaml's
+  `ingress.autoscaling`, or one from `KubeRayOptions` when the config has none) and asks
+  for the `fleet_ingress` custom resource (`ingress.resources`), which only the CPU worker
+  group offers: the gateway runs on CPU nodes and scales out there, never on a GPU node.
+  Both go through the app's own args, so `build_app` applies them as it does locally.
+  The hosts ask for one GPU each (`build_app`), so they run on the GPU group.
 
 The rest of the manifest (head, the two worker groups, S3 credentials from a Secret through
 the AWS_* variables, the dashboard, Prometheus annotations, Ray token auth) is fixed here;
@@ -80,22 +82,16 @@ def serve_config(config: dict[str, Any], options: KubeRayOptions) -> dict[str, A
             if pool.get("accelerator", "auto") in ("auto", "cuda"):
                 pool["accelerator"] = "cuda"
                 pool.pop("memory_budget", None)
-        ingress = AppConfig.model_validate(args).ingress
-        deployments = app.setdefault("deployments", [])
-        entry = next((d for d in deployments if d.get("name") == "Ingress"), None)
-        if entry is None:
-            entry = {"name": "Ingress"}
-            deployments.insert(0, entry)
-        entry["num_replicas"] = "auto"
-        entry["autoscaling_config"] = {
-            "min_replicas": ingress.num_replicas,
-            "max_replicas": max(options.ingress_max_replicas, ingress.num_replicas),
-            "target_ongoing_requests": options.ingress_target_ongoing_requests,
-        }
-        entry["ray_actor_options"] = {
-            "num_cpus": ingress.num_cpus,
-            "resources": {INGRESS_RESOURCE: 1},
-        }
+        ingress = args.setdefault("ingress", {})
+        if ingress.get("autoscaling") is None:
+            floor = int(ingress.pop("num_replicas", 1))
+            ingress["autoscaling"] = {
+                "min_replicas": floor,
+                "max_replicas": max(options.ingress_max_replicas, floor),
+                "target_ongoing_requests": options.ingress_target_ongoing_requests,
+            }
+        ingress["resources"] = {**(ingress.get("resources") or {}), INGRESS_RESOURCE: 1}
+        AppConfig.model_validate(args)  # a config the app would refuse fails the render
     return serve
 
 

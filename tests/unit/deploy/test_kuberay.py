@@ -133,11 +133,26 @@ def test_serve_config_v2_parses_with_serves_schema_and_appconfig(
     local = yaml.safe_load((ROOT / "config.yaml").read_text())["applications"][0]["args"]
     assert args.store.url == local["store"]["url"]
     assert args.host.batching.max_batch_size == local["host"]["batching"]["max_batch_size"]
-    ingress = {d.name: d for d in app.deployments}["Ingress"]
-    assert ingress.num_replicas == "auto"
-    assert ingress.autoscaling_config["min_replicas"] == args.ingress.num_replicas
-    assert ingress.autoscaling_config["target_ongoing_requests"] > 0
-    assert ingress.ray_actor_options.resources == {INGRESS_RESOURCE: 1}
+    # the Ingress's scaling and placement go through the app's args (build_app applies
+    # them), never a `deployments:` override that could disagree with them
+    assert "Ingress" not in {d.name for d in app.deployments}
+    assert args.ingress.autoscaling == local["ingress"]["autoscaling"]
+    assert args.ingress.resources == {INGRESS_RESOURCE: 1}
+
+
+def test_a_config_without_ingress_autoscaling_gets_it_on_kubernetes(tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "config.yaml").read_text())
+    ingress = data["applications"][0]["args"]["ingress"]
+    ingress.pop("autoscaling")
+    ingress["num_replicas"] = 2
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rendered = yaml.safe_load(render_manifest(path))
+    serve = yaml.safe_load(rendered["spec"]["serveConfigV2"])
+    args = AppConfig.model_validate(serve["applications"][0]["args"])
+    assert args.ingress.autoscaling is not None
+    assert args.ingress.autoscaling["min_replicas"] == 2
+    assert args.ingress.resources == {INGRESS_RESOURCE: 1}
 
 
 def test_ingress_on_cpu_workers_hosts_on_gpu_workers(manifest: dict[str, Any]) -> None:
