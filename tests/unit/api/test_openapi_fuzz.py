@@ -1,6 +1,7 @@
 """A bounded schemathesis run against the real app's /openapi.json (issue 15 §7).
 
-Every operation in the document (native, V2, management), with auth on (a management
+Every operation in the document (native, V2, management), with auth on (tenants
+configured: inference routes are called with a tenant's key, the rest with the management
 admin key), examples, coverage and fuzzing phases: no response is a 500 and every error
 is the JSON `{"error", "code"}` envelope. The models the document's examples name are
 published (tiny versions of the demo fleet's), so the fuzzer gets past the 404s.
@@ -27,7 +28,11 @@ from schemathesis.generation.modes import GenerationMode
 
 from devstack.demo_fleet import TEXT_CLASSIFIERS, write_fraud_model, write_text_classifier
 from serve_app.api.app import create_app
+from serve_app.api.auth import Authorizer
 from serve_app.api.params import MODEL_ID_PATTERN, NAME_PATTERN, VERSION_PATTERN
+from serve_app.auth.keys import hash_key
+from serve_app.auth.settings import AuthConfig
+from serve_app.auth.tenants import Tenants
 from serve_app.config import HostConfig, IngressConfig, ManagementConfig, StoreConfig
 from serve_app.errors import InvalidModelId
 from serve_app.gateway.gateway import Gateway
@@ -42,9 +47,19 @@ from serve_app.storage.store import ModelStore
 from tests.support import MB, LocalHostControl
 
 ADMIN_KEY = "fuzz-admin-key-0123456789"
-# NOTE: the one place the fuzzer's credentials are set: management's admin key today;
-# tenant keys join here when inference routes need them.
-AUTH_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+TENANT_KEY = "fuzz-tenant-key-0123456789"
+# NOTE: the one place the fuzzer's credentials are set: a tenant's key (scope: every model)
+# on the inference routes, the admin key on management and the admin-only reports.
+TENANT_HEADERS = {"Authorization": f"Bearer {TENANT_KEY}"}
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+INFERENCE_PATHS = ("/v1/predict", "/v1/models/{model_id}/predict", "/v2/models/{model}")
+
+
+def auth_headers(path: str) -> dict[str, str]:
+    """The credentials an operation on `path` is called with."""
+    return TENANT_HEADERS if path.startswith(INFERENCE_PATHS) else ADMIN_HEADERS
+
+
 EXAMPLES_PER_OPERATION = 25
 FRAUD = MlpSpec(input_dim=32, hidden_dims=[8], output_dim=1)
 
@@ -69,11 +84,18 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     manager = ModelManager(
         registry, LocalHostControl({"fuzz": host}), PinStore(MemoryKeyValue(), "f")
     )
+    auth = AuthConfig.model_validate(
+        {"tenants": [{"name": "fuzz", "key_hashes": [hash_key(TENANT_KEY)], "models": ["*"]}]}
+    )
+    tenants = Tenants(
+        auth, hash_key(ADMIN_KEY), registry, is_alias=lambda _name: False, resident=frozenset
+    )
     return create_app(
         gateway,
         max_body_bytes=256 * 1024,
         manager=manager,
         management=ManagementConfig(admin_key=ADMIN_KEY),
+        auth=Authorizer(tenants),
     )
 
 
@@ -104,12 +126,13 @@ def fuzz(operation: object, mode: GenerationMode, rejected: Counter[str]) -> lis
         database=None,
     )
     def run(case: schemathesis.Case) -> None:
-        response = case.call(headers=AUTH_HEADERS)
+        headers = auth_headers(case.operation.path)
+        response = case.call(headers=headers)
         if mode is GenerationMode.POSITIVE and response.status_code in (400, 422):
             rejected[case.operation.label] += 1
         try:
             case.validate_response(
-                response, checks=[not_a_server_error, errors_are_json], headers=AUTH_HEADERS
+                response, checks=[not_a_server_error, errors_are_json], headers=headers
             )
         except (AssertionError, schemathesis.FailureGroup) as exc:
             failures.append(f"{case.operation.label} ({mode}): {exc}\n  {case.as_curl_command()}")
@@ -152,7 +175,9 @@ async def test_documented_examples_reach_real_models(app: FastAPI) -> None:
         return content["application/json"]["example"]
 
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://f") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://f", headers=TENANT_HEADERS
+    ) as client:
         v2 = await client.post(
             f"/v2/models/{model_id}/infer", json=example("/v2/models/{model}/infer")
         )
@@ -161,6 +186,13 @@ async def test_documented_examples_reach_real_models(app: FastAPI) -> None:
             f"/v1/models/{model_id}/predict", json=example("/v1/models/{model_id}/predict")
         )
         assert native.status_code == 200, native.text
+        # auth is on: the same call without the tenant's key is refused
+        anonymous = await client.post(
+            f"/v1/models/{model_id}/predict",
+            json=example("/v1/models/{model_id}/predict"),
+            headers={"Authorization": ""},
+        )
+        assert anonymous.status_code == 401, anonymous.text
 
 
 def test_every_path_parameter_is_declared_with_the_enforced_pattern(app: FastAPI) -> None:
