@@ -32,7 +32,7 @@ from serve_app.config import AppConfig, StoreConfig
 from serve_app.storage.manifest import Manifest
 from serve_app.storage.store import ModelStore, wait_for_store
 from tests.cluster.harness import App, Cluster
-from tests.support import wait_for, wait_healthy
+from tests.support import ADMIN_KEY, wait_for, wait_healthy
 
 WORKERS = 2
 FLEET = 16  # small fraud models: loads take well under a second
@@ -116,6 +116,7 @@ def app_config(store_config: StoreConfig) -> AppConfig:
             },
             "ingress": {
                 "num_cpus": 0.25,
+                "management": {"admin_key": ADMIN_KEY},
                 "registry_refresh_s": 1.0,
                 # NOTE: the head stands in for the CPU nodes (Ray's own node-IP resource);
                 # the hosts spread over all three nodes, one per node at most.

@@ -18,6 +18,7 @@ import httpx
 from devstack.demo_fleet import FRAUD_FEATURES
 from devstack.ray_head import RayHead
 from devstack.workers import RayWorker, list_nodes
+from tests.support import ADMIN
 
 INPUTS = [[0.1 * i for i in range(FRAUD_FEATURES)], [1.0] * FRAUD_FEATURES]
 
@@ -56,7 +57,8 @@ class App:
     """The `fleet` app on the cluster, over HTTP."""
 
     url: str
-    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=120))
+    # NOTE: the admin key on every call: management (/v1/replicas, pins) fails closed.
+    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=120, headers=ADMIN))
 
     def predict(self, model_id: str, timeout_s: float = 120) -> httpx.Response:
         return self.http.post(

@@ -156,7 +156,7 @@ def test_losing_a_worker_node_under_traffic_loses_nothing(
     cluster: Cluster, app: App, fleet: dict[str, Manifest]
 ) -> None:
     models = sorted(fleet)
-    pinned = httpx.put(f"{app.url}/v1/models/{API_PINNED}/pin", timeout=60)
+    pinned = app.http.put(f"{app.url}/v1/models/{API_PINNED}/pin", timeout=60)
     assert pinned.status_code == 200, pinned.text
 
     def both_pins_everywhere(replicas: list[dict]) -> bool:
