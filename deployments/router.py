@@ -78,6 +78,14 @@ class AffinityMarks:
             if not marks:
                 del self._marks[model_key]
 
+    def keep_only(self, model_key: str, replica_id: ReplicaID) -> None:
+        """`replica_id` took `model_key` although the mark pointed elsewhere (the claimed
+        replica was full or did not answer its queue probe): marks on other replicas go,
+        so the next requests follow the replica that is actually loading it."""
+        marks = self._marks.get(model_key)
+        if marks is not None:
+            self._marks[model_key] = {replica_id: marks.get(replica_id, self._clock())}
+
     def marked(
         self, model_key: str, replicas: Mapping[ReplicaID, RunningReplica]
     ) -> set[ReplicaID]:
@@ -171,7 +179,11 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
         if model_key:
             replica = self.curr_replicas.get(replica_id)
             if replica is None or model_key not in replica.multiplexed_model_ids:
+                # NOTE: a cold claim on another replica that fell through to this one
+                # (full, or its queue probe timed out) must not draw later requests there:
+                # that replica would load the model a second time.
                 self.marks.mark(model_key, replica_id)  # (a hit needs no mark)
+                self.marks.keep_only(model_key, replica_id)
             return
         command = _command(pending_request)
         if command is not None and command.op in MARKING_OPS:

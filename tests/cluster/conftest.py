@@ -66,7 +66,7 @@ def fleet(store_config: StoreConfig) -> dict[str, Manifest]:
     store = ModelStore(store_config)
     wait_for_store(store)
     manifests = publish_demo_fleet(
-        store, FLEET, progress=False, classifiers=(), include_embedder=False
+        store, FLEET, progress=False, classifiers=(), include_embedder=False, vision=0
     )
     return {m.model_id: m for m in manifests}
 

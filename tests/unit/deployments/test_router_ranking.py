@@ -184,6 +184,18 @@ async def test_concurrent_requests_for_a_cold_model_follow_the_first_choice() ->
     assert await choose(router, request("j@1")) == [["b"], ["a"]]  # other models: ranked
 
 
+async def test_a_cold_claim_that_falls_through_follows_the_replica_that_took_it() -> None:
+    """The claimed replica was full (or missed its queue probe), so Serve placed the request
+    on the next rank: later requests go where the model is loading, not to the claim."""
+    a, b = replica("a", 0, budget(900)), replica("b", 0, budget(100))
+    router = make_router(a, b)
+    first = request("k@1")
+    assert await choose(router, first) == [["a"], ["b"]]  # claimed for a
+    router.on_request_routed(first, b.replica_id, object())  # ... but b took it
+    for _ in range(5):
+        assert await choose(router, request("k@1")) == [["b"]]  # never a second load on a
+
+
 async def test_an_unconfirmed_mark_expires() -> None:
     clock = Clock()
     a, b = replica("a", 0, budget(900)), replica("b", 0, budget(100))
