@@ -8,8 +8,10 @@ from a conftest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,3 +255,25 @@ def vision_reference(folder: Path, images: list[bytes], k: int = 5) -> list[dict
         labels = [model.config.id2label[int(i)] for i in top.indices]
         out.append({"labels": labels, "scores": top.values.tolist()})
     return out
+
+
+@contextlib.contextmanager
+def running_seaweed(data_dir: Path) -> Iterator[Any]:
+    """A real SeaweedFS S3 server on 127.0.0.1 with keys, the AWS_* env pointing at it
+    while it runs (restored after): the S3 of a test session."""
+    from devstack.seaweed import SeaweedServer
+
+    server = SeaweedServer(data_dir)
+    server.start()
+    server.wait_ready(timeout_s=60)
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

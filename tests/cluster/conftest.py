@@ -32,7 +32,7 @@ from serve_app.config import AppConfig, StoreConfig
 from serve_app.storage.manifest import Manifest
 from serve_app.storage.store import ModelStore, wait_for_store
 from tests.cluster.harness import App, Cluster
-from tests.support import ADMIN_KEY, wait_for, wait_healthy
+from tests.support import ADMIN_KEY, running_seaweed, wait_for, wait_healthy
 
 WORKERS = 2
 FLEET = 16  # small fraud models: loads take well under a second
@@ -42,18 +42,8 @@ LOAD_TIMEOUT_S = 30.0
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
-    server.start()
-    server.wait_ready(timeout_s=60)
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with running_seaweed(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

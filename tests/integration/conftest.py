@@ -5,7 +5,6 @@ churn test forces evictions. Everything started here is stopped here."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import uuid
@@ -25,6 +24,7 @@ from tests.support import (
     CLASSIFIERS,
     FRAUD_COUNT,
     FleetApp,
+    running_seaweed,
     wait_for,
     wait_healthy,
 )
@@ -33,18 +33,8 @@ from tests.support import (
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     """A real SeaweedFS S3 server on 127.0.0.1 with keys; AWS_* env points at it."""
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
-    server.start()
-    server.wait_ready(timeout_s=60)
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with running_seaweed(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
