@@ -24,6 +24,14 @@ as each host returns it from `record_routing_stats`, which Serve's controller po
 broadcasts), then by fewest models, and sends the request to the first that accepts it:
 that replica loads it. Until every replica has reported stats once, fewest models decides.
 
+Hot models (`host.hot_copies`, `serve_app.gateway.hot_copies`): the router counts the
+requests it routes per model; while a warm model wants more copies than it has holders, one
+request goes to the best-placed replica that does not hold it (ranked as a cold load), the
+request flagged `hot_copy` so the host marks what it loads as an extra copy; that replica is
+then marked a holder, so one request makes one copy. Once the model cools, its traffic goes
+only to holders that do not report it among their routing stats' `copy_keys`, and the idle
+copies are dropped by their hosts.
+
 Management commands (`HostCommand`, first argument of `ModelHost.manage`) name the replica
 that must run them; the router offers only that replica. (With `FIFOMixin`, Serve may still,
 rarely, hand the chosen replica to another pending request; the host then refuses a command
@@ -32,6 +40,7 @@ that is not its own with `CommandMisrouted` and the ingress resends it.)
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -47,8 +56,9 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from serve_app.gateway.hot_copies import HotCopiesConfig, HotModels, serving_holders
 from serve_app.gateway.replica_ranking import rank_for_load
-from serve_app.schemas import HostCommand
+from serve_app.schemas import HostCommand, PredictBatch
 
 PENDING_S = 2.0  # longer than a controller round trip, short against any eviction cycle
 MARKING_OPS = frozenset({"load", "pin"})  # management commands that make a replica load K
@@ -116,6 +126,12 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.marks = AffinityMarks()
+        self.hot = HotModels()
+
+    def initialize_state(self, hot_copies: dict[str, Any] | None = None, **_: Any) -> None:
+        """Serve's hook for `RequestRouterConfig.request_router_kwargs` (`deployments/
+        builder.py` passes the pool's `hot_copies`)."""
+        self.hot = HotModels(HotCopiesConfig.model_validate(hot_copies or {}))
 
     async def choose_replicas(
         self,
@@ -141,10 +157,44 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
             ranked = rank_for_load(candidate_replicas, model_key)
             return [ranked[:1], ranked[1:]]
         first_try = not context.tried_first_multiplexed_models
+        wanted = self.hot.wanted(model_key)
+        if first_try and len(holders) < wanted:
+            copy_to = self._copy_target(pending_request, candidate_replicas, holders)
+            if copy_to is not None:
+                return [[copy_to], self._two(holders)]
         # NOTE: Serve's ladder keeps its own state in the routing context; on the first try
         # its first rung (reported holders) is replaced by ours (reported + marked).
         ladder = self.apply_multiplex_routing(pending_request)
-        return [self._two(holders if first_try else ladder)]
+        if not first_try:
+            return [self._two(ladder)]
+        return [self._two(serving_holders(holders, self._copy_holders(model_key), wanted))]
+
+    def _copy_target(
+        self,
+        pending_request: PendingRequest,
+        candidates: list[RunningReplica],
+        holders: set[ReplicaID],
+    ) -> RunningReplica | None:
+        """Where an extra copy of a hot model goes (placed like a cold load), with the
+        request flagged so the host marks the copy; None if every replica holds it."""
+        batch = pending_request.args[0] if pending_request.args else None
+        if not isinstance(batch, PredictBatch):
+            return None
+        others = [r for r in candidates if r.replica_id not in holders]
+        if not others:
+            return None
+        # NOTE: the flag only matters on a miss: if this request ends on a holder instead
+        # (the target was full), the holder serves it from its resident model.
+        pending_request.args[0] = dataclasses.replace(batch, hot_copy=True)
+        return rank_for_load(others, pending_request.metadata.multiplexed_model_id)[0]
+
+    def _copy_holders(self, model_key: str) -> set[ReplicaID]:
+        """Replicas whose routing stats report `model_key` as an extra copy."""
+        return {
+            rid
+            for rid, r in self.curr_replicas.items()
+            if model_key in (r.routing_stats or {}).get("copy_keys", ())
+        }
 
     def holders(self, model_key: str) -> set[ReplicaID]:
         """Replicas that report `model_key`, or accepted a request for it moments ago."""
@@ -163,6 +213,7 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
         super().on_request_routed(pending_request, replica_id, result)  # type: ignore[arg-type]
         model_key = pending_request.metadata.multiplexed_model_id
         if model_key:
+            self.hot.record(model_key)
             replica = self.curr_replicas.get(replica_id)
             if replica is None or model_key not in replica.multiplexed_model_ids:
                 self.marks.mark(model_key, replica_id)  # (a hit needs no mark)

@@ -25,6 +25,8 @@ from pydantic import (
 
 from serve_app.auth.settings import MIN_KEY_LENGTH, AuthConfig
 from serve_app.cache.policy import PolicyName
+from serve_app.gateway.hot_copies import HotCopiesConfig
+from serve_app.host.working_set import WorkingSetConfig
 
 _UNITS = {
     "": 1,
@@ -209,6 +211,9 @@ class HostConfig(_Strict):
     max_model_labels: int = Field(
         200, ge=1, description="Distinct model label values in metrics; the rest: __other__."
     )
+    hot_copies: HotCopiesConfig = Field(
+        default_factory=HotCopiesConfig, description="Extra copies of hot models (off: 1)."
+    )
 
 
 class ManagementConfig(_Strict):
@@ -295,6 +300,9 @@ class PoolConfig(HostConfig):
         None,
         description="Serve autoscaling_config (min_replicas, max_replicas, "
         "target_ongoing_requests, ...); when set, it replaces num_replicas.",
+    )
+    autoscale_on_working_set: WorkingSetConfig | None = Field(
+        None, description="With autoscaling: scale on the bytes of models requested too."
     )
 
     @property

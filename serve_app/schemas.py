@@ -167,6 +167,7 @@ class PredictBatch:
     manifest: Manifest
     inputs: list[list[Any]]  # validated rows, one list per request
     request_ids: list[str]
+    hot_copy: bool = False  # set by the router: a miss loads an extra copy of a hot model
 
 
 @dataclass(frozen=True)
