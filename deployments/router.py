@@ -213,7 +213,11 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
         super().on_request_routed(pending_request, replica_id, result)  # type: ignore[arg-type]
         model_key = pending_request.metadata.multiplexed_model_id
         if model_key:
-            self.hot.record(model_key)
+            batch = pending_request.args[0] if pending_request.args else None
+            # NOTE: the ingress batches concurrent requests for a model: count requests.
+            self.hot.record(
+                model_key, len(batch.request_ids) if isinstance(batch, PredictBatch) else 1
+            )
             replica = self.curr_replicas.get(replica_id)
             if replica is None or model_key not in replica.multiplexed_model_ids:
                 self.marks.mark(model_key, replica_id)  # (a hit needs no mark)

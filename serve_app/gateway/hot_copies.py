@@ -70,13 +70,13 @@ class RequestRates:
         self._cap = cap
         self._pruned_at = clock()
 
-    def record(self, key: str) -> None:
-        """Count one request for `key` now."""
+    def record(self, key: str, requests: int = 1) -> None:
+        """Count `requests` requests for `key` now."""
         now = self._clock()
         times = self._times.get(key)
         if times is None:
             times = self._times[key] = deque(maxlen=self._cap)
-        times.append(now)
+        times.extend([now] * min(requests, self._cap))
         self._prune_idle(now)
 
     def rate(self, key: str) -> float:
@@ -117,10 +117,10 @@ class HotModels:
         cap = math.ceil(self.config.max_copies * self.config.rate_per_s * self.config.window_s)
         self.rates = RequestRates(self.config.window_s, clock, cap=cap + 1)
 
-    def record(self, key: str) -> None:
-        """A request for `key` was routed."""
+    def record(self, key: str, requests: int = 1) -> None:
+        """`requests` requests for `key` were routed (one batch of the ingress's)."""
         if self.config.enabled:
-            self.rates.record(key)
+            self.rates.record(key, requests)
 
     def wanted(self, key: str) -> int:
         """How many replicas should hold `key` now (1 when copies are off)."""

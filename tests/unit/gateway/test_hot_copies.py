@@ -51,6 +51,8 @@ def test_copies_wanted_follow_the_rate_up_to_max_copies() -> None:
     assert hot.wanted("k@1") == 3
     clock.now += 3  # cooled: nothing in the window
     assert hot.wanted("k@1") == 1
+    hot.record("k@1", requests=9)  # one batch of 9 requests in a 2 s window: 4.5/s
+    assert hot.wanted("k@1") == 2
 
 
 def test_copies_off_by_default_and_records_nothing() -> None:
