@@ -219,13 +219,13 @@ class ModelHostDeployment:
             self._maybe_publish()
 
     async def predict_batch(self, batch: PredictBatch) -> BatchResult:
-        """Predict several requests for one model version (the ingress's batches); a miss
-        on a batch the router flagged `hot_copy` loads an extra copy (marked as one)."""
+        """Predict several requests for one model version (the ingress's batches); a batch
+        the router sends while it makes an extra copy here (`copy_on`) marks the copy."""
         manifest = batch.manifest
         self._working_set.record(manifest.key, manifest.total_bytes)
         try:
             result = await self.host.predict_batch(batch)
-            if batch.hot_copy and not result.resident:
+            if batch.copy_on == self._replica_id.unique_id:
                 self.host.cache.mark_copy(manifest.key)
             return result
         finally:

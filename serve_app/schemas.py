@@ -167,7 +167,9 @@ class PredictBatch:
     manifest: Manifest
     inputs: list[list[Any]]  # validated rows, one list per request
     request_ids: list[str]
-    hot_copy: bool = False  # set by the router: a miss loads an extra copy of a hot model
+    # NOTE: set by the router while it makes an extra copy of a hot model: the replica (unique
+    # id) whose copy it is; that replica marks its copy when it serves this batch.
+    copy_on: str | None = None
 
 
 @dataclass(frozen=True)

@@ -47,17 +47,26 @@ async def test_a_hot_model_gets_one_copy_on_the_best_placed_non_holder() -> None
     router = hot_router(a, b, c, clock=clock)
     pending = request("k@1", batch())
     assert await choose(router, pending) == [["a"]]  # warm, not hot: the holder
-    assert not pending.args[0].hot_copy
+    assert pending.args[0].copy_on is None
     heat(router, clock, "a")
     pending = request("k@1", batch())
     assert await choose(router, pending) == [["c"], ["a"]]  # most free budget, then holder
-    assert pending.args[0].hot_copy
+    assert pending.args[0].copy_on == "c"
     router.on_request_routed(pending, rid("c"), object())  # c now holds (marked)
     for _ in range(5):  # wanted 2, held by 2: no further copy, both serve
         pending = request("k@1", batch())
         (chosen,) = await choose(router, pending)
         assert sorted(chosen) == ["a", "c"]
-        assert not pending.args[0].hot_copy
+        # until c reports its copy, every request names it (Serve's FIFO may hand c to
+        # another pending request for the model than the one that chose it)
+        assert pending.args[0].copy_on == "c"
+    c.routing_stats = {**c.routing_stats, "copy_keys": ["k@1"]}
+    c.multiplexed_model_ids = {"k@1"}
+    router.update_replicas([a, b, c])
+    pending = request("k@1", batch())
+    (chosen,) = await choose(router, pending)
+    assert sorted(chosen) == ["a", "c"]
+    assert pending.args[0].copy_on is None  # reported: requests stop naming it
 
 
 async def test_a_cold_model_is_placed_once_however_hot() -> None:
@@ -67,7 +76,7 @@ async def test_a_cold_model_is_placed_once_however_hot() -> None:
     router.marks = type(router.marks)(clock=clock)
     pending = request("k@1", batch())
     assert await choose(router, pending) == [["a"], ["b"]]  # the cold path: one load
-    assert not pending.args[0].hot_copy
+    assert pending.args[0].copy_on is None
 
 
 async def test_once_cool_the_copy_holders_get_no_traffic() -> None:
@@ -89,7 +98,7 @@ async def test_copies_off_by_default() -> None:
     heat(router, clock, "a", requests=500)
     pending = request("k@1", batch())
     assert await choose(router, pending) == [["a"]]
-    assert not pending.args[0].hot_copy
+    assert pending.args[0].copy_on is None
 
 
 def test_pools_pass_hot_copies_to_their_router() -> None:
