@@ -13,16 +13,21 @@ The decision is the larger of Serve's own default (ongoing requests against
 set needs (`serve_app.host.working_set.replicas_for_working_set`); Serve bounds it by
 min/max_replicas. The working set is already a window (`window_s`), so shrinking it
 scales down once its window has passed.
+
+Ray versions: written against Ray 2.60's public policy API (`AutoscalingPolicy` with a
+class and `policy_kwargs`, `AutoscalingContext.aggregated_metrics`, the replica's
+`record_autoscaling_stats`); not verified on 2.57-2.59. Ray's policy API is imported only
+when Serve calls the policy, so pools without `autoscale_on_working_set` never need it.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
-from ray.serve.config import AutoscalingContext
+from typing import TYPE_CHECKING, Any
 
 from serve_app.host.working_set import replicas_for_working_set
+
+if TYPE_CHECKING:
+    from ray.serve.config import AutoscalingContext
 
 POLICY_PATH = "deployments.autoscaling:WorkingSetPolicy"
 
@@ -34,6 +39,10 @@ class WorkingSetPolicy:
         self.target_fill = target_fill
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
+        # NOTE: imported here, in Serve's controller: importing this module (the builder
+        # does) must not need the policy API, which only pools that use it need.
+        from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
+
         by_load, state = replica_queue_length_autoscaling_policy(ctx)
         metrics = ctx.aggregated_metrics or {}
         working_set = metrics.get("working_set_bytes", {})
