@@ -27,10 +27,11 @@ import ray
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from deployments.autoscaling import POLICY_PATH
 from deployments.ingress import Ingress
 from deployments.model_host import ModelHostDeployment
 from deployments.router import ModelAffinityRouter
-from serve_app.config import AppConfig, HostConfig
+from serve_app.config import AppConfig, HostConfig, PoolConfig
 from serve_app.errors import InvalidRouting, StorageUnavailable
 from serve_app.gateway.routing_table import RoutingTable
 from serve_app.storage.registry import Registry
@@ -53,7 +54,7 @@ def _host_gpus(host: HostConfig) -> float:
     return 0
 
 
-def _router_config(pool: HostConfig) -> RequestRouterConfig:
+def _router_config(pool: PoolConfig) -> RequestRouterConfig:
     """`router: ray` keeps Serve's default router and settings (the benchmarks' baseline:
     a `RequestRouterConfig` without a class is Serve's power-of-two-choices router)."""
     if pool.router == "ray":
@@ -61,7 +62,21 @@ def _router_config(pool: HostConfig) -> RequestRouterConfig:
     return RequestRouterConfig(
         request_router_class=ModelAffinityRouter,
         request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+        request_router_kwargs={"hot_copies": pool.hot_copies.model_dump()},
     )
+
+
+def _autoscaling_config(pool: PoolConfig) -> dict[str, Any]:
+    """The pool's Serve autoscaling_config; with `autoscale_on_working_set`, through the
+    working-set policy (deployments/autoscaling.py)."""
+    config = dict(pool.autoscaling or {})
+    working_set = pool.autoscale_on_working_set
+    if working_set is not None:
+        config["policy"] = {
+            "policy_function": POLICY_PATH,
+            "policy_kwargs": {"target_fill": working_set.target_fill},
+        }
+    return config
 
 
 def check_routing(config: AppConfig) -> None:
@@ -106,8 +121,10 @@ def build_app(args: AppConfig | dict) -> Application:
             # NOTE: the routing, for the pins it places in this pool (see module docstring).
             "user_config": routing,
         }
+        if pool.autoscale_on_working_set is not None and pool.autoscaling is None:
+            raise ValueError(f"pool {pool.name}: autoscale_on_working_set needs autoscaling")
         if pool.autoscaling is not None:
-            options["autoscaling_config"] = dict(pool.autoscaling)  # Serve validates it
+            options["autoscaling_config"] = _autoscaling_config(pool)  # Serve validates it
         else:
             options["num_replicas"] = pool.num_replicas
         if pool.max_replicas_per_node is not None:

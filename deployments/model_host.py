@@ -36,6 +36,7 @@ from serve_app.config import PoolConfig, StoreConfig
 from serve_app.host.coalescer import Coalescer
 from serve_app.host.config_pins import ConfigPins
 from serve_app.host.model_host import ModelHost
+from serve_app.host.working_set import WorkingSet
 from serve_app.management.pins import PinStore
 from serve_app.observability.logs import configure_logging
 from serve_app.observability.metrics import HostMetrics, ModelLabels
@@ -82,6 +83,9 @@ class ModelHostDeployment:
         self._advertiser: Coalescer[list[str]] = Coalescer(
             self._push_routing_info, ADVERTISE_EVERY_S, asyncio.get_running_loop()
         )
+        self._copies = config.hot_copies
+        working_set = config.autoscale_on_working_set
+        self._working_set = WorkingSet(working_set.window_s if working_set else 60.0)
         store = ModelStore(store_config)
         self.host = ModelHost(
             config,
@@ -170,6 +174,9 @@ class ModelHostDeployment:
                 await self._refresh_config_pins()
             except Exception:  # NOTE: the poller must outlive a bad read; logged
                 logger.exception("refreshing config pins failed", extra={"pool": self._pool})
+            if self._copies.enabled:
+                # NOTE: extra copies the router stopped using (the model cooled) go.
+                self.host.cache.evict_idle_copies(self._copies.cool_after_s)
             # NOTE: request counters publish at most once a second from the request path;
             # this tick publishes the last ones once traffic stops.
             self._maybe_publish()
@@ -219,9 +226,15 @@ class ModelHostDeployment:
             self._maybe_publish()
 
     async def predict_batch(self, batch: PredictBatch) -> BatchResult:
-        """Predict several requests for one model version (the ingress's batches)."""
+        """Predict several requests for one model version (the ingress's batches); a batch
+        the router sends while it makes an extra copy here (`copy_on`) marks the copy."""
+        manifest = batch.manifest
+        self._working_set.record(manifest.key, manifest.total_bytes)
         try:
-            return await self.host.predict_batch(batch)
+            result = await self.host.predict_batch(batch)
+            if batch.copy_on == self._replica_id.unique_id:
+                self.host.cache.mark_copy(manifest.key)
+            return result
         finally:
             self._maybe_publish()
 
@@ -246,7 +259,7 @@ class ModelHostDeployment:
         routing = None if config_pins is None else config_pins.routing
         return {**self.host.status(), "routing_pins": None if routing is None else routing.pins}
 
-    async def record_routing_stats(self) -> dict[str, int]:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """Serve's routing-stats hook: this replica's memory budget and its use, for the
         router's placement of cold models (`serve_app.gateway.replica_ranking.rank_for_load`).
 
@@ -259,6 +272,16 @@ class ModelHostDeployment:
             "budget_bytes": cache.budget_bytes,
             "resident_bytes": cache.resident_bytes,
             "reserved_bytes": cache.reserved_bytes,
+            "copy_keys": cache.copy_keys(),  # extra copies of hot models (the router's)
+        }
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics hook: the bytes of the distinct models
+        requested here in the working-set window, and the budget, for the pool's
+        working-set policy (`deployments/autoscaling.py`; only with `autoscaling`)."""
+        return {
+            "working_set_bytes": float(self._working_set.bytes()),
+            "budget_bytes": float(self.host.cache.budget_bytes),
         }
 
     async def __del__(self) -> None:

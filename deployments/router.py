@@ -25,6 +25,17 @@ as each host returns it from `record_routing_stats`, which Serve's controller po
 broadcasts), then by fewest models, and sends the request to the first that accepts it:
 that replica loads it. Until every replica has reported stats once, fewest models decides.
 
+Hot models (`host.hot_copies`, `serve_app.gateway.hot_copies`): the router counts the
+requests it routes per model; while a warm model wants more copies than it has holders, one
+request goes to the best-placed replica that does not hold it (ranked as a cold load); that
+replica is then marked a holder, so one request makes one copy. Until the replica reports
+the model among its routing stats' `copy_keys` (or `COPY_PENDING_S` passes), every request
+for the model names it (`PredictBatch.copy_on`), and it marks its copy when it serves one:
+with `FIFOMixin` Serve may give the chosen replica to another pending request for the same
+model, so flagging only the request that made the choice could leave the copy unmarked.
+Once the model cools, its traffic goes only to holders that do not report it as a copy,
+and the idle copies are dropped by their hosts.
+
 Management commands (`HostCommand`, first argument of `ModelHost.manage`) name the replica
 that must run them; the router offers only that replica. (With `FIFOMixin`, Serve may still,
 rarely, hand the chosen replica to another pending request; the host then refuses a command
@@ -33,6 +44,7 @@ that is not its own with `CommandMisrouted` and the ingress resends it.)
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -48,11 +60,13 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from serve_app.gateway.hot_copies import HotCopiesConfig, HotModels, serving_holders
 from serve_app.gateway.replica_ranking import rank_for_load
-from serve_app.schemas import HostCommand
+from serve_app.schemas import HostCommand, PredictBatch
 
 PENDING_S = 2.0  # longer than a controller round trip, short against any eviction cycle
 MARKING_OPS = frozenset({"load", "pin"})  # management commands that make a replica load K
+COPY_PENDING_S = 10.0  # longest a copy is flagged on requests before its host reports it
 
 
 class AffinityMarks:
@@ -125,6 +139,13 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.marks = AffinityMarks()
+        self.hot = HotModels()
+        self._copying: dict[str, tuple[str, float]] = {}  # model -> (replica, since)
+
+    def initialize_state(self, hot_copies: dict[str, Any] | None = None, **_: Any) -> None:
+        """Serve's hook for `RequestRouterConfig.request_router_kwargs` (`deployments/
+        builder.py` passes the pool's `hot_copies`)."""
+        self.hot = HotModels(HotCopiesConfig.model_validate(hot_copies or {}))
 
     async def choose_replicas(
         self,
@@ -155,10 +176,58 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
                 self.marks.mark(model_key, ranked[0].replica_id)
             return [ranked[:1], ranked[1:]]
         first_try = not context.tried_first_multiplexed_models
+        wanted = self.hot.wanted(model_key)
+        copy_to = None
+        if first_try and len(holders) < wanted and self._copy_in_progress(model_key) is None:
+            copy_to = self._copy_target(model_key, candidate_replicas, holders)
+        _flag_copy(pending_request, self._copy_in_progress(model_key))
+        if copy_to is not None:
+            return [[copy_to], self._two(holders)]
         # NOTE: Serve's ladder keeps its own state in the routing context; on the first try
         # its first rung (reported holders) is replaced by ours (reported + marked).
         ladder = self.apply_multiplex_routing(pending_request)
-        return [self._two(holders if first_try else ladder)]
+        if not first_try:
+            return [self._two(ladder)]
+        return [self._two(serving_holders(holders, self._copy_holders(model_key), wanted))]
+
+    def _copy_target(
+        self, model_key: str, candidates: list[RunningReplica], holders: set[ReplicaID]
+    ) -> RunningReplica | None:
+        """Where an extra copy of a hot model goes (placed like a cold load); None if every
+        replica holds it. Requests name it until it reports the copy."""
+        others = [r for r in candidates if r.replica_id not in holders]
+        if not others:
+            return None
+        target = rank_for_load(others, model_key)[0]
+        self._copying[model_key] = (target.replica_id.unique_id, time.monotonic())
+        return target
+
+    def _copy_in_progress(self, model_key: str) -> str | None:
+        """The replica making an extra copy of `model_key`, until it reports it (or gives
+        up: gone, or `COPY_PENDING_S` passed)."""
+        copying = self._copying.get(model_key)
+        if copying is None:
+            return None
+        unique_id, since = copying
+        replica = next(
+            (r for r in self.curr_replicas.values() if r.replica_id.unique_id == unique_id), None
+        )
+        if (
+            replica is None
+            or model_key in (replica.routing_stats or {}).get("copy_keys", ())
+            or time.monotonic() - since > COPY_PENDING_S
+        ):
+            del self._copying[model_key]
+            return None
+        return unique_id
+
+    def _copy_holders(self, model_key: str) -> set[ReplicaID]:
+        """Replicas whose routing stats report `model_key` as an extra copy."""
+        return {
+            rid
+            for rid, r in self.curr_replicas.items()
+            if model_key in (r.routing_stats or {}).get("copy_keys", ())
+        }
 
     def holders(self, model_key: str) -> set[ReplicaID]:
         """Replicas that report `model_key`, or accepted a request for it moments ago."""
@@ -177,6 +246,11 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
         super().on_request_routed(pending_request, replica_id, result)  # type: ignore[arg-type]
         model_key = pending_request.metadata.multiplexed_model_id
         if model_key:
+            batch = pending_request.args[0] if pending_request.args else None
+            # NOTE: the ingress batches concurrent requests for a model: count requests.
+            self.hot.record(
+                model_key, len(batch.request_ids) if isinstance(batch, PredictBatch) else 1
+            )
             replica = self.curr_replicas.get(replica_id)
             if replica is None or model_key not in replica.multiplexed_model_ids:
                 # NOTE: a cold claim on another replica that fell through to this one
@@ -194,6 +268,13 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self.marks.prune(self.curr_replicas)
+
+
+def _flag_copy(pending_request: PendingRequest, replica: str | None) -> None:
+    """Name on this request the replica making a copy of its model (None: no copy)."""
+    batch = pending_request.args[0] if pending_request.args else None
+    if isinstance(batch, PredictBatch) and batch.copy_on != replica:
+        pending_request.args[0] = dataclasses.replace(batch, copy_on=replica)
 
 
 def _command(pending_request: PendingRequest) -> HostCommand | None:

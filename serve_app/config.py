@@ -25,7 +25,9 @@ from pydantic import (
 
 from serve_app.auth.settings import MIN_KEY_LENGTH, AuthConfig
 from serve_app.cache.policy import PolicyName
+from serve_app.gateway.hot_copies import HotCopiesConfig
 from serve_app.gateway.routing_config import RoutingConfig
+from serve_app.host.working_set import WorkingSetConfig
 
 _UNITS = {
     "": 1,
@@ -222,6 +224,9 @@ class HostConfig(_Strict):
         description="Custom Ray resources each replica needs, to place the pool on a node "
         "group (e.g. {fleet_gpu: 1} where only GPU workers declare fleet_gpu).",
     )
+    hot_copies: HotCopiesConfig = Field(
+        default_factory=HotCopiesConfig, description="Extra copies of hot models (off: 1)."
+    )
 
 
 class ManagementConfig(_Strict):
@@ -325,6 +330,9 @@ class PoolConfig(HostConfig):
         None,
         description="Serve autoscaling_config (min_replicas, max_replicas, "
         "target_ongoing_requests, ...); when set, it replaces num_replicas.",
+    )
+    autoscale_on_working_set: WorkingSetConfig | None = Field(
+        None, description="With autoscaling: scale on the bytes of models requested too."
     )
 
     @property

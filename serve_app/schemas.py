@@ -168,6 +168,9 @@ class PredictBatch:
     manifest: Manifest
     inputs: list[list[Any]]  # validated rows, one list per request
     request_ids: list[str]
+    # NOTE: set by the router while it makes an extra copy of a hot model: the replica (unique
+    # id) whose copy it is; that replica marks its copy when it serves this batch.
+    copy_on: str | None = None
 
 
 @dataclass(frozen=True)

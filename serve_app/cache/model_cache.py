@@ -20,6 +20,8 @@
 - `unload(key)` evicts at once if the model is idle, else as its last lease ends.
 - Which idle model goes first is the eviction policy's call (serve_app/cache/policy.py; LRU by
   default); whether it may go (not leased, not pinned) is the cache's.
+- Extra copies of hot models (`mark_copy`) are evicted before any other model, and
+  `evict_idle_copies` drops those the router stopped using (the model cooled).
 - Callbacks (`on_change`, `on_event`) that raise are logged and never break the accounting.
 
 The cache knows nothing of Ray, S3 or torch: loads are injected callables, which keeps it
@@ -88,6 +90,7 @@ class CacheEntry(Generic[M]):
     leases: int = 0
     hits: int = 0
     pinned: bool = False
+    copy: bool = False  # an extra copy of a hot model (serve_app/gateway/hot_copies.py)
 
 
 @dataclass(frozen=True)
@@ -418,7 +421,11 @@ class ModelCache(Generic[M]):
             )
 
     def _evictable(self) -> Iterator[CacheEntry[M]]:
-        return (e for e in self.policy.victims(self._entries.values()) if _evictable(e))
+        victims = (e for e in self.policy.victims(self._entries.values()) if _evictable(e))
+        if not any(e.copy for e in self._entries.values()):
+            return victims
+        # NOTE: extra copies of hot models go first (stable: policy order within each).
+        return iter(sorted(victims, key=lambda e: not e.copy))
 
     async def _make_room(self, nbytes: int, key: str) -> None:
         """Evict idle models (policy order) until `nbytes` more fit; wait for leases if needed."""
@@ -467,6 +474,32 @@ class ModelCache(Generic[M]):
         self._signal_room()
         return True
 
+    def mark_copy(self, key: str) -> None:
+        """`key` was loaded as an extra copy of a hot model: it goes before any other
+        model when room is needed, and `evict_idle_copies` drops it once it idles."""
+        entry = self._entries.get(key)
+        if entry is not None and not entry.pinned:
+            entry.copy = True
+
+    def copy_keys(self) -> list[str]:
+        """Keys resident as extra copies of hot models."""
+        return [e.key for e in self._entries.values() if e.copy]
+
+    def evict_idle_copies(self, idle_s: float) -> list[str]:
+        """Evict the extra copies that served nothing for `idle_s` (the model cooled and the
+        router stopped sending it here); returns their keys."""
+        now = self._clock()
+        cooled = [
+            e
+            for e in self._entries.values()
+            if e.copy and _evictable(e) and now - e.last_used >= idle_s
+        ]
+        for entry in cooled:
+            self._evict(entry, reason="cooled")
+        if cooled:
+            self._signal_room()
+        return [e.key for e in cooled]
+
     def unload(self, key: str) -> bool:
         """Unpin `key` and evict it: now if idle, else when its last lease ends.
 
@@ -508,6 +541,7 @@ class ModelCache(Generic[M]):
         self._pins[key] = size
         if entry is not None:
             entry.pinned = True
+            entry.copy = False  # a pinned model is nobody's extra copy
         self._changed()
 
     def unpin(self, key: str) -> bool:

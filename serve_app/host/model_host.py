@@ -305,12 +305,14 @@ class ModelHost:
                     "hits": e.hits,
                     "load_s": round(e.load_seconds, 4),
                     "pinned": e.pinned,
+                    "copy": e.copy,
                     "loaded_at": round(_wall(e.loaded_at), 3),
                     "last_used": round(_wall(e.last_used), 3),
                 }
                 for e in self.cache.entries()
             ],
             "loading": self.cache.loading_keys(),
+            "copies": self.cache.copy_keys(),
             "hits": stats.hits,
             "misses": stats.misses,
             "loads": stats.loads,
