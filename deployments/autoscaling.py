@@ -16,7 +16,8 @@ scales down once its window has passed.
 
 Ray versions: written against Ray 2.60's public policy API (`AutoscalingPolicy` with a
 class and `policy_kwargs`, `AutoscalingContext.aggregated_metrics`, the replica's
-`record_autoscaling_stats`); not verified on 2.57-2.59. Ray's policy API is imported only
+`record_autoscaling_stats`). Ray 2.57, the oldest the project allows, has the same
+API, and `.ci/ray-oldest` runs the policy's unit tests on it. Ray's policy API is imported only
 when Serve calls the policy, so pools without `autoscale_on_working_set` never need it.
 """
 
