@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,3 +279,63 @@ def running_seaweed(data_dir: Path) -> Iterator[Any]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class Traffic:
+    """Client threads sending predict calls for `model_ids` (in turn) to the app at
+    `base_url` until stopped; every status, and the replica that served each 200, are kept."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model_ids: list[str],
+        inputs: Callable[[str], list[Any]],
+        threads: int,
+        pause_s: float,
+    ) -> None:
+        self.base_url, self.model_ids, self.inputs, self.pause_s = (
+            base_url,
+            model_ids,
+            inputs,
+            pause_s,
+        )
+        self.statuses: Counter[int] = Counter()
+        self.served: list[tuple[float, str, str]] = []  # (time, model, replica)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=130)
+
+    def _run(self, offset: int) -> None:
+        with httpx.Client(timeout=120) as client:
+            i = offset
+            while not self._stop.is_set():
+                model_id = self.model_ids[i % len(self.model_ids)]
+                i += 1
+                response = client.post(
+                    f"{self.base_url}/v1/models/{model_id}/predict",
+                    json={"inputs": self.inputs(model_id)},
+                )
+                self.statuses[response.status_code] += 1
+                if response.status_code == 200:
+                    body = response.json()
+                    self.served.append((time.monotonic(), model_id, body["replica"]))
+                self._stop.wait(self.pause_s)
+
+
+def copy_holders(replicas: list[dict[str, Any]], key: str) -> dict[str, bool]:
+    """Replica -> whether it holds `key` as an extra (hot) copy, for the replicas holding it."""
+    found = {}
+    for replica in replicas:
+        for model in replica["models"]:
+            if model["key"] == key:
+                found[replica["replica"]] = model["copy"]
+    return found

@@ -22,6 +22,7 @@ from devstack.state import load_state
 from devstack.workers import stop_workers
 from serve_app.api.client import format_models
 from serve_app.api.native import CACHE_HEADER
+from serve_app.config import AppConfig
 from serve_app.storage.manifest import Manifest
 from tests.cluster.conftest import LOAD_TIMEOUT_S, PINNED, WORKERS
 from tests.cluster.harness import (
@@ -34,7 +35,7 @@ from tests.cluster.harness import (
     since,
     total_loads,
 )
-from tests.support import wait_for
+from tests.support import Traffic, copy_holders, wait_for
 
 # NOTE: models 0-7 stay cold until the burst; 8-15 are used around the node kill.
 BURST = [f"fraud-merchant-{i:04d}" for i in range(1, 9)]
@@ -150,6 +151,68 @@ def test_ingress_scales_out_on_ongoing_requests(app: App) -> None:
         finally:
             stop.set()
     print(f"\ningress: 1 -> 2 replicas after {since(started)}s of 12 concurrent clients")
+
+
+HOT_APP = "fleet-hot"
+HOT_COPIES = {"max_copies": 2, "rate_per_s": 3.0, "window_s": 3.0, "cool_after_s": 3.0}
+
+
+def test_a_hot_model_gets_a_copy_on_another_node_that_shares_its_traffic(
+    app: App, app_config: AppConfig
+) -> None:
+    """Issue 14 §3 across nodes: a second app (`fleet-hot`, 2 host replicas, one per node,
+    hot copies on) serves one hot model beside cold ones: the copy lands on the other node,
+    the two copies split the hot traffic fairly, and the copy goes once the model cools."""
+    from ray import serve
+
+    from deployments.builder import build_app
+
+    args = app_config.model_dump()
+    args["host"]["hot_copies"] = HOT_COPIES
+    args["ingress"].pop("autoscaling")
+    args["routing"] = {}
+    serve.run(build_app(AppConfig.model_validate(args)), name=HOT_APP, route_prefix="/hot")
+    hot_app = App(f"{app.url}/hot")
+    try:
+        wait_for(lambda: len(hot_app.replicas()) == 2, 120, "the hot app's two replicas")
+        nodes = {r["replica"]: r["node"] for r in hot_app.replicas()}
+        assert len(set(nodes.values())) == 2, nodes  # one replica per node
+        hot, cold = "fraud-merchant-0009", [f"fraud-merchant-{i:04d}" for i in range(10, 14)]
+        key = f"{hot}@1"
+        assert hot_app.predict(hot).status_code == 200
+        wait_for(lambda: len(copy_holders(hot_app.replicas(), key)) == 1, 30, "one holder")
+        inputs = lambda _model: INPUTS  # noqa: E731
+        with Traffic(hot_app.url, cold, inputs, threads=1, pause_s=0.2) as background:
+            with Traffic(hot_app.url, [hot], inputs, threads=4, pause_s=0.0) as traffic:
+                copies = wait_for(
+                    lambda: (h := copy_holders(hot_app.replicas(), key)) and len(h) == 2 and h,
+                    60,
+                    "a copy of the hot model on the other node",
+                )
+                started = time.monotonic()
+                wait_for(lambda: time.monotonic() - started > 8, 20, "8 s of hot traffic")
+            measured = [r for at, _, r in traffic.served if at >= started]
+            cooled_at = time.monotonic()
+            with Traffic(hot_app.url, [hot], inputs, threads=1, pause_s=1.0) as trickle:
+                wait_for(
+                    lambda: len(copy_holders(hot_app.replicas(), key)) == 1, 60, "the copy to go"
+                )
+                gone_s = time.monotonic() - cooled_at
+    finally:
+        serve.delete(HOT_APP)
+    shares = {r: 100 * n / len(measured) for r, n in Counter(measured).items()}
+    print(
+        f"\nhot copies across nodes: {len(measured)} hot requests in 8 s, shares "
+        + ", ".join(f"{nodes[r]} {s:.1f}%" for r, s in sorted(shares.items()))
+        + f"; copy dropped {gone_s:.1f}s after cooling"
+    )
+    assert {nodes[r] for r in copies} == set(nodes.values())  # both nodes hold it
+    assert any(copies.values())  # one of them as the extra copy
+    assert set(shares) == set(copies), shares
+    for replica, share in shares.items():
+        assert abs(share - 50) <= 15, (nodes[replica], shares)
+    for t in (traffic, background, trickle):
+        assert set(t.statuses) == {200}, t.statuses
 
 
 def test_losing_a_worker_node_under_traffic_loses_nothing(

@@ -1,4 +1,5 @@
-"""`fleetserve up`, then Ray drivers and Ray jobs exactly as a user types them.
+"""`fleetserve up` (head + one worker node), then Ray drivers and Ray jobs exactly as a user
+types them.
 
 After `up`, a new shell that only has this environment's bin on its PATH (no variables
 from the test process) runs the README's handle example with plain `ray.init()`, and
@@ -53,6 +54,16 @@ def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProc
     )
 
 
+def _check_hosts_span_the_nodes(state: Path) -> None:
+    """config.yaml's two host replicas, deployed unchanged, sit on the head and the worker
+    (Serve spreads replicas over nodes) and name them."""
+    admin = {"Authorization": f"Bearer {(state / 'admin_key').read_text().strip()}"}
+    url = f"{serve_http_url(ROOT / 'config.yaml')}/v1/replicas"
+    replicas = httpx.get(url, headers=admin, timeout=30.0).json()
+    assert len(replicas) == 2, replicas
+    assert {r["node"] for r in replicas} == {"head", "worker-1"}, replicas
+
+
 def _check_tenants_and_admin_key(fleetserve: str, state: Path) -> None:
     """`up --tenants` on the running stack: the three calls it prints answer 401, 403 and
     200; management needs the admin key that `up` generated, which the CLI sends."""
@@ -86,11 +97,13 @@ def _check_tenants_and_admin_key(fleetserve: str, state: Path) -> None:
 def test_fresh_shell_drivers_and_jobs_reach_the_local_stack(tmp_path: Path) -> None:
     state = tmp_path / "state"
     fleetserve = str(BIN / "fleetserve")
-    up = _run(
-        [fleetserve, "--state-dir", str(state), "up", "--count", "4", "--vision", "2"], ROOT, 900
-    )
+    # NOTE: with one worker node beside the head: config.yaml deploys unchanged on a
+    # (local) multi-node cluster, and every step below runs against it.
+    args = ["up", "--count", "4", "--vision", "2", "--workers", "1"]
+    up = _run([fleetserve, "--state-dir", str(state), *args], ROOT, 900)
     try:
         assert up.returncode == 0, (up.stdout + up.stderr)[-3000:]
+        _check_hosts_span_the_nodes(state)
 
         example = _readme_block("python", "get_app_handle")
         checks = (

@@ -8,18 +8,15 @@ serves the session's fraud models from the same S3.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
-import httpx
 import pytest
 
 from serve_app.config import AppConfig, StoreConfig
 from tests.integration.reference import inputs_for
-from tests.support import FleetApp, fraud_ids, wait_for, wait_healthy
+from tests.support import FleetApp, Traffic, copy_holders, fraud_ids, wait_for, wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -56,52 +53,8 @@ def hot_app(app: FleetApp, store_config: StoreConfig) -> Iterator[FleetApp]:
     serve.delete(APP)
 
 
-class Traffic:
-    """Client threads sending requests for one model until stopped; every status and the
-    replica that served each 200 are kept."""
-
-    def __init__(self, app: FleetApp, model_ids: list[str], threads: int, pause_s: float):
-        self.app, self.model_ids, self.pause_s = app, model_ids, pause_s
-        self.statuses: Counter[int] = Counter()
-        self.served: list[tuple[float, str, str]] = []  # (time, model, replica)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
-
-    def __enter__(self) -> Traffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=130)
-
-    def _run(self, offset: int) -> None:
-        with httpx.Client(timeout=120) as client:
-            i = offset
-            while not self._stop.is_set():
-                model_id = self.model_ids[i % len(self.model_ids)]
-                i += 1
-                response = client.post(
-                    f"{self.app.url}/v1/models/{model_id}/predict",
-                    json={"inputs": inputs_for(model_id)},
-                )
-                self.statuses[response.status_code] += 1
-                if response.status_code == 200:
-                    body = response.json()
-                    self.served.append((time.monotonic(), model_id, body["replica"]))
-                self._stop.wait(self.pause_s)
-
-
 def holders(app: FleetApp, key: str) -> dict[str, bool]:
-    """Replica -> whether it holds `key` as an extra copy, for the replicas holding it."""
-    found = {}
-    for replica in app.replicas():
-        for model in replica["models"]:
-            if model["key"] == key:
-                found[replica["replica"]] = model["copy"]
-    return found
+    return copy_holders(app.replicas(), key)
 
 
 def test_a_hot_model_gets_a_copy_that_shares_its_traffic_and_goes_when_cool(
@@ -115,8 +68,8 @@ def test_a_hot_model_gets_a_copy_that_shares_its_traffic_and_goes_when_cool(
     # router's choices (see the branch report), which would leave no copy to make.
     assert hot_app.predict(hot, inputs_for(hot)).status_code == 200
     wait_for(lambda: len(holders(hot_app, key)) == 1, 30, "the hot model on one replica")
-    with Traffic(hot_app, cold, threads=1, pause_s=0.2) as background:
-        with Traffic(hot_app, [hot], threads=4, pause_s=0.0) as traffic:
+    with Traffic(hot_app.url, cold, inputs_for, threads=1, pause_s=0.2) as background:
+        with Traffic(hot_app.url, [hot], inputs_for, threads=4, pause_s=0.0) as traffic:
             try:
                 copies = wait_for(
                     lambda: (h := holders(hot_app, key)) and len(h) == 2 and any(h.values()) and h,
@@ -133,7 +86,7 @@ def test_a_hot_model_gets_a_copy_that_shares_its_traffic_and_goes_when_cool(
         shares = {r: 100 * n / len(measured) for r, n in Counter(measured).items()}
         cooled_at = time.monotonic()
         # cooled: a trickle (well under rate_per_s) goes on; the copy is dropped
-        with Traffic(hot_app, [hot], threads=1, pause_s=1.0) as trickle:
+        with Traffic(hot_app.url, [hot], inputs_for, threads=1, pause_s=1.0) as trickle:
             wait_for(lambda: len(holders(hot_app, key)) == 1, 60, "the copy to go")
             gone_s = time.monotonic() - cooled_at
     (primary,) = holders(hot_app, key).values()

@@ -4,6 +4,7 @@ on a real Serve `AutoscalingContext`."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ray.serve._private.common import DeploymentID, ReplicaID
@@ -58,7 +59,14 @@ def context(working_set: list[int], budget: int, ongoing: float) -> AutoscalingC
         "working_set_bytes": dict(zip(replicas, map(float, working_set), strict=True)),
         "budget_bytes": {r: float(budget) for r in replicas},
     }
+    # NOTE: Ray 2.57 (the oldest allowed) also requires `total_pending_async_requests`;
+    # 2.60 no longer has it. The policy reads neither.
+    params = inspect.signature(AutoscalingContext.__init__).parameters
+    extra = (
+        {"total_pending_async_requests": 0.0} if "total_pending_async_requests" in params else {}
+    )
     return AutoscalingContext(
+        **extra,  # type: ignore[arg-type]
         deployment_id=DEPLOYMENT,
         deployment_name="ModelHost",
         app_name="fleet",
