@@ -175,6 +175,14 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
                 # in between reorders the ranking (two loads of one model on two nodes).
                 self.marks.mark(model_key, ranked[0].replica_id)
             return [ranked[:1], ranked[1:]]
+        if not self._reported(model_key):
+            # NOTE: only marked: the model is loading there. Serve's ladder would fall
+            # through to replicas without it whenever the holder is slow to answer its
+            # queue probe (a loaded box, a load holding the GIL), loading the model a
+            # second time; instead back off and retry the holder. Its mark lapses after
+            # PENDING_S if it never reports the model, and the model is cold again.
+            context.should_backoff = True
+            return [self._two(holders)]
         first_try = not context.tried_first_multiplexed_models
         wanted = self.hot.wanted(model_key)
         copy_to = None
@@ -231,9 +239,12 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
 
     def holders(self, model_key: str) -> set[ReplicaID]:
         """Replicas that report `model_key`, or accepted a request for it moments ago."""
+        return self._reported(model_key) | self.marks.marked(model_key, self.curr_replicas)
+
+    def _reported(self, model_key: str) -> set[ReplicaID]:
+        """Replicas whose last report to Serve's controller lists `model_key`."""
         replicas = self.curr_replicas
-        reported = {rid for rid, r in replicas.items() if model_key in r.multiplexed_model_ids}
-        return reported | self.marks.marked(model_key, replicas)
+        return {rid for rid, r in replicas.items() if model_key in r.multiplexed_model_ids}
 
     def _two(self, replica_ids: Iterable[ReplicaID]) -> list[RunningReplica]:
         replicas = self.curr_replicas

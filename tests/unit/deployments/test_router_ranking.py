@@ -196,6 +196,20 @@ async def test_a_cold_claim_that_falls_through_follows_the_replica_that_took_it(
         assert await choose(router, request("k@1")) == [["b"]]  # never a second load on a
 
 
+async def test_a_loading_holder_is_retried_not_passed_over() -> None:
+    """While a model is only marked (loading, not yet reported), later tries of a request
+    stay on its holder, with back-off: Serve's ladder would otherwise fall through to a
+    replica without it when the holder misses its queue probe, a second load."""
+    a, b = replica("a", 0, budget(900)), replica("b", 0, budget(100))
+    router = make_router(a, b)
+    first = request("k@1")
+    assert await choose(router, first) == [["a"], ["b"]]  # cold: claimed for a
+    second = request("k@1")
+    for _ in range(4):  # first try, then retries after a missed queue probe
+        assert await choose(router, second) == [["a"]]
+        assert second.routing_context.should_backoff
+
+
 async def test_an_unconfirmed_mark_expires() -> None:
     clock = Clock()
     a, b = replica("a", 0, budget(900)), replica("b", 0, budget(100))
