@@ -183,7 +183,11 @@ class Ingress:
             self._residency.start()
         self.gateway = Gateway(
             self.registry,
-            self.tenants.gate(self._dispatch, key_of=lambda call: call.manifest.key),
+            # NOTE: the cold-load gate only where tenants are configured (the hot path
+            # without tenants is the plain dispatch).
+            self.tenants.gate(self._dispatch, key_of=lambda call: call.manifest.key)
+            if self.tenants.enabled
+            else self._dispatch,
             config,
             recorder=self.recorder,
             metrics=IngressMetrics(ModelLabels(config.max_model_labels)),

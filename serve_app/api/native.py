@@ -162,8 +162,7 @@ async def _predict(
     started = time.perf_counter()
     given_id = request.headers.get(REQUEST_ID_HEADER)
     request_id = given_id or new_id()
-    sticky = gateway.routing.sticky_header(model_id)
-    sticky_key = request.headers.get(sticky) if sticky else None
+    sticky_key = gateway.sticky_key(model_id, request.headers)
     route: Route | None = None
     try:
         route = gateway.resolve(model_id, version, sticky_key)

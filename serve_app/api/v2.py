@@ -216,8 +216,7 @@ def _route(gateway: Gateway, request: Request, model: str, version: str | None) 
     Raises:
         FleetError: 400 for a malformed name, 404 for an unknown model or version.
     """
-    sticky = gateway.routing.sticky_header(model)
-    return gateway.resolve(model, version, request.headers.get(sticky) if sticky else None)
+    return gateway.resolve(model, version, gateway.sticky_key(model, request.headers))
 
 
 async def _read_infer_request(

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -136,6 +136,12 @@ class Gateway:
         routes (native, V2) go through it.
         """
         return self.routing.resolve(name, version, key)
+
+    def sticky_key(self, name: str, headers: Mapping[str, str]) -> str | None:
+        """The caller's sticky key for `name`: the value of its alias's sticky header in
+        `headers` (request headers), if the alias has one and the caller sent it."""
+        header = self.routing.sticky_header(name)
+        return headers.get(header) if header else None
 
     async def predict(
         self,
