@@ -112,7 +112,9 @@ def build_app(args: AppConfig | dict) -> Application:
         options = {
             "name": pool.deployment_name,
             "max_ongoing_requests": pool.max_ongoing_requests,
-            "ray_actor_options": _actor_options(pool.num_cpus, _host_gpus(pool), pool.resources),
+            "ray_actor_options": _actor_options(
+                pool.num_cpus, _host_gpus(pool), pool.resources, pool.serve_env
+            ),
             "request_router_config": _router_config(pool),
             # NOTE: every request already gets an access line at the ingress (Serve's and
             # ours); Serve's per-call line in the host took ~4% of the host's GIL time on
@@ -142,14 +144,19 @@ def build_app(args: AppConfig | dict) -> Application:
     return Ingress.options(
         **scaling,
         max_ongoing_requests=ingress.max_ongoing_requests,
-        ray_actor_options=_actor_options(ingress.num_cpus, 0, ingress.resources),
+        ray_actor_options=_actor_options(ingress.num_cpus, 0, ingress.resources, ingress.serve_env),
         user_config=routing,
     ).bind(pools, config.pool_configs(), ingress, config.store, config.auth)
 
 
-def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:
-    """Serve `ray_actor_options`; custom resources only when some are asked for."""
+def _actor_options(
+    num_cpus: float, num_gpus: float, resources: dict[str, float], env: dict[str, str]
+) -> dict:
+    """Serve `ray_actor_options`; custom resources and a runtime_env only when asked for
+    (Serve merges these env_vars into the application's runtime_env)."""
     options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if env:
+        options["runtime_env"] = {"env_vars": dict(env)}
     if resources:
         options["resources"] = dict(resources)
     return options

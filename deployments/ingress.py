@@ -32,6 +32,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.replica_directory import ReplicaPublisher, read_replicas
+from deployments.router_registry import router_for
 from serve_app.api.app import create_app
 from serve_app.api.auth import Authorizer
 from serve_app.auth.keys import hash_key
@@ -54,6 +55,7 @@ from serve_app.errors import (
     status_of,
     unwrap,
 )
+from serve_app.gateway import replica_batches
 from serve_app.gateway.gateway import Gateway
 from serve_app.gateway.routing_table import RoutingTable
 from serve_app.host.batching import BatchPolicy, MicroBatcher
@@ -81,6 +83,9 @@ from serve_app.storage.store import ModelStore
 
 logger = logging.getLogger(__name__)
 MISROUTE_ATTEMPTS = 5
+# NOTE: one grouped call in flight per host replica: what arrives meanwhile leaves together
+# as the next one.
+GROUP_IN_FLIGHT = 1
 
 
 class ServeHostControl:
@@ -157,6 +162,11 @@ class Ingress:
         self._pool_by_name = {p.name: p for p in pool_configs}
         self._batcher: MicroBatcher[tuple[str, str], PredictCall, Outcome] = MicroBatcher(
             self._send_batch, self._batch_policy
+        )
+        # NOTE: warm requests whose model one replica holds queue per replica instead, and
+        # travel as one call carrying every model waiting for it (group_by_replica).
+        self._groups: MicroBatcher[tuple[str, str], PredictCall, Outcome] = MicroBatcher(
+            self._send_group, self._group_policy
         )
         context = serve.get_replica_context()
         self._pools = pools
@@ -299,10 +309,19 @@ class Ingress:
 
     async def _dispatch(self, call: PredictCall) -> PredictResponse:
         key = (call.pool, call.manifest.key)
-        if self._batching(call.pool).for_model(call.manifest.model_id).max_batch_size <= 1:
+        batching = self._batching(call.pool)
+        policy = batching.for_model(call.manifest.model_id)
+        rows = len(call.inputs)
+        if policy.max_batch_size <= 1:
             (outcome,) = await self._send_batch(key, [call])
+        elif (
+            batching.group_by_replica
+            and policy.max_wait_ms <= 0
+            and (replica := self._hop_target(call.pool, call.manifest.key))
+        ):
+            outcome = await self._groups.submit((call.pool, replica), call, rows=rows)
         else:
-            outcome = await self._batcher.submit(key, call, rows=len(call.inputs))
+            outcome = await self._batcher.submit(key, call, rows=rows)
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
@@ -316,6 +335,23 @@ class Ingress:
         config = self._batching(pool).for_model(model_key.split("@", 1)[0])
         replicas = getattr(self._pool_by_name.get(pool), "num_replicas", 1)
         return BatchPolicy(config.max_batch_size, config.max_wait_ms, max(2, replicas))
+
+    def _hop_target(self, pool: str, model_key: str) -> str | None:
+        """The host replica that alone holds `model_key` (warm, no extra copy wanted)."""
+        config = self._pool_by_name.get(pool)
+        router = None if config is None else router_for(self._app, config.deployment_name)
+        return None if router is None else router.hop_target(model_key)
+
+    def _group_policy(self, key: tuple[str, str]) -> BatchPolicy:
+        per_model = self._batching(key[0]).max_batch_size
+        return BatchPolicy(8 * per_model, 0.0, GROUP_IN_FLIGHT)
+
+    async def _send_group(self, key: tuple[str, str], calls: list[PredictCall]) -> list[Outcome]:
+        pool, replica = key
+        group, places = replica_batches.group(calls, replica)
+        handle = self._pools[pool].options(multiplexed_model_id=group.model_key)
+        results = await handle.predict_many.remote(group)
+        return replica_batches.outcomes(group, places, results)
 
     async def _send_batch(
         self, key: tuple[str, str], calls: list[PredictCall]

@@ -47,6 +47,7 @@ from serve_app.schemas import (
     PredictBatch,
     PredictCall,
     PredictResponse,
+    ReplicaBatch,
 )
 from serve_app.storage.manifest import Manifest
 from serve_app.storage.state_store import AcceptedRouting, StoreKeyValue
@@ -237,6 +238,19 @@ class ModelHostDeployment:
             return result
         finally:
             self._maybe_publish()
+
+    async def predict_many(self, group: ReplicaBatch) -> list[BatchResult | BaseException]:
+        """Predict the batches of several models in one call (the ingress groups warm
+        requests by the replica holding their models): one result, or that model's typed
+        error, per batch. The models run concurrently, each in its own batches."""
+        self.host.grouped_calls += len(group.batches) > 1
+        results = await asyncio.gather(
+            *(self.predict_batch(batch) for batch in group.batches), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+        return list(results)
 
     def _maybe_publish(self) -> None:
         # NOTE: residency changes publish at once (_advertise); counters at most 1/s.

@@ -36,6 +36,14 @@ model, so flagging only the request that made the choice could leave the copy un
 Once the model cools, its traffic goes only to holders that do not report it as a copy,
 and the idle copies are dropped by their hosts.
 
+Grouping by replica (`host.batching.group_by_replica`, `serve_app.gateway.replica_batches`):
+the router keeps, per warm model that exactly one replica reports and that wants no extra
+copy, that replica (`hop_target`, read by the ingress in the same process through
+`deployments.router_registry`). The ingress queues such requests per replica and sends
+what waits as one `ReplicaBatch` naming it; the router offers only that replica (backing
+off while it is busy), or, once it is gone, routes the call by its first model like any
+other.
+
 Management commands (`HostCommand`, first argument of `ModelHost.manage`) name the replica
 that must run them; the router offers only that replica. (With `FIFOMixin`, Serve may still,
 rarely, hand the chosen replica to another pending request; the host then refuses a command
@@ -47,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -60,9 +69,10 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from deployments import router_registry
 from serve_app.gateway.hot_copies import HotCopiesConfig, HotModels, serving_holders
 from serve_app.gateway.replica_ranking import rank_for_load
-from serve_app.schemas import HostCommand, PredictBatch
+from serve_app.schemas import HostCommand, PredictBatch, ReplicaBatch
 
 PENDING_S = 2.0  # longer than a controller round trip, short against any eviction cycle
 MARKING_OPS = frozenset({"load", "pin"})  # management commands that make a replica load K
@@ -141,6 +151,12 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
         self.marks = AffinityMarks()
         self.hot = HotModels()
         self._copying: dict[str, tuple[str, float]] = {}  # model -> (replica, since)
+        # NOTE: read from the ingress's thread: only single-key reads and writes, and a
+        # rebuild swaps in a new dict.
+        self._hop_targets: dict[str, str] = {}
+        deployment_id = kwargs.get("deployment_id")
+        if deployment_id is not None:
+            router_registry.register(deployment_id.app_name, deployment_id.name, self)
 
     def initialize_state(self, hot_copies: dict[str, Any] | None = None, **_: Any) -> None:
         """Serve's hook for `RequestRouterConfig.request_router_kwargs` (`deployments/
@@ -161,6 +177,13 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
             # bounds the wait when the replica is gone.
             context.should_backoff = True
             return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
+        group = _replica_batch(pending_request)
+        if group is not None:
+            target = [r for r in candidate_replicas if r.replica_id.unique_id == group.replica]
+            if target:
+                context.should_backoff = True  # wait for it while it is busy
+                return [target]
+            # NOTE: the replica is gone: route by the first model like any request.
         model_key = pending_request.metadata.multiplexed_model_id
         if not model_key:
             return [self._two(self.apply_locality_routing(pending_request))]
@@ -237,6 +260,24 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
             if model_key in (r.routing_stats or {}).get("copy_keys", ())
         }
 
+    def hop_target(self, model_key: str) -> str | None:
+        """The replica (unique id) the ingress may group `model_key`'s requests on: the one
+        replica that reports it, while it wants no extra copy; else None."""
+        return self._hop_targets.get(model_key)
+
+    def _rebuild_hop_targets(self) -> None:
+        reports = Counter(
+            key for r in self.curr_replicas.values() for key in r.multiplexed_model_ids
+        )
+        self._hop_targets = {
+            key: rid.unique_id
+            for rid, r in self.curr_replicas.items()
+            for key in r.multiplexed_model_ids
+            if reports[key] == 1
+            and self.hot.wanted(key) <= 1
+            and not self.marks.marked(key, self.curr_replicas) - {rid}
+        }
+
     def holders(self, model_key: str) -> set[ReplicaID]:
         """Replicas that report `model_key`, or accepted a request for it moments ago."""
         return self._reported(model_key) | self.marks.marked(model_key, self.curr_replicas)
@@ -255,20 +296,17 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: object
     ) -> None:
         super().on_request_routed(pending_request, replica_id, result)  # type: ignore[arg-type]
+        group = _replica_batch(pending_request)
+        if group is not None:
+            for batch in group.batches:
+                self._routed(batch.manifest.key, replica_id, len(batch.request_ids))
+            return
         model_key = pending_request.metadata.multiplexed_model_id
         if model_key:
             batch = pending_request.args[0] if pending_request.args else None
             # NOTE: the ingress batches concurrent requests for a model: count requests.
-            self.hot.record(
-                model_key, len(batch.request_ids) if isinstance(batch, PredictBatch) else 1
-            )
-            replica = self.curr_replicas.get(replica_id)
-            if replica is None or model_key not in replica.multiplexed_model_ids:
-                # NOTE: a cold claim on another replica that fell through to this one
-                # (full, or its queue probe timed out) must not draw later requests there:
-                # that replica would load the model a second time.
-                self.marks.mark(model_key, replica_id)  # (a hit needs no mark)
-                self.marks.keep_only(model_key, replica_id)
+            count = len(batch.request_ids) if isinstance(batch, PredictBatch) else 1
+            self._routed(model_key, replica_id, count)
             return
         command = _command(pending_request)
         if command is not None and command.op in MARKING_OPS:
@@ -276,9 +314,23 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
         elif command is not None and command.op == "unload":
             self.marks.unmark(command.key, replica_id)
 
+    def _routed(self, model_key: str, replica_id: ReplicaID, requests: int) -> None:
+        self.hot.record(model_key, requests)
+        replica = self.curr_replicas.get(replica_id)
+        if replica is None or model_key not in replica.multiplexed_model_ids:
+            # NOTE: a cold claim on another replica that fell through to this one
+            # (full, or its queue probe timed out) must not draw later requests there:
+            # that replica would load the model a second time.
+            self.marks.mark(model_key, replica_id)  # (a hit needs no mark)
+            self.marks.keep_only(model_key, replica_id)
+            self._hop_targets.pop(model_key, None)
+        elif self.hot.wanted(model_key) > 1:
+            self._hop_targets.pop(model_key, None)  # hot: per-model calls make copies
+
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self.marks.prune(self.curr_replicas)
+        self._rebuild_hop_targets()
 
 
 def _flag_copy(pending_request: PendingRequest, replica: str | None) -> None:
@@ -286,6 +338,11 @@ def _flag_copy(pending_request: PendingRequest, replica: str | None) -> None:
     batch = pending_request.args[0] if pending_request.args else None
     if isinstance(batch, PredictBatch) and batch.copy_on != replica:
         pending_request.args[0] = dataclasses.replace(batch, copy_on=replica)
+
+
+def _replica_batch(pending_request: PendingRequest) -> ReplicaBatch | None:
+    args = pending_request.args
+    return args[0] if args and isinstance(args[0], ReplicaBatch) else None
 
 
 def _command(pending_request: PendingRequest) -> HostCommand | None:

@@ -61,6 +61,24 @@ def parse_bytes(value: Any) -> int:
 ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
 
 
+# NOTE: what Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED sets for a replica's own process:
+# Serve's request handling, the handle's router and the deployment's code share one event
+# loop instead of handing every request between threads (docs/benchmarks.md, T1).
+SERVE_THROUGHPUT_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+
+def _serve_env() -> Any:
+    return Field(
+        default_factory=lambda: dict(SERVE_THROUGHPUT_ENV),
+        description="Environment variables of this deployment's replicas (Ray Serve's "
+        "per-process settings); the default runs Serve's request handling and fleetserve's "
+        "code on one event loop. {} keeps Serve's defaults.",
+    )
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -148,6 +166,12 @@ class BatchPolicyConfig(_Strict):
 class BatchingConfig(BatchPolicyConfig):
     """Batching defaults for every model, with per-model overrides (by model id)."""
 
+    group_by_replica: bool = Field(
+        True,
+        description="One ingress -> host call carries the waiting requests of every warm "
+        "model that replica holds (each model still runs its own batches); off: one call "
+        "per model.",
+    )
     models: dict[str, BatchPolicyConfig] = Field(
         default_factory=dict, description="Per-model-id overrides of the defaults."
     )
@@ -183,6 +207,7 @@ class HostConfig(_Strict):
     load_timeout_s: float = Field(300.0, gt=0, description="Max wait for a load or for room.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica.")
     max_ongoing_requests: int = Field(16, ge=1, description="Concurrent requests per replica.")
+    serve_env: dict[str, str] = _serve_env()
     predict_threads: int = Field(
         2,
         ge=1,
@@ -287,6 +312,7 @@ class IngressConfig(_Strict):
         description="Concurrent requests per ingress replica (it only awaits the hosts; "
         "Serve's default of 5 would queue a 16-client load in the proxy).",
     )
+    serve_env: dict[str, str] = _serve_env()
     registry_refresh_s: float = Field(
         2.0, gt=0, description="Seconds between background refreshes of the model registry."
     )

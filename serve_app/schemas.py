@@ -174,6 +174,23 @@ class PredictBatch:
 
 
 @dataclass(frozen=True)
+class ReplicaBatch:
+    """What the ingress sends one model host when it groups by replica: the waiting requests
+    of several models that `replica` (unique id) holds, one `PredictBatch` per model. One
+    Serve call carries them all; each model still runs its own forward passes. The host
+    answers with one `BatchResult` (or the typed error of that model) per batch, in order.
+    """
+
+    batches: list[PredictBatch]
+    replica: str
+
+    @property
+    def model_key(self) -> str:
+        """The key the call is routed by (its first model's)."""
+        return self.batches[0].manifest.key
+
+
+@dataclass(frozen=True)
 class BatchResult:
     """A host's answer to a `PredictBatch`: per request its outputs or its typed error."""
 

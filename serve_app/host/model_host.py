@@ -115,6 +115,7 @@ class ModelHost:
             self._run_batch, self._batch_policy
         )
         self.pin_errors: dict[str, str] = {}
+        self.grouped_calls = 0  # calls that carried several models (ReplicaBatch)
         self.cache: ModelCache[Predictor] = ModelCache(
             memory_budget(config, self.device),
             max_concurrent_loads=config.max_concurrent_loads,
@@ -168,7 +169,8 @@ class ModelHost:
         """Lease `manifest`'s model, loading it on a miss: a version the RAM or disk tier
         holds loads on threads and cache slots of its own, so it never waits behind loads
         stuck on the store (a stalled S3 holds those until `store.stall_timeout_s`)."""
-        local = self.loader.has_local_copy(manifest)
+        # NOTE: a resident model needs no look at the RAM and disk tiers (file stats).
+        local = manifest.key not in self.cache and self.loader.has_local_copy(manifest)
         return await self.cache.acquire(
             manifest.key,
             self._loader_for(manifest, local),
@@ -322,6 +324,7 @@ class ModelHost:
             "batches": self.batcher.stats.batches,
             "batched_requests": self.batcher.stats.items,
             "largest_batch": self.batcher.stats.largest_batch,
+            "grouped_calls": self.grouped_calls,
             "ram_tier": self.loader.ram.status() if self.loader.ram is not None else None,
         }
 

@@ -1,17 +1,24 @@
-"""The model host's Ray glue without Ray running (issue 15 item 5): the push of a replica's
-model ids to Serve's controller (whose first call may look the controller up in the GCS)
-runs off the event loop, in order."""
+"""The model host's Ray glue without Ray running: the push of a replica's model ids to
+Serve's controller (whose first call may look the controller up in the GCS) runs off the
+event loop, in order (issue 15 item 5); a call grouping several models answers each."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
 import deployments.model_host as model_host_module
 from deployments.model_host import ModelHostDeployment
+from serve_app.errors import FleetError
+from serve_app.host.model_host import ModelHost
+from serve_app.host.working_set import WorkingSet
+from serve_app.schemas import BatchResult, PredictBatch, ReplicaBatch
+from serve_app.storage.store import ModelStore
 
 
 class _BareHost(ModelHostDeployment.func_or_class):  # type: ignore[misc,name-defined]
@@ -57,3 +64,37 @@ def test_a_closing_replica_pushes_nothing_more(monkeypatch: pytest.MonkeyPatch) 
     host._closing = True
     host._push_routing_info(["a@1"])  # raised RuntimeError before: "cannot schedule ..."
     assert pushes == []
+
+
+async def test_a_grouped_call_answers_every_model_and_fails_only_the_broken_one(
+    host: ModelHost, published: ModelStore
+) -> None:
+    """One `ReplicaBatch` carries three models: each gets its own result (the same outputs
+    as a call of its own), and the model whose files are missing gets its typed error
+    without failing the others."""
+    replica = object.__new__(_BareHost)
+    replica.host = host
+    replica._working_set = WorkingSet(60.0)
+    replica._replica_id = SimpleNamespace(unique_id="unit")
+    replica._published_at = time.monotonic()
+    replica._directory = SimpleNamespace(publish=lambda status: None)
+    a, b = published.read_manifest("m-a", "1"), published.read_manifest("m-b", "1")
+    ghost = a.model_copy(update={"model_id": "ghost"})  # no such files in the store
+    rows = [[0.5, -1.0, 0.25, 2.0]]
+    group = ReplicaBatch(
+        [
+            PredictBatch(a, [rows, rows], ["a1", "a2"]),
+            PredictBatch(ghost, [rows], ["g1"]),
+            PredictBatch(b, [rows], ["b1"]),
+        ],
+        "unit",
+    )
+    results = await replica.predict_many(group)
+    alone = await host.predict_batch(PredictBatch(b, [rows], ["b0"]))
+    assert isinstance(results[0], BatchResult)
+    assert results[0].response(a, 1).model_id == "m-a"
+    assert isinstance(results[1], FleetError)
+    assert isinstance(results[2], BatchResult)
+    assert results[2].outputs == alone.outputs
+    assert host.grouped_calls == 1
+    assert replica._working_set.bytes() == a.total_bytes + ghost.total_bytes + b.total_bytes
