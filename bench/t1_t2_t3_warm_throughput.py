@@ -6,6 +6,9 @@ One private stack (SeaweedFS + Ray + Serve, see bench/local_stack.py) runs, side
     fleet          the `fleet` app: ingress + `--replicas` host replicas (`--cpus` each),
                    batching on, `--models` copies of one fraud MLP published under their own ids
     fleet-nobatch  the same app with batching off (`max_batch_size: 1`; `--nobatch`)
+    fleet-before   the same app as it was before issue 16: no grouping by replica
+                   (`group_by_replica: false`) and Serve's default process settings
+                   (`serve_env: {}`); `--no-before` skips it
     plain          an ordinary single-model Serve deployment of the same MLP (same replicas
                    and CPU, FastAPI, one hop), see bench/baselines.py
     multiplexed    Ray Serve's `@serve.multiplexed` deployment holding the same models in
@@ -50,6 +53,23 @@ def _row() -> list[float]:
     return [((i * 37) % 11) / 10 - 0.5 for i in range(FRAUD_FEATURES)]
 
 
+APPS = {"fleet": "fleet", "fleet-1": "fleet"}  # target -> Serve app (else the same name)
+
+
+def serving_cpu(per_process: dict[str, float], target: str) -> float:
+    """CPU ms per request of the target's own replicas plus the HTTP proxy (the part that
+    scales with its requests; the controller and GCS are shared background)."""
+    app = APPS.get(target, target)
+    return round(
+        sum(
+            ms
+            for name, ms in per_process.items()
+            if name == "ProxyActor" or name.startswith(f"ServeReplica:{app}:")
+        ),
+        3,
+    )
+
+
 def _targets(stack: LocalStack, args: argparse.Namespace, model_ids: list[str]) -> dict:
     """name -> the (url, headers) each client cycles over."""
     from deployments.builder import build_app
@@ -58,6 +78,13 @@ def _targets(stack: LocalStack, args: argparse.Namespace, model_ids: list[str]) 
     stack.deploy_fleet(stack.fleet_config(host), model_ids)
     fleet = [(f"{stack.url}/v1/models/{m}/predict", None) for m in model_ids]
     targets: dict[str, list[Target]] = {"fleet": fleet, "fleet-1": fleet[:1]}
+    if not args.no_before:
+        before = stack.fleet_config(
+            {**host, "batching": {"group_by_replica": False}, "serve_env": {}},
+            {"serve_env": {}},
+        )
+        base = stack.run_app(build_app(before), "fleet-before", "/fleet-before")
+        targets["fleet-before"] = [(f"{base}/v1/models/{m}/predict", None) for m in model_ids]
     if args.nobatch:
         nobatch = stack.fleet_config({**host, "batching": {"max_batch_size": 1}})
         base = stack.run_app(build_app(nobatch), "fleet-nobatch", "/fleet-nobatch")
@@ -80,6 +107,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--cpus", type=float, default=0.5, help="CPUs per host / baseline replica")
     parser.add_argument("--nobatch", action="store_true", help="also run fleet-nobatch")
+    parser.add_argument("--no-before", action="store_true", help="skip fleet-before")
     parser.add_argument("--only", nargs="*", help="measure only these targets")
     parser.add_argument("--profile", type=Path, help="py-spy the replicas in round 1 into DIR")
     parser.add_argument(
@@ -121,20 +149,21 @@ def main() -> None:
                 result["cpu_ms_per_request"] = cpu_per_request(
                     before, cpu_seconds(), int(result["rps"] * args.seconds)
                 )
+                result["serving_cpu_ms"] = serving_cpu(result["cpu_ms_per_request"], name)
                 for spy in spies:
                     spy.wait(timeout=60)
                 samples[name].append(result)
                 say(
                     f"run {run + 1}/{args.runs} {name:14s} {result['rps']:7.1f} req/s  "
                     f"p50 {result['p50_ms']:.1f} ms  p99 {result['p99_ms']:.1f} ms  "
-                    f"errors {result['errors']}"
+                    f"CPU {result['serving_cpu_ms']:.2f} ms/req  errors {result['errors']}"
                 )
                 say(f"    CPU ms/request: {result['cpu_ms_per_request']}")
 
     medians = {
         name: {
             key: round(statistics.median(r[key] for r in rows), 3)
-            for key in ("rps", "p50_ms", "p99_ms")
+            for key in ("rps", "p50_ms", "p99_ms", "serving_cpu_ms")
         }
         for name, rows in samples.items()
     }
@@ -143,6 +172,8 @@ def main() -> None:
         "T2": ("fleet-1", "plain"),
         "T3": ("fleet", "multiplexed"),
         "batching on/off": ("fleet", "fleet-nobatch"),
+        "issue 16 gain": ("fleet", "fleet-before"),
+        "T1 before issue 16": ("fleet-before", "plain"),
     }
     ratios = {
         label: round(medians[a]["rps"] / medians[b]["rps"], 3)

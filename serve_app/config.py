@@ -63,10 +63,13 @@ ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
 
 # NOTE: what Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED sets for a replica's own process:
 # Serve's request handling, the handle's router and the deployment's code share one event
-# loop instead of handing every request between threads (docs/benchmarks.md, T1).
+# loop instead of handing every request between threads, and the objects built at start
+# (torch, transformers, Ray: ~400k) are frozen out of the garbage collector's scans
+# (docs/benchmarks.md, T1).
 SERVE_THROUGHPUT_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
 }
 
 

@@ -106,3 +106,42 @@ def test_cold_requests_are_placed_without_waiting_for_a_holder(
     assert all(burst["miss"] for burst in again)
     worst = max(r["overhead_s"] for r in first + again)
     assert worst < MATCHING_TIMEOUT_S, [round(r["overhead_s"], 3) for r in first + again]
+
+
+def test_requests_for_warm_models_of_one_replica_travel_in_one_call(
+    app: FleetApp, fleet: dict[str, Manifest]
+) -> None:
+    """With traffic spread over several warm models, the ingress groups the requests whose
+    models one replica holds into one call (`group_by_replica`): every answer is still the
+    model's own, and the hosts report calls that carried several models."""
+    models = fraud_ids()[4:10]
+    for model_id in models:  # warm, and reported to the routers
+        assert app.predict(model_id, _rows(0)).status_code == 200
+    wait_for(
+        lambda: all(
+            sum(m["key"] == f"{model_id}@1" for r in app.replicas() for m in r["models"]) == 1
+            for model_id in models
+        ),
+        15,
+        "each model to be resident on one replica",
+    )
+    before = sum(r.get("grouped_calls", 0) for r in app.replicas())
+    calls = [(models[i % len(models)], _rows(i)) for i in range(120)]
+
+    def send(call: tuple[str, list[Any]]) -> dict[str, Any]:
+        response = app.predict(*call)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        bodies = list(pool.map(send, calls))
+    for (model_id, inputs), body in zip(calls, bodies, strict=True):
+        assert body["model_id"] == model_id
+        assert body["resident"] is True
+        assert_same(model_id, body["outputs"], expected(model_id, inputs))
+
+    def grouped() -> int:
+        app.predict(models[0], _rows(0))  # counters publish at most once a second
+        return sum(r.get("grouped_calls", 0) for r in app.replicas()) - before
+
+    wait_for(lambda: grouped() > 0, 15, "a host to report a call of several models", every_s=0.5)
