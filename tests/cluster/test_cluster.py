@@ -2,9 +2,11 @@
 
 In file order: the nodes and where the replicas run (named in /v1/replicas, `fleetserve
 models` and the metrics); a burst of cold requests makes one load per model across nodes and
-warm requests go to the holder; the ingress scales out; then a worker node's raylet is
-killed under traffic: every request gets 200 or a typed 503 with Retry-After, Serve brings
-the replica back on a surviving node, pins come back, every model answers as before.
+warm requests go to the holder; the ingress scales out; a hot model gets a copy on another
+node; a pool autoscaled on its working set scales out over nodes and back; then a worker
+node's raylet is killed under traffic: every request gets 200 or a typed 503 with
+Retry-After, Serve brings the replica back on a surviving node, pins come back, every model
+answers as before.
 """
 
 from __future__ import annotations
