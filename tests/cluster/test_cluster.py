@@ -2,9 +2,11 @@
 
 In file order: the nodes and where the replicas run (named in /v1/replicas, `fleetserve
 models` and the metrics); a burst of cold requests makes one load per model across nodes and
-warm requests go to the holder; the ingress scales out; then a worker node's raylet is
-killed under traffic: every request gets 200 or a typed 503 with Retry-After, Serve brings
-the replica back on a surviving node, pins come back, every model answers as before.
+warm requests go to the holder; the ingress scales out; a hot model gets a copy on another
+node; a pool autoscaled on its working set scales out over nodes and back; then a worker
+node's raylet is killed under traffic: every request gets 200 or a typed 503 with
+Retry-After, Serve brings the replica back on a surviving node, pins come back, every model
+answers as before.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tests.cluster.harness import (
     total_loads,
 )
 from tests.support import Traffic, copy_holders, wait_for
+from tests.working_set import PEAK, WorkingSetRun, deployed, scale_up_and_down, working_set_config
 
 # NOTE: models 0-7 stay cold until the burst; 8-15 are used around the node kill.
 BURST = [f"fraud-merchant-{i:04d}" for i in range(1, 9)]
@@ -213,6 +216,43 @@ def test_a_hot_model_gets_a_copy_on_another_node_that_shares_its_traffic(
         assert abs(share - 50) <= 15, (nodes[replica], shares)
     for t in (traffic, background, trickle):
         assert set(t.statuses) == {200}, t.statuses
+
+
+# the large working set: 9 models, 18.4 MB, the largest (4.2 MB) 68% of a replica's budget;
+# the small one, its first two (1.4 MB), fits one replica at target_fill
+WS_MODELS = [f"fraud-merchant-{i:04d}" for i in (1, 10, 2, 3, 5, 9, 12, 13, 8)]
+
+
+def test_working_set_scales_a_pool_out_over_nodes_and_back(
+    cluster: Cluster, app: App, app_config: AppConfig, fleet: dict[str, Manifest]
+) -> None:
+    """Issue 14 §3 across nodes: a second app (`fleet-ws`, tests/working_set.py: one pool
+    autoscaling 1-4 replicas on the working set, at most 2 per node) under a trace 3x one
+    replica's budget: the pool scales up onto more than one node (hit rate measured), every
+    replica serves the reference outputs, and it scales back down with no failed request."""
+    ingress = app_config.ingress.model_dump()
+    ingress.pop("autoscaling")
+    total = sum(fleet[m].total_bytes for m in WS_MODELS)
+    config = working_set_config(app_config.store, ingress, total, max_replicas_per_node=2)
+    peak: dict[str, str] = {}  # replica -> node, at the peak
+
+    def spread_over_nodes(run: WorkingSetRun) -> None:
+        replicas = App(ws_url).replicas()
+        alive = cluster.alive_nodes()
+        assert all(alive.get(r["node_id"]) == r["node"] for r in replicas), replicas
+        peak.update({r["replica"]: r["node"] for r in replicas})
+        assert len(peak) == PEAK, peak
+        assert len(set(peak.values())) >= 2, peak
+        # every scaled-up replica served in the measured phase (outputs checked on each 200)
+        serving = {replica for at, _, replica in run.served if at >= run.after_from}
+        assert serving == set(peak), (serving, peak)
+
+    with deployed(config, app.url) as ws_url:
+        run = scale_up_and_down(ws_url, WS_MODELS, WS_MODELS[:2], at_peak=spread_over_nodes)
+    print(
+        f"\nworking set across nodes: {total / 1e6:.1f} MB = 3x the budget; {PEAK} replicas "
+        f"on nodes {sorted(Counter(peak.values()).items())}; {run.summary()}"
+    )
 
 
 def test_losing_a_worker_node_under_traffic_loses_nothing(
