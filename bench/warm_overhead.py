@@ -6,6 +6,8 @@ server is Ray:
 
     fleet        the `fleet` app: ingress -> model host (1 host replica)
     fleet-nobatch  (with --nobatch) the same app with batching off
+    fleet-before   (with --before) the same app with Serve's default process settings
+                   (`serve_env: {}` for the ingress and the hosts), as before issue 16
     plain        an ordinary single-model Serve deployment (FastAPI, one hop)
     multiplexed  Ray Serve's built-in `@serve.multiplexed` (model id in the header)
     mlserver     MLServer 1.7 + mlserver-huggingface (feature-extraction pipeline), its own
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput window")
     parser.add_argument("--no-mlserver", action="store_true")
     parser.add_argument("--nobatch", action="store_true", help="also the fleet, batching off")
+    parser.add_argument("--before", action="store_true", help="also the fleet, serve_env {}")
     parser.add_argument("--out", type=Path, default=Path("bench/results/warm_overhead.json"))
     args = parser.parse_args()
 
@@ -149,6 +152,12 @@ def main() -> None:
             nobatch = stack.fleet_config({**host, "batching": {"max_batch_size": 1}})
             base = stack.run_app(build_app(nobatch), "fleet-nobatch", "/fleet-nobatch")
             targets["fleet-nobatch"] = (f"{base}/v1/models/{MODEL}/predict", {"inputs": TEXT}, None)
+        if args.before:
+            from deployments.builder import build_app
+
+            before = stack.fleet_config({**host, "serve_env": {}}, {"serve_env": {}})
+            base = stack.run_app(build_app(before), "fleet-before", "/fleet-before")
+            targets["fleet-before"] = (f"{base}/v1/models/{MODEL}/predict", {"inputs": TEXT}, None)
         plain = stack.run_app(plain_app(stack.store_config, MODEL, "1", 1, 0.5), "plain", "/plain")
         targets["plain"] = (plain + "/", {"inputs": TEXT}, None)
         mux = stack.run_app(multiplexed_app(stack.store_config, 1, 0.5), "mux", "/mux")
