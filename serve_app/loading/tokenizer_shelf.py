@@ -220,11 +220,6 @@ class TokenizerShelf:
         # NOTE: the dropped tokenizers are freed here, outside the shelf's lock.
         del dropped
 
-    def __len__(self) -> int:
-        """Tokenizers held: in use and kept."""
-        with self._lock:
-            return len(self._in_use) + len(self._idle)
-
     def stats(self) -> dict[str, int]:
         """Counts for logs and tests: tokenizers in use, kept idle, built, reused."""
         with self._lock:
