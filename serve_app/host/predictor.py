@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from serve_app.errors import EmptyInputs, InvalidInput, ModelLoadFailed
 from serve_app.loading.architectures import input_width
+from serve_app.loading.tokenizer_shelf import TokenizerLease
 from serve_app.storage.manifest import IMAGE_TASKS, Manifest
 from serve_app.vision.images import MAX_IMAGE_PIXELS, check_images, decode_rgb
 from serve_app.vision.processing import DEFAULT_TOP_K, ImageProcessing
@@ -176,30 +176,38 @@ class TabularClassifier(Predictor):
 
 
 class _TextPredictor(Predictor):
+    """A text model; its tokenizer is a lease on a `SharedTokenizer` (the loader's shelf
+    hands models with the same tokenizer files one object, and one lock with it: HF fast
+    tokenizers are not thread-safe and a replica runs several predicts at once). A plain
+    tokenizer gets a lease of its own."""
+
     def __init__(
-        self, manifest: Manifest, module: nn.Module, device: torch.device, tokenizer: Any
+        self,
+        manifest: Manifest,
+        module: nn.Module,
+        device: torch.device,
+        tokenizer: TokenizerLease | Any,
     ) -> None:
         super().__init__(manifest, module, device)
-        self.tokenizer = tokenizer
-        # NOTE: HF fast tokenizers are not thread-safe (Rust RefCell state for padding and
-        # truncation) and a replica runs several predicts at once: one caller at a time.
-        self._tokenizer_lock = threading.Lock()
+        if not isinstance(tokenizer, TokenizerLease):
+            tokenizer = TokenizerLease.unshared(tokenizer)
+        self.tokenizer: TokenizerLease | None = tokenizer
         limit = getattr(getattr(module, "config", None), "max_position_embeddings", 512)
         self.max_length = min(int(limit), 512)
 
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        with self._tokenizer_lock:
-            enc = self.tokenizer(
-                texts,
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise RuntimeError(f"{self.manifest.key} was closed")
+        enc = tokenizer.encode(texts, self.max_length)
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def close(self) -> None:
-        self.tokenizer = None
+        """Release the tokenizer (another model may still use it; the shelf keeps it) and
+        free the module."""
+        tokenizer, self.tokenizer = self.tokenizer, None
+        if tokenizer is not None:
+            tokenizer.release()
         super().close()
 
 

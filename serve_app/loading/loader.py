@@ -28,6 +28,7 @@ from serve_app.loading.disk_tier import DiskTier
 from serve_app.loading.ram_tier import RamTier
 from serve_app.loading.staging import HostToDevice
 from serve_app.loading.tensorfile import tensors_from_buffer
+from serve_app.loading.tokenizer_shelf import TokenizerLease, TokenizerShelf, tokenizer_key
 from serve_app.storage.fetch import Buffer
 from serve_app.storage.manifest import IMAGE_TASKS, Manifest
 from serve_app.storage.store import ModelStore
@@ -67,12 +68,16 @@ class ModelLoader:
         device: torch.device,
         owns_disk: bool = False,
         ram: RamTier | None = None,
+        tokenizers: TokenizerShelf | None = None,
     ) -> None:
         self.store = store
         self.disk = disk
         self.ram = ram
         self.device = device
         self.owns_disk = owns_disk
+        # NOTE: one shelf per loader (per host replica): models whose tokenizer files have
+        # the same digests share one tokenizer, built once.
+        self.tokenizers = tokenizers if tokenizers is not None else TokenizerShelf()
         # NOTE: pinned staging buffers are allocated once per replica, not per load.
         self._h2d = HostToDevice(device) if device.type == "cuda" else None
         # NOTE: importing transformers takes seconds; pay it at replica start, not in the
@@ -143,37 +148,41 @@ class ModelLoader:
         else:
             source = "disk"
             buffers = self.disk.read(manifest)
-        if buffers is None:
-            source = "s3"
-            fetch = self.store.start_fetch(manifest, order=others)
-            behind = weights
-            if manifest.format == "hf-transformers":
-                # NOTE: transformers reads config and tokenizer from a folder: write them
-                # now and build them while the weights are still streaming in.
-                folder = self.disk.write(manifest, fetch.wait(others), others)
-                try:
-                    prepared = self._prepare(manifest, folder)
-                except BaseException:
-                    fetch.cancel()
-                    raise
+        try:
+            if buffers is None:
+                source = "s3"
+                fetch = self.store.start_fetch(manifest, order=others)
+                behind = weights
+                if manifest.format == "hf-transformers":
+                    # NOTE: transformers reads config and tokenizer from a folder: write them
+                    # now and build them while the weights are still streaming in.
+                    folder = self.disk.write(manifest, fetch.wait(others), others)
+                    try:
+                        prepared = self._prepare(manifest, folder)
+                    except BaseException:
+                        fetch.cancel()
+                        raise
+                else:
+                    behind = weights + others
+                buffers = fetch.wait()
+                self._write_behind(manifest, {p: buffers[p] for p in behind})
+            if self.ram is not None and source != "ram":
+                self.ram.put(manifest.key, buffers)
+            fetched = time.perf_counter()
+            state: dict[str, torch.Tensor] = {}
+            for path in weights:
+                state.update(tensors_from_buffer(buffers[path], f"{manifest.key}/{path}"))
+            if manifest.format == "torch-module":
+                module = self._torch_module(manifest, state)
+                predictor = predictor_cls(manifest, module, self.device)
             else:
-                behind = weights + others
-            buffers = fetch.wait()
-            self._write_behind(manifest, {p: buffers[p] for p in behind})
-        if self.ram is not None and source != "ram":
-            self.ram.put(manifest.key, buffers)
-        fetched = time.perf_counter()
-        state: dict[str, torch.Tensor] = {}
-        for path in weights:
-            state.update(tensors_from_buffer(buffers[path], f"{manifest.key}/{path}"))
-        if manifest.format == "torch-module":
-            module = self._torch_module(manifest, state)
-            predictor = predictor_cls(manifest, module, self.device)
-        else:
-            if prepared is None:
-                prepared = self._prepare(manifest, folder)
-            module, tokenizer = self._hf_model(manifest, prepared, state)
-            predictor = predictor_cls(manifest, module, self.device, tokenizer)  # type: ignore[call-arg]
+                if prepared is None:
+                    prepared = self._prepare(manifest, folder)
+                module, tokenizer = self._hf_model(manifest, prepared, state)
+                predictor = predictor_cls(manifest, module, self.device, tokenizer)  # type: ignore[call-arg]
+        except BaseException:
+            _abandon(prepared)
+            raise
         logger.info(
             "model built",
             extra={
@@ -244,8 +253,14 @@ class ModelLoader:
             )
             if manifest.task in IMAGE_TASKS:
                 return config, ImageProcessing.from_folder(folder, manifest.key)
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(folder), local_files_only=True, trust_remote_code=False
+            # NOTE: the shelf builds it only if no model with the same tokenizer files
+            # (by sha256) holds one, or released one recently (B7: building and freeing
+            # tokenizers was ~16% of a loading host's GIL).
+            tokenizer = self.tokenizers.acquire(
+                tokenizer_key(manifest, config),
+                lambda: AutoTokenizer.from_pretrained(
+                    str(folder), config=config, local_files_only=True, trust_remote_code=False
+                ),
             )
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadFailed(
@@ -295,6 +310,12 @@ class ModelLoader:
             # `.to()` below then only moves what the state dict does not hold.
             module.load_state_dict(self._h2d.copy(module.state_dict()), assign=True)
         return module.eval().to(self.device), tokenizer
+
+
+def _abandon(prepared: tuple[object, object] | None) -> None:
+    """Release the tokenizer lease of a load that failed after `_prepare`."""
+    if prepared is not None and isinstance(prepared[1], TokenizerLease):
+        prepared[1].release()
 
 
 def _weak(buffer: Buffer) -> Callable[[], Buffer | None]:
