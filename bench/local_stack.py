@@ -73,8 +73,9 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any
 class LocalStack:
     """SeaweedFS + one local Ray instance + Serve HTTP on 127.0.0.1, removed on exit."""
 
-    def __init__(self, num_cpus: int = 8) -> None:
+    def __init__(self, num_cpus: int = 8, s3_niceness: int = 0) -> None:
         self.num_cpus = num_cpus
+        self.s3_niceness = s3_niceness
         self._tmp = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
         self.s3: SeaweedServer | None = None
         self.store_config: StoreConfig | None = None
@@ -83,7 +84,7 @@ class LocalStack:
 
     def __enter__(self) -> LocalStack:
         say("starting SeaweedFS")
-        self.s3 = SeaweedServer(self._tmp / "seaweed")
+        self.s3 = SeaweedServer(self._tmp / "seaweed", niceness=self.s3_niceness)
         self.s3.start()
         self.s3.wait_ready(timeout_s=60)
         os.environ.update(self.s3.env())

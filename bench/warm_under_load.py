@@ -54,6 +54,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="warm closed-loop clients")
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds per window")
     parser.add_argument("--copies", type=int, default=3, help="minilm-embed copies to churn")
+    parser.add_argument(
+        "--serve-defaults",
+        action="store_true",
+        help="Serve's default process settings (serve_env: {}), as before issue 16",
+    )
+    parser.add_argument(
+        "--s3-nice",
+        type=int,
+        default=0,
+        help="run the local S3 server this many nice steps down (15: as the Ray workers, "
+        "like a store on other machines that cannot take the replicas' CPU)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/warm_under_load.json"))
     args = parser.parse_args()
 
@@ -61,14 +73,17 @@ def main() -> None:
     from serve_app.storage.publisher import publish_path
 
     samples: dict[str, list[dict[str, Any]]] = {"quiet": [], "loaded": []}
-    with LocalStack() as stack:
+    with LocalStack(s3_niceness=args.s3_nice) as stack:
         assert stack.store is not None
         publish_path(stack.store, write_fraud_model(stack.tmp / "w", 7), WARM_ID, "1")
         copies = [f"minilm-copy-{i}" for i in range(args.copies)]
         for model_id in copies:
             publish_path(stack.store, minilm_dir(), model_id, "1")
         host = {"num_replicas": 1, "num_cpus": 0.5, "memory_budget": "150MB"}
-        stack.deploy_fleet(stack.fleet_config(host), [WARM_ID, *copies])
+        if args.serve_defaults:
+            host["serve_env"] = {}
+        ingress = {"serve_env": {}} if args.serve_defaults else None
+        stack.deploy_fleet(stack.fleet_config(host, ingress), [WARM_ID, *copies])
         url = f"{stack.url}/v1/models/{WARM_ID}/predict"
         body = {"inputs": [[0.1] * FRAUD_FEATURES]}
         closed_loop(url, body, args.clients, seconds=1.0)  # load the warm model

@@ -187,6 +187,8 @@ class SeaweedServer(ManagedProcess):
         access_key: S3 access key id; default: random.
         secret_key: S3 secret key; default: random. Never logged.
         log_path: Where the server's output goes (appended); default `data_dir/weed.log`.
+        niceness: Run the server this many nice steps down (benchmarks: a local server
+            standing in for a remote store must not take the CPU of the replicas it feeds).
     """
 
     error = SeaweedError
@@ -200,8 +202,10 @@ class SeaweedServer(ManagedProcess):
         log_path: Path | None = None,
         *,
         ports: SeaweedPorts | None = None,
+        niceness: int = 0,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
+        self.niceness = niceness
         if ports is not None and s3_port is not None and ports.s3 != s3_port:
             raise ValueError("s3_port and ports.s3 disagree")
         self.ports = ports if ports is not None else SeaweedPorts.allocate(s3_port)
@@ -270,6 +274,8 @@ class SeaweedServer(ManagedProcess):
             json.dumps(s3_identities_config(self.access_key, self._secret_key), indent=2),
         )
         cmd = weed_command(weed_binary(), self.data_dir, self.ports, self.s3_config_path)
+        if self.niceness:
+            cmd = ["nice", "-n", str(self.niceness), *cmd]
         env = {k: v for k, v in os.environ.items() if not k.startswith(_WEED_ENV_PREFIXES)}
         self._spawn(cmd, env=env, cwd=self.data_dir)
         logger.info(
