@@ -35,6 +35,7 @@ from deployments.replica_directory import ReplicaPublisher, node_identity
 from serve_app.config import PoolConfig, StoreConfig
 from serve_app.host.coalescer import Coalescer
 from serve_app.host.config_pins import ConfigPins
+from serve_app.host.groups import predict_group
 from serve_app.host.model_host import ModelHost
 from serve_app.host.working_set import WorkingSet
 from serve_app.management.pins import PinStore
@@ -242,15 +243,19 @@ class ModelHostDeployment:
     async def predict_many(self, group: ReplicaBatch) -> list[BatchResult | BaseException]:
         """Predict the batches of several models in one call (the ingress groups warm
         requests by the replica holding their models): one result, or that model's typed
-        error, per batch. The models run concurrently, each in its own batches."""
+        error, per batch (`serve_app.host.groups`: every model's forward passes in one job
+        on the prediction threads)."""
         self.host.grouped_calls += len(group.batches) > 1
-        results = await asyncio.gather(
-            *(self.predict_batch(batch) for batch in group.batches), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, asyncio.CancelledError):
-                raise result
-        return list(results)
+        for batch in group.batches:
+            self._working_set.record(batch.manifest.key, batch.manifest.total_bytes)
+        try:
+            results = await predict_group(self.host, group)
+        finally:
+            self._maybe_publish()
+        for batch, result in zip(group.batches, results, strict=True):
+            if batch.copy_on == self._replica_id.unique_id and isinstance(result, BatchResult):
+                self.host.cache.mark_copy(batch.manifest.key)
+        return results
 
     def _maybe_publish(self) -> None:
         # NOTE: residency changes publish at once (_advertise); counters at most 1/s.

@@ -111,7 +111,7 @@ class MicroBatcher(Generic[K, T, R]):
         """An idle key that never waits: run the item in the caller's own task (a lone
         request pays no hand-off); items arriving meanwhile queue for the next batch."""
         queue.running += 1
-        self._count([rows])
+        self.count([rows])
         try:
             results = await self._run(key, [item])
             if len(results) != 1:
@@ -177,14 +177,15 @@ class MicroBatcher(Generic[K, T, R]):
             rows += head.rows
         return batch
 
-    def _count(self, rows: list[int]) -> None:
+    def count(self, rows: list[int]) -> None:
+        """Count one batch of requests of these sizes (also one run outside the batcher)."""
         self.stats.batches += 1
         self.stats.items += len(rows)
         self.stats.rows += sum(rows)
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
 
     async def _execute(self, key: K, batch: list[_Pending[T, R]]) -> None:
-        self._count([p.rows for p in batch])
+        self.count([p.rows for p in batch])
         try:
             results = await self._run(key, [p.item for p in batch])
             if len(results) != len(batch):

@@ -110,7 +110,7 @@ class ModelHost:
         self._local_load_pool = ThreadPoolExecutor(
             config.max_concurrent_loads, "fleet-load-local", initializer=_lower_priority
         )
-        self._predict_pool = ThreadPoolExecutor(config.predict_threads, "fleet-predict")
+        self.predict_pool = ThreadPoolExecutor(config.predict_threads, "fleet-predict")
         self.batcher: MicroBatcher[tuple[str, Predictor], list[Any], list[Any]] = MicroBatcher(
             self._run_batch, self._batch_policy
         )
@@ -165,7 +165,7 @@ class ModelHost:
 
         return load
 
-    async def _acquire(self, manifest: Manifest) -> Lease[Predictor]:
+    async def acquire(self, manifest: Manifest) -> Lease[Predictor]:
         """Lease `manifest`'s model, loading it on a miss: a version the RAM or disk tier
         holds loads on threads and cache slots of its own, so it never waits behind loads
         stuck on the store (a stalled S3 holds those until `store.stall_timeout_s`)."""
@@ -234,7 +234,7 @@ class ModelHost:
         manifest = batch.manifest
         # NOTE: every file is in memory during a load, so all of them count against the
         # budget (a manifest's declared sizes are untrusted; see ModelStore.check_sizes).
-        lease = await self._acquire(manifest)
+        lease = await self.acquire(manifest)
         key = (manifest.key, lease.model)
         work = asyncio.gather(
             *(self._predict_rows(key, rows) for rows in batch.inputs), return_exceptions=True
@@ -263,7 +263,7 @@ class ModelHost:
         policy = self._batch_policy(key)
         if policy.max_batch_size <= 1:  # batching off: every request is its own forward pass
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._predict_pool, key[1].predict, rows)
+            return await loop.run_in_executor(self.predict_pool, key[1].predict, rows)
         return await self.batcher.submit(key, rows, rows=len(rows))
 
     def _batch_policy(self, key: tuple[str, Predictor]) -> BatchPolicy:
@@ -277,7 +277,7 @@ class ModelHost:
         model = key[1]
         rows = [row for request in requests for row in request]
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._predict_pool, model.predict, rows)
+        outputs = await loop.run_in_executor(self.predict_pool, model.predict, rows)
         split, start = [], 0
         for request in requests:
             split.append(outputs[start : start + len(request)])
@@ -331,7 +331,7 @@ class ModelHost:
     # ------------------------------------------------------------------ management
     async def prewarm(self, manifest: Manifest) -> None:
         """Make `manifest`'s model resident (a load without a request)."""
-        lease = await self._acquire(manifest)
+        lease = await self.acquire(manifest)
         self.cache.release(lease.key, lease.model)
 
     async def pin(self, manifest: Manifest) -> None:
@@ -440,7 +440,7 @@ class ModelHost:
         await self.batcher.close()
         await self.cache.close()
         self.loader.close()
-        self._predict_pool.shutdown(wait=False, cancel_futures=True)
+        self.predict_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
         self._local_load_pool.shutdown(wait=False, cancel_futures=True)
 

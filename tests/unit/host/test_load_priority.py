@@ -32,7 +32,7 @@ def in_thread_at(nice: int, host: ModelHost) -> tuple[int, int]:
     def body() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         out["load"] = host._load_pool.submit(own_nice).result()
-        out["predict"] = host._predict_pool.submit(own_nice).result()
+        out["predict"] = host.predict_pool.submit(own_nice).result()
 
     thread = threading.Thread(target=body)
     thread.start()

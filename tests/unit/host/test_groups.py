@@ -1,0 +1,52 @@
+"""A grouped call on a real host: all models' forward passes in one job, one bad request
+getting its own error while the others of its model get their outputs, leases released."""
+
+from __future__ import annotations
+
+from serve_app.errors import FleetError
+from serve_app.host.groups import predict_group
+from serve_app.host.model_host import ModelHost
+from serve_app.schemas import BatchResult, PredictBatch, ReplicaBatch
+from serve_app.storage.store import ModelStore
+
+ROW = [0.5, -1.0, 0.25, 2.0]
+
+
+async def test_a_bad_request_fails_alone_and_the_group_matches_single_calls(
+    host: ModelHost, published: ModelStore
+) -> None:
+    a, b = published.read_manifest("m-a", "1"), published.read_manifest("m-b", "1")
+    alone_a = await host.predict_batch(PredictBatch(a, [[ROW]], ["a0"]))
+    alone_b = await host.predict_batch(PredictBatch(b, [[ROW, ROW]], ["b0"]))
+    before = host.batcher.stats.batches
+    group = ReplicaBatch(
+        [
+            PredictBatch(a, [[ROW], [[1.0, 2.0]], [ROW]], ["a1", "bad", "a2"]),
+            PredictBatch(b, [[ROW, ROW]], ["b1"]),
+        ],
+        "unit",
+    )
+    results = await predict_group(host, group)
+    first, second = results
+    assert isinstance(first, BatchResult)
+    assert isinstance(second, BatchResult)
+    assert first.outputs[0] == alone_a.outputs[0]
+    assert first.outputs[2] == alone_a.outputs[0]
+    assert isinstance(first.outputs[1], Exception)  # its own error: 2 features, not 4
+    assert second.outputs == alone_b.outputs
+    assert host.batcher.stats.batches == before + 2  # one forward job per model, counted
+    assert all(e.leases == 0 for e in host.cache.entries())  # every lease released
+
+
+async def test_a_model_that_cannot_load_fails_only_its_own_requests(
+    host: ModelHost, published: ModelStore
+) -> None:
+    a = published.read_manifest("m-a", "1")
+    ghost = a.model_copy(update={"model_id": "ghost"})
+    results = await predict_group(
+        host,
+        ReplicaBatch([PredictBatch(ghost, [[ROW]], ["g"]), PredictBatch(a, [[ROW]], ["a"])], "u"),
+    )
+    assert isinstance(results[0], FleetError)
+    assert isinstance(results[1], BatchResult)
+    assert results[1].response(a, 0).model_id == "m-a"
