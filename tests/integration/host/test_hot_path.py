@@ -27,6 +27,18 @@ def _rows(seed: int) -> list[list[float]]:
     return [[round(rng.uniform(-2, 2), 4) for _ in range(FRAUD_FEATURES)] for _ in range(2)]
 
 
+def _send_all(app: FleetApp, calls: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+    """Send every (model, inputs) call from 16 threads; each must answer 200."""
+
+    def send(call: tuple[str, list[Any]]) -> dict[str, Any]:
+        response = app.predict(*call)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(send, calls))
+
+
 def _largest_batch(app: FleetApp, model_id: str, inputs: list[Any]) -> int:
     # NOTE: a host publishes its counters at most once a second, after a request.
     app.predict(model_id, inputs)
@@ -46,13 +58,7 @@ def test_concurrent_requests_batch_and_answer_like_single_ones(
     assert app.predict(fraud, _rows(0)).status_code == 200
     assert app.predict("minilm-embed", TEXTS).status_code == 200
 
-    def send(call: tuple[str, list[Any]]) -> dict[str, Any]:
-        response = app.predict(*call)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    with ThreadPoolExecutor(16) as pool:
-        bodies = list(pool.map(send, calls))
+    bodies = _send_all(app, calls)
     for (model_id, inputs), body in zip(calls, bodies, strict=True):
         assert body["model_id"] == model_id
         assert len(body["outputs"]) == len(inputs)
@@ -128,13 +134,7 @@ def test_requests_for_warm_models_of_one_replica_travel_in_one_call(
     before = sum(r.get("grouped_calls", 0) for r in app.replicas())
     calls = [(models[i % len(models)], _rows(i)) for i in range(120)]
 
-    def send(call: tuple[str, list[Any]]) -> dict[str, Any]:
-        response = app.predict(*call)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    with ThreadPoolExecutor(16) as pool:
-        bodies = list(pool.map(send, calls))
+    bodies = _send_all(app, calls)
     for (model_id, inputs), body in zip(calls, bodies, strict=True):
         assert body["model_id"] == model_id
         assert body["resident"] is True
