@@ -2,14 +2,14 @@
 
 The ingress sends one call per replica carrying every warm request waiting for it
 (`serve_app.gateway.replica_batches`). Run through `ModelHost.predict_batch` model by model,
-each model's requests would still pay their own hand-off to a prediction thread and back,
-which under traffic spread over many models is most of what a request costs the host. So a
-group takes every model's lease at once (a model that is not resident loads as usual, and
-one that fails to load fails only its own requests), then runs all their forward passes in
-one job on the prediction threads: per model one forward pass over all its requests' rows;
-if that fails, each request alone, so one bad request gets its own error and the others
-their outputs (as the host's dynamic batches do). Leases end when the job ends, even if the
-caller stopped waiting.
+each model would pay its own hand-off to a prediction thread and back, and its requests
+their own passes through the host's dynamic batcher. So a group takes every model's lease
+at once (a model that is not resident loads as usual, and one that fails to load fails only
+its own requests), then runs all their forward passes in one job on the prediction threads:
+per model, passes over its requests' rows of at most the model's `max_batch_size` rows each;
+a pass that fails is retried request by request, so one bad request gets its own error and
+the others their outputs (as the host's dynamic batches do). Leases end when the job ends,
+even if the caller stopped waiting.
 """
 
 from __future__ import annotations
@@ -26,24 +26,45 @@ if TYPE_CHECKING:
 Outputs = list[list[Any] | BaseException]  # per request: its outputs or its error
 
 
-def run_models(jobs: list[tuple[Predictor, list[list[Any]]]]) -> list[Outputs]:
-    """On a prediction thread: per (model, requests) one forward pass over every request's
-    rows, split back per request; a failed pass is retried request by request."""
+def run_models(jobs: list[tuple[Predictor, list[list[Any]], int]]) -> list[Outputs]:
+    """On a prediction thread: per (model, requests, max_batch_size) forward passes over
+    the requests' rows, at most `max_batch_size` rows each (a bigger request alone), split
+    back per request; a failed pass is retried request by request."""
     results: list[Outputs] = []
-    for model, requests in jobs:
-        rows = [row for request in requests for row in request]
-        try:
-            outputs = model.predict(rows)
-        except Exception:  # noqa: BLE001 - each request alone finds whose rows failed
-            results.append(_one_by_one(model, requests))
-            continue
-        split: Outputs = []
-        start = 0
-        for request in requests:
-            split.append(outputs[start : start + len(request)])
-            start += len(request)
-        results.append(split)
+    for model, requests, limit in jobs:
+        answers: Outputs = []
+        for chunk in batches_of(requests, limit):
+            answers.extend(_forward(model, chunk))
+        results.append(answers)
     return results
+
+
+def batches_of(requests: list[list[Any]], limit: int) -> list[list[list[Any]]]:
+    """Consecutive requests in batches of at most `limit` rows (as the host's dynamic
+    batches take them: a request bigger than the limit runs alone)."""
+    chunks: list[list[list[Any]]] = []
+    rows = 0
+    for request in requests:
+        if not chunks or rows + len(request) > limit:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(request)
+        rows += len(request)
+    return chunks
+
+
+def _forward(model: Predictor, requests: list[list[Any]]) -> Outputs:
+    rows = [row for request in requests for row in request]
+    try:
+        outputs = model.predict(rows)
+    except Exception:  # noqa: BLE001 - each request alone finds whose rows failed
+        return _one_by_one(model, requests)
+    split: Outputs = []
+    start = 0
+    for request in requests:
+        split.append(outputs[start : start + len(request)])
+        start += len(request)
+    return split
 
 
 def _one_by_one(model: Predictor, requests: list[list[Any]]) -> Outputs:
@@ -54,6 +75,10 @@ def _one_by_one(model: Predictor, requests: list[list[Any]]) -> Outputs:
         except Exception as exc:  # noqa: BLE001 - handed to that request's caller
             answers.append(exc)
     return answers
+
+
+def _limit(host: ModelHost, model_id: str) -> int:
+    return host.config.batching.for_model(model_id).max_batch_size
 
 
 async def predict_group(host: ModelHost, group: ReplicaBatch) -> list[BatchResult | BaseException]:
@@ -67,7 +92,10 @@ async def predict_group(host: ModelHost, group: ReplicaBatch) -> list[BatchResul
         if isinstance(lease, asyncio.CancelledError):
             raise lease
     held = [(i, lease) for i, lease in enumerate(leases) if not isinstance(lease, BaseException)]
-    jobs = [(lease.model, batches[i].inputs) for i, lease in held]
+    jobs = [
+        (lease.model, batches[i].inputs, _limit(host, batches[i].manifest.model_id))
+        for i, lease in held
+    ]
 
     def release(_: object = None) -> None:
         for _i, lease in held:
@@ -84,7 +112,9 @@ async def predict_group(host: ModelHost, group: ReplicaBatch) -> list[BatchResul
     results: list[Any] = list(leases)  # a held lease's slot gets its BatchResult below
     for (i, lease), answers in zip(held, outputs, strict=True):
         manifest = batches[i].manifest
-        host.batcher.count([len(rows) for rows in batches[i].inputs])
+        limit = _limit(host, manifest.model_id)
+        for chunk in batches_of(batches[i].inputs, limit):
+            host.batcher.count([len(rows) for rows in chunk])
         if not lease.hit and host.metrics is not None:
             host.metrics.observe_wait(
                 manifest.model_id, manifest.version, lease.wait_seconds * 1000

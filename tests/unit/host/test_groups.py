@@ -3,11 +3,15 @@ getting its own error while the others of its model get their outputs, leases re
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from serve_app.config import BatchingConfig, HostConfig
 from serve_app.errors import FleetError
-from serve_app.host.groups import predict_group
+from serve_app.host.groups import batches_of, predict_group
 from serve_app.host.model_host import ModelHost
 from serve_app.schemas import BatchResult, PredictBatch, ReplicaBatch
 from serve_app.storage.store import ModelStore
+from tests.support import MB
 
 ROW = [0.5, -1.0, 0.25, 2.0]
 
@@ -50,3 +54,35 @@ async def test_a_model_that_cannot_load_fails_only_its_own_requests(
     assert isinstance(results[0], FleetError)
     assert isinstance(results[1], BatchResult)
     assert results[1].response(a, 0).model_id == "m-a"
+
+
+def test_a_models_requests_run_in_batches_of_at_most_its_max_batch_size() -> None:
+    requests = [[[1.0]] * n for n in (2, 1, 3, 5, 1, 1)]
+    assert [[len(r) for r in chunk] for chunk in batches_of(requests, 4)] == [
+        [2, 1],
+        [3],
+        [5],  # bigger than the limit: alone
+        [1, 1],
+    ]
+
+
+async def test_a_group_keeps_each_models_max_batch_size(
+    published: ModelStore, tmp_path: Path
+) -> None:
+    config = HostConfig(
+        memory_budget=MB,
+        disk_cache_dir=str(tmp_path / "disk"),
+        accelerator="cpu",
+        batching=BatchingConfig(max_batch_size=2),
+    )
+    host = ModelHost(config, published, replica="unit")
+    a = published.read_manifest("m-a", "1")
+    before = host.batcher.stats.batches
+    (result,) = await predict_group(
+        host, ReplicaBatch([PredictBatch(a, [[ROW]] * 5, [f"r{i}" for i in range(5)])], "u")
+    )
+    assert isinstance(result, BatchResult)
+    assert len(result.outputs) == 5
+    assert host.batcher.stats.batches == before + 3  # 2 + 2 + 1 rows
+    assert host.batcher.stats.largest_batch <= 2
+    await host.close()
