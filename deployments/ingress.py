@@ -31,8 +31,8 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.dispatch import HostDispatch
 from deployments.replica_directory import ReplicaPublisher, read_replicas
-from deployments.router_registry import router_for
 from serve_app.api.app import create_app
 from serve_app.api.auth import Authorizer
 from serve_app.auth.keys import hash_key
@@ -40,7 +40,6 @@ from serve_app.auth.tenants import ResidencyView, Tenants
 from serve_app.config import (
     DEFAULT_POOL,
     AuthConfig,
-    BatchingConfig,
     IngressConfig,
     PoolConfig,
     RoutingConfig,
@@ -55,10 +54,8 @@ from serve_app.errors import (
     status_of,
     unwrap,
 )
-from serve_app.gateway import replica_batches
 from serve_app.gateway.gateway import Gateway
 from serve_app.gateway.routing_table import RoutingTable
-from serve_app.host.batching import BatchPolicy, MicroBatcher
 from serve_app.management.manager import ModelManager
 from serve_app.management.pins import PinStore
 from serve_app.observability.logs import configure_logging
@@ -70,11 +67,8 @@ from serve_app.observability.metrics import (
 )
 from serve_app.observability.stats import StatsRecorder
 from serve_app.schemas import (
-    BatchResult,
     HostCommand,
     HostReply,
-    PredictBatch,
-    PredictCall,
     PredictResponse,
 )
 from serve_app.storage.registry import Registry
@@ -83,9 +77,6 @@ from serve_app.storage.store import ModelStore
 
 logger = logging.getLogger(__name__)
 MISROUTE_ATTEMPTS = 5
-# NOTE: one grouped call in flight per host replica: what arrives meanwhile leaves together
-# as the next one.
-GROUP_IN_FLIGHT = 1
 
 
 class ServeHostControl:
@@ -138,9 +129,6 @@ class ServeHostControl:
         )
 
 
-Outcome = PredictResponse | BaseException
-
-
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
@@ -155,20 +143,8 @@ class Ingress:
         auth: AuthConfig | None = None,
     ) -> None:
         configure_logging()
-        # NOTE: concurrent requests for one model travel to the host pool together, one
-        # handle call per batch (the host batches again across ingress replicas); up to
-        # `max(2, the pool's replicas)` batches of a model are in flight so every holder
-        # stays busy. Batching settings are each pool's own.
-        self._pool_by_name = {p.name: p for p in pool_configs}
-        self._batcher: MicroBatcher[tuple[str, str], PredictCall, Outcome] = MicroBatcher(
-            self._send_batch, self._batch_policy
-        )
-        # NOTE: warm requests whose model one replica holds queue per replica instead, and
-        # travel as one call carrying every model waiting for it (group_by_replica).
-        self._groups: MicroBatcher[tuple[str, str], PredictCall, Outcome] = MicroBatcher(
-            self._send_group, self._group_policy
-        )
         context = serve.get_replica_context()
+        self._dispatch = HostDispatch(pools, pool_configs, context.app_name).dispatch
         self._pools = pools
         self._pool_configs = pool_configs
         self._app = context.app_name
@@ -306,62 +282,6 @@ class Ingress:
             return self._compile(accepted)
         except InvalidRouting:
             return None
-
-    async def _dispatch(self, call: PredictCall) -> PredictResponse:
-        key = (call.pool, call.manifest.key)
-        batching = self._batching(call.pool)
-        policy = batching.for_model(call.manifest.model_id)
-        rows = len(call.inputs)
-        if policy.max_batch_size <= 1:
-            (outcome,) = await self._send_batch(key, [call])
-        elif (
-            batching.group_by_replica
-            and policy.max_wait_ms <= 0
-            and (replica := self._hop_target(call.pool, call.manifest.key))
-        ):
-            outcome = await self._groups.submit((call.pool, replica), call, rows=rows)
-        else:
-            outcome = await self._batcher.submit(key, call, rows=rows)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    def _batching(self, pool: str) -> BatchingConfig:
-        config = self._pool_by_name.get(pool)
-        return config.batching if config is not None else BatchingConfig()
-
-    def _batch_policy(self, key: tuple[str, str]) -> BatchPolicy:
-        pool, model_key = key
-        config = self._batching(pool).for_model(model_key.split("@", 1)[0])
-        replicas = getattr(self._pool_by_name.get(pool), "num_replicas", 1)
-        return BatchPolicy(config.max_batch_size, config.max_wait_ms, max(2, replicas))
-
-    def _hop_target(self, pool: str, model_key: str) -> str | None:
-        """The host replica that alone holds `model_key` (warm, no extra copy wanted)."""
-        config = self._pool_by_name.get(pool)
-        router = None if config is None else router_for(self._app, config.deployment_name)
-        return None if router is None else router.hop_target(model_key)
-
-    def _group_policy(self, key: tuple[str, str]) -> BatchPolicy:
-        per_model = self._batching(key[0]).max_batch_size
-        return BatchPolicy(8 * per_model, 0.0, GROUP_IN_FLIGHT)
-
-    async def _send_group(self, key: tuple[str, str], calls: list[PredictCall]) -> list[Outcome]:
-        pool, replica = key
-        group, places = replica_batches.group(calls, replica)
-        handle = self._pools[pool].options(multiplexed_model_id=group.model_key)
-        results = await handle.predict_many.remote(group)
-        return replica_batches.outcomes(group, places, results)
-
-    async def _send_batch(
-        self, key: tuple[str, str], calls: list[PredictCall]
-    ) -> list[PredictResponse | BaseException]:
-        pool, model_key = key
-        manifest = calls[0].manifest
-        batch = PredictBatch(manifest, [c.inputs for c in calls], [c.request_id for c in calls])
-        handle = self._pools[pool].options(multiplexed_model_id=model_key)
-        result: BatchResult = await handle.predict_batch.remote(batch)
-        return [result.outcome(manifest, i) for i in range(len(calls))]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(

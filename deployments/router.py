@@ -265,6 +265,11 @@ class ModelAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
         replica that reports it, while it wants no extra copy; else None."""
         return self._hop_targets.get(model_key)
 
+    def forget_hop_target(self, model_key: str) -> None:
+        """Its replica no longer holds `model_key` (it said so): stop grouping it there
+        until the replicas' reports say otherwise."""
+        self._hop_targets.pop(model_key, None)
+
     def _rebuild_hop_targets(self) -> None:
         reports = Counter(
             key for r in self.curr_replicas.values() for key in r.multiplexed_model_ids

@@ -239,6 +239,17 @@ class CommandMisrouted(FleetError):
     remember = False
 
 
+class NotResidentHere(FleetError):
+    """A grouped call (`ReplicaBatch`) named a model its replica no longer holds (evicted
+    since it last reported it) (503). The host does not load it inside the group, which
+    would hold every other model's requests for the load; the ingress resends those
+    requests on the per-model path, which loads it. Never reaches a client."""
+
+    status_code = 503
+    code = "not_resident_here"
+    remember = False
+
+
 class ModelTooLarge(FleetError):
     """The model needs more bytes than the replica's whole memory budget (507)."""
 

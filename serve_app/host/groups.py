@@ -4,12 +4,14 @@ The ingress sends one call per replica carrying every warm request waiting for i
 (`serve_app.gateway.replica_batches`). Run through `ModelHost.predict_batch` model by model,
 each model would pay its own hand-off to a prediction thread and back, and its requests
 their own passes through the host's dynamic batcher. So a group takes every model's lease
-at once (a model that is not resident loads as usual, and one that fails to load fails only
-its own requests), then runs all their forward passes in one job on the prediction threads:
+at once, then runs all their forward passes in one job on the prediction threads:
 per model, passes over its requests' rows of at most the model's `max_batch_size` rows each;
 a pass that fails is retried request by request, so one bad request gets its own error and
 the others their outputs (as the host's dynamic batches do). Leases end when the job ends,
-even if the caller stopped waiting.
+even if the caller stopped waiting. A model the replica no longer holds (evicted since it
+last reported it) is not loaded inside the group, where the load would hold every other
+model's requests: its slot gets `NotResidentHere`, and the ingress resends its requests on
+the per-model path.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from serve_app.errors import NotResidentHere
 from serve_app.schemas import BatchResult, ReplicaBatch
 
 if TYPE_CHECKING:
+    from serve_app.cache.model_cache import Lease
     from serve_app.host.model_host import ModelHost
     from serve_app.host.predictor import Predictor
+    from serve_app.storage.manifest import Manifest
 
 Outputs = list[list[Any] | BaseException]  # per request: its outputs or its error
 
@@ -77,6 +82,13 @@ def _one_by_one(model: Predictor, requests: list[list[Any]]) -> Outputs:
     return answers
 
 
+async def _lease_resident(host: ModelHost, key: str, manifest: Manifest) -> Lease[Predictor]:
+    """The lease of a resident model; one that is not resident is not loaded here."""
+    if key not in host.cache:
+        raise NotResidentHere(f"{key} is not resident on replica {host.replica}")
+    return await host.acquire(manifest)
+
+
 def _limit(host: ModelHost, model_id: str) -> int:
     return host.config.batching.for_model(model_id).max_batch_size
 
@@ -86,7 +98,8 @@ async def predict_group(host: ModelHost, group: ReplicaBatch) -> list[BatchResul
     that kept its model from being leased (a failed load)."""
     batches = group.batches
     leases = await asyncio.gather(
-        *(host.acquire(batch.manifest) for batch in batches), return_exceptions=True
+        *(_lease_resident(host, batch.manifest.key, batch.manifest) for batch in batches),
+        return_exceptions=True,
     )
     for lease in leases:
         if isinstance(lease, asyncio.CancelledError):

@@ -14,7 +14,7 @@ import pytest
 
 import deployments.model_host as model_host_module
 from deployments.model_host import ModelHostDeployment
-from serve_app.errors import FleetError
+from serve_app.errors import NotResidentHere
 from serve_app.host.model_host import ModelHost
 from serve_app.host.working_set import WorkingSet
 from serve_app.schemas import BatchResult, PredictBatch, ReplicaBatch
@@ -66,12 +66,12 @@ def test_a_closing_replica_pushes_nothing_more(monkeypatch: pytest.MonkeyPatch) 
     assert pushes == []
 
 
-async def test_a_grouped_call_answers_every_model_and_fails_only_the_broken_one(
+async def test_a_grouped_call_answers_every_model_and_hands_back_one_not_held(
     host: ModelHost, published: ModelStore
 ) -> None:
     """One `ReplicaBatch` carries three models: each gets its own result (the same outputs
-    as a call of its own), and the model whose files are missing gets its typed error
-    without failing the others."""
+    as a call of its own), and a model the replica does not hold is handed back
+    (`NotResidentHere`) without failing the others."""
     replica = object.__new__(_BareHost)
     replica.host = host
     replica._working_set = WorkingSet(60.0)
@@ -89,11 +89,12 @@ async def test_a_grouped_call_answers_every_model_and_fails_only_the_broken_one(
         ],
         "unit",
     )
-    results = await replica.predict_many(group)
+    await host.predict_batch(PredictBatch(a, [rows], ["a0"]))  # warm, as grouped models are
     alone = await host.predict_batch(PredictBatch(b, [rows], ["b0"]))
+    results = await replica.predict_many(group)
     assert isinstance(results[0], BatchResult)
     assert results[0].response(a, 1).model_id == "m-a"
-    assert isinstance(results[1], FleetError)
+    assert isinstance(results[1], NotResidentHere)  # not held here: handed back, not loaded
     assert isinstance(results[2], BatchResult)
     assert results[2].outputs == alone.outputs
     assert host.grouped_calls == 1

@@ -40,6 +40,15 @@ async def test_only_a_model_one_replica_reports_is_grouped_on_it() -> None:
     assert router.hop_target("cold@1") is None  # nobody holds it: placed as a cold load
 
 
+async def test_a_model_its_replica_gave_back_is_not_grouped_until_reported_again() -> None:
+    a = replica("a", {"x@1"})
+    router = make_router(a)
+    router.forget_hop_target("x@1")  # the host answered NotResidentHere
+    assert router.hop_target("x@1") is None
+    router.update_replicas([a])  # its next report still lists it: grouped again
+    assert router.hop_target("x@1") == "a"
+
+
 async def test_the_ingress_finds_the_router_of_its_pool() -> None:
     router = make_router(replica("a", {"x@1"}))
     assert router_registry.router_for(DEPLOYMENT.app_name, DEPLOYMENT.name) is router

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from serve_app.config import BatchingConfig, HostConfig
-from serve_app.errors import FleetError
+from serve_app.errors import NotResidentHere
 from serve_app.host.groups import batches_of, predict_group
 from serve_app.host.model_host import ModelHost
 from serve_app.schemas import BatchResult, PredictBatch, ReplicaBatch
@@ -42,16 +42,18 @@ async def test_a_bad_request_fails_alone_and_the_group_matches_single_calls(
     assert all(e.leases == 0 for e in host.cache.entries())  # every lease released
 
 
-async def test_a_model_that_cannot_load_fails_only_its_own_requests(
+async def test_a_model_no_longer_resident_is_handed_back_not_loaded_in_the_group(
     host: ModelHost, published: ModelStore
 ) -> None:
-    a = published.read_manifest("m-a", "1")
-    ghost = a.model_copy(update={"model_id": "ghost"})
+    """Loading it inside the group would hold the other models' requests for the load."""
+    a, b = published.read_manifest("m-a", "1"), published.read_manifest("m-b", "1")
+    await host.predict_batch(PredictBatch(a, [[ROW]], ["warm"]))
     results = await predict_group(
         host,
-        ReplicaBatch([PredictBatch(ghost, [[ROW]], ["g"]), PredictBatch(a, [[ROW]], ["a"])], "u"),
+        ReplicaBatch([PredictBatch(b, [[ROW]], ["b"]), PredictBatch(a, [[ROW]], ["a"])], "u"),
     )
-    assert isinstance(results[0], FleetError)
+    assert isinstance(results[0], NotResidentHere)
+    assert b.key not in host.cache  # not loaded: the ingress resends it per model
     assert isinstance(results[1], BatchResult)
     assert results[1].response(a, 0).model_id == "m-a"
 
@@ -77,6 +79,7 @@ async def test_a_group_keeps_each_models_max_batch_size(
     )
     host = ModelHost(config, published, replica="unit")
     a = published.read_manifest("m-a", "1")
+    await host.predict_batch(PredictBatch(a, [[ROW]], ["warm"]))
     before = host.batcher.stats.batches
     (result,) = await predict_group(
         host, ReplicaBatch([PredictBatch(a, [[ROW]] * 5, [f"r{i}" for i in range(5)])], "u")
