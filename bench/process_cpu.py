@@ -7,10 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.local_stack import LocalStack
 
-
-def profile(stack: LocalStack, out: Path, seconds: float) -> list[subprocess.Popen[bytes]]:
+def profile(out: Path, seconds: float) -> list[subprocess.Popen[bytes]]:
     """Start py-spy on every Serve replica and the proxy (raw collapsed stacks)."""
     import psutil
 

@@ -138,9 +138,7 @@ def main() -> None:
             order = names[run % len(names) :] + names[: run % len(names)]
             for name in order:
                 spies = (
-                    profile(stack, args.profile / name, args.seconds)
-                    if args.profile and run == 0
-                    else []
+                    profile(args.profile / name, args.seconds) if args.profile and run == 0 else []
                 )
                 before = cpu_seconds()
                 result = closed_loop_over(

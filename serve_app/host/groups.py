@@ -31,17 +31,15 @@ if TYPE_CHECKING:
 Outputs = list[list[Any] | BaseException]  # per request: its outputs or its error
 
 
-def run_models(jobs: list[tuple[Predictor, list[list[Any]], int]]) -> list[Outputs]:
-    """On a prediction thread: per (model, requests, max_batch_size) forward passes over
-    the requests' rows, at most `max_batch_size` rows each (a bigger request alone), split
-    back per request; a failed pass is retried request by request."""
-    results: list[Outputs] = []
-    for model, requests, limit in jobs:
-        answers: Outputs = []
-        for chunk in batches_of(requests, limit):
-            answers.extend(_forward(model, chunk))
-        results.append(answers)
-    return results
+def predict_requests(model: Predictor, requests: list[list[Any]]) -> list[list[Any]]:
+    """One forward pass over the rows of several requests for one model, split back per
+    request (raises if the pass fails). The host's dynamic batches run through it too."""
+    outputs = model.predict([row for request in requests for row in request])
+    split, start = [], 0
+    for request in requests:
+        split.append(outputs[start : start + len(request)])
+        start += len(request)
+    return split
 
 
 def batches_of(requests: list[list[Any]], limit: int) -> list[list[list[Any]]]:
@@ -58,18 +56,19 @@ def batches_of(requests: list[list[Any]], limit: int) -> list[list[list[Any]]]:
     return chunks
 
 
-def _forward(model: Predictor, requests: list[list[Any]]) -> Outputs:
-    rows = [row for request in requests for row in request]
-    try:
-        outputs = model.predict(rows)
-    except Exception:  # noqa: BLE001 - each request alone finds whose rows failed
-        return _one_by_one(model, requests)
-    split: Outputs = []
-    start = 0
-    for request in requests:
-        split.append(outputs[start : start + len(request)])
-        start += len(request)
-    return split
+def run_models(jobs: list[tuple[Predictor, list[list[list[Any]]]]]) -> list[Outputs]:
+    """On a prediction thread: per (model, its batches of requests) one forward pass per
+    batch; a failed pass is retried request by request, so each gets its own error."""
+    results: list[Outputs] = []
+    for model, chunks in jobs:
+        answers: Outputs = []
+        for chunk in chunks:
+            try:
+                answers.extend(predict_requests(model, chunk))
+            except Exception:  # noqa: BLE001 - each request alone finds whose rows failed
+                answers.extend(_one_by_one(model, chunk))
+        results.append(answers)
+    return results
 
 
 def _one_by_one(model: Predictor, requests: list[list[Any]]) -> Outputs:
@@ -89,31 +88,31 @@ async def _lease_resident(host: ModelHost, key: str, manifest: Manifest) -> Leas
     return await host.acquire(manifest)
 
 
-def _limit(host: ModelHost, model_id: str) -> int:
-    return host.config.batching.for_model(model_id).max_batch_size
-
-
 async def predict_group(host: ModelHost, group: ReplicaBatch) -> list[BatchResult | BaseException]:
-    """One result per batch of `group`, in order: its `BatchResult`, or the typed error
-    that kept its model from being leased (a failed load)."""
+    """One result per batch of `group`, in order: its `BatchResult`, or `NotResidentHere`
+    for a model this replica no longer holds."""
     batches = group.batches
     leases = await asyncio.gather(
         *(_lease_resident(host, batch.manifest.key, batch.manifest) for batch in batches),
         return_exceptions=True,
     )
-    for lease in leases:
-        if isinstance(lease, asyncio.CancelledError):
-            raise lease
     held = [(i, lease) for i, lease in enumerate(leases) if not isinstance(lease, BaseException)]
-    jobs = [
-        (lease.model, batches[i].inputs, _limit(host, batches[i].manifest.model_id))
-        for i, lease in held
-    ]
 
     def release(_: object = None) -> None:
         for _i, lease in held:
             host.cache.release(lease.key, lease.model)
 
+    if any(isinstance(lease, asyncio.CancelledError) for lease in leases):
+        release()
+        raise asyncio.CancelledError
+    chunks = {
+        i: batches_of(
+            batches[i].inputs,
+            host.config.batching.for_model(batches[i].manifest.model_id).max_batch_size,
+        )
+        for i, _lease in held
+    }
+    jobs = [(lease.model, chunks[i]) for i, lease in held]
     work = asyncio.get_running_loop().run_in_executor(host.predict_pool, run_models, jobs)
     try:
         outputs = await asyncio.shield(work)
@@ -124,14 +123,8 @@ async def predict_group(host: ModelHost, group: ReplicaBatch) -> list[BatchResul
             work.add_done_callback(release)
     results: list[Any] = list(leases)  # a held lease's slot gets its BatchResult below
     for (i, lease), answers in zip(held, outputs, strict=True):
-        manifest = batches[i].manifest
-        limit = _limit(host, manifest.model_id)
-        for chunk in batches_of(batches[i].inputs, limit):
+        for chunk in chunks[i]:
             host.batcher.count([len(rows) for rows in chunk])
-        if not lease.hit and host.metrics is not None:
-            host.metrics.observe_wait(
-                manifest.model_id, manifest.version, lease.wait_seconds * 1000
-            )
         results[i] = BatchResult(
             outputs=answers,
             resident=lease.hit,

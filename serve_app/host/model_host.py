@@ -32,6 +32,7 @@ from serve_app.cache.policy import make_policy
 from serve_app.config import DEFAULT_POOL, HostConfig
 from serve_app.errors import CommandMisrouted, FleetError, PinnedByConfig, unwrap
 from serve_app.host.batching import BatchPolicy, MicroBatcher
+from serve_app.host.groups import predict_requests
 from serve_app.host.predictor import Predictor
 from serve_app.loading.loader import ModelLoader, memory_budget, resolve_device
 from serve_app.management.pins import PinRecord
@@ -274,15 +275,8 @@ class ModelHost:
         self, key: tuple[str, Predictor], requests: list[list[Any]]
     ) -> list[list[Any]]:
         """One forward pass over the rows of several requests for one model."""
-        model = key[1]
-        rows = [row for request in requests for row in request]
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self.predict_pool, model.predict, rows)
-        split, start = [], 0
-        for request in requests:
-            split.append(outputs[start : start + len(request)])
-            start += len(request)
-        return split
+        return await loop.run_in_executor(self.predict_pool, predict_requests, key[1], requests)
 
     def status(self) -> dict[str, Any]:
         """What this replica holds: budget, resident bytes, models and counters."""
