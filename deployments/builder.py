@@ -30,6 +30,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.autoscaling import POLICY_PATH
 from deployments.ingress import Ingress
 from deployments.model_host import ModelHostDeployment
+from deployments.ray_internals import SERVE_THROUGHPUT_ENV
 from deployments.router import ModelAffinityRouter
 from serve_app.config import AppConfig, HostConfig, PoolConfig
 from serve_app.errors import InvalidRouting, StorageUnavailable
@@ -113,7 +114,7 @@ def build_app(args: AppConfig | dict) -> Application:
             "name": pool.deployment_name,
             "max_ongoing_requests": pool.max_ongoing_requests,
             "ray_actor_options": _actor_options(
-                pool.num_cpus, _host_gpus(pool), pool.resources, pool.serve_env
+                pool.num_cpus, _host_gpus(pool), pool.resources, _env(pool.serve_env)
             ),
             "request_router_config": _router_config(pool),
             # NOTE: every request already gets an access line at the ingress (Serve's and
@@ -144,9 +145,16 @@ def build_app(args: AppConfig | dict) -> Application:
     return Ingress.options(
         **scaling,
         max_ongoing_requests=ingress.max_ongoing_requests,
-        ray_actor_options=_actor_options(ingress.num_cpus, 0, ingress.resources, ingress.serve_env),
+        ray_actor_options=_actor_options(
+            ingress.num_cpus, 0, ingress.resources, _env(ingress.serve_env)
+        ),
         user_config=routing,
     ).bind(pools, config.pool_configs(), ingress, config.store, config.auth)
+
+
+def _env(serve_env: dict[str, str] | None) -> dict[str, str]:
+    """A deployment's replica environment: Serve's throughput settings unless configured."""
+    return dict(SERVE_THROUGHPUT_ENV) if serve_env is None else serve_env
 
 
 def _actor_options(

@@ -29,6 +29,15 @@ the shape used here). When a Ray upgrade moves one, that test names it; fix it h
   replica to check that it still lives. Why no public form: Serve documents no namespace
   constant. If Ray moves it: take it from where Serve's controller names its actors, or from
   `ray.get_runtime_context().namespace` inside a replica (which is the same value).
+- `SERVE_THROUGHPUT_ENV` -- the per-process settings of Ray Serve's
+  `RAY_SERVE_THROUGHPUT_OPTIMIZED` mode (`ray.serve._private.constants` reads each name),
+  which `deployments/builder.py` gives our replicas as runtime_env variables unless the
+  config's `serve_env` says otherwise: Serve's request handling, the handle's router and our
+  code share one event loop instead of handing every request between threads, and the
+  objects a replica builds at start are frozen out of the GC's scans (docs/benchmarks.md,
+  T1). Why no public form: Serve documents only the cluster-wide flag, which also turns on
+  direct ingress and gRPC for every application. If Ray renames one: use the new name from
+  `constants.py`; an unknown variable is ignored, so nothing breaks, it only stops helping.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from ray.serve.request_router import ReplicaID
 __all__ = [
     "KV_NAMESPACE",
     "SERVE_NAMESPACE",
+    "SERVE_THROUGHPUT_ENV",
     "kv_delete",
     "kv_get",
     "kv_list",
@@ -57,6 +67,11 @@ __all__ = [
 ]
 
 KV_NAMESPACE = "fleetserve"
+SERVE_THROUGHPUT_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+}
 
 
 def push_model_ids(replica_id: ReplicaID, keys: Sequence[str]) -> None:

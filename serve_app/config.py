@@ -61,24 +61,13 @@ def parse_bytes(value: Any) -> int:
 ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
 
 
-# NOTE: what Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED sets for a replica's own process:
-# Serve's request handling, the handle's router and the deployment's code share one event
-# loop instead of handing every request between threads, and the objects built at start
-# (torch, transformers, Ray: ~400k) are frozen out of the garbage collector's scans
-# (docs/benchmarks.md, T1).
-SERVE_THROUGHPUT_ENV = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
-}
-
-
 def _serve_env() -> Any:
     return Field(
-        default_factory=lambda: dict(SERVE_THROUGHPUT_ENV),
+        None,
         description="Environment variables of this deployment's replicas (Ray Serve's "
-        "per-process settings); the default runs Serve's request handling and fleetserve's "
-        "code on one event loop. {} keeps Serve's defaults.",
+        "per-process settings). Default: Serve's throughput settings (request handling and "
+        "fleetserve's code on one event loop, GC frozen after start); {} keeps Serve's "
+        "defaults.",
     )
 
 
@@ -210,7 +199,7 @@ class HostConfig(_Strict):
     load_timeout_s: float = Field(300.0, gt=0, description="Max wait for a load or for room.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica.")
     max_ongoing_requests: int = Field(16, ge=1, description="Concurrent requests per replica.")
-    serve_env: dict[str, str] = _serve_env()
+    serve_env: dict[str, str] | None = _serve_env()
     predict_threads: int = Field(
         2,
         ge=1,
@@ -315,7 +304,7 @@ class IngressConfig(_Strict):
         description="Concurrent requests per ingress replica (it only awaits the hosts; "
         "Serve's default of 5 would queue a 16-client load in the proxy).",
     )
-    serve_env: dict[str, str] = _serve_env()
+    serve_env: dict[str, str] | None = _serve_env()
     registry_refresh_s: float = Field(
         2.0, gt=0, description="Seconds between background refreshes of the model registry."
     )

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from ray.serve._private.build_app import build_app as flatten
 
 from deployments.builder import build_app
+from deployments.ray_internals import SERVE_THROUGHPUT_ENV
 from serve_app.config import AppConfig
 
 POOLS = [
@@ -92,3 +93,11 @@ def test_cluster_placement_options_reach_the_deployments() -> None:
     plain = deployments({})
     assert plain["ModelHost"]._replica_config.max_replicas_per_node is None
     assert "resources" not in plain["Ingress"]._replica_config.ray_actor_options
+
+
+def test_replicas_get_serves_throughput_settings_unless_configured() -> None:
+    built = deployments({"pools": POOLS, "ingress": {"serve_env": {}}})
+    for host in ("ModelHost-a", "ModelHost-b"):
+        options = built[host].ray_actor_options
+        assert options["runtime_env"] == {"env_vars": SERVE_THROUGHPUT_ENV}
+    assert "runtime_env" not in built["Ingress"].ray_actor_options  # {}: Serve's defaults

@@ -81,6 +81,17 @@ def test_serve_namespace() -> None:
     assert namespace, _moved("SERVE_NAMESPACE")
 
 
+def test_serve_reads_the_throughput_settings_we_set() -> None:
+    import ray.serve._private.constants as constants
+
+    from deployments.ray_internals import SERVE_THROUGHPUT_ENV
+
+    source = inspect.getsource(constants)
+    for name in SERVE_THROUGHPUT_ENV:
+        assert hasattr(constants, name), _moved(name)
+        assert f'"{name}"' in source, _moved(f"the variable Serve reads for {name}")
+
+
 def test_the_internals_module_imports() -> None:
     module = importlib.import_module("deployments.ray_internals")
     for name in module.__all__:
